@@ -1,0 +1,338 @@
+//! Configuration of the sparse layer ([`MoeConfig`]) and of whole models ([`ModelConfig`]).
+//!
+//! Both derive serde with `#[serde(default)]`, accept the Hugging Face key names as aliases
+//! (`num_local_experts`, `num_experts_per_tok`, `num_hidden_layers`, ...), and have a
+//! `validate()` that rejects nonsense with a message naming the field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The feed-forward used by each expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertKind {
+    /// SwiGLU (Mixtral): `w2(silu(w1 x) * w3 x)`.
+    #[default]
+    Swiglu,
+    /// Two-layer GELU MLP: `w2(gelu(w1 x))`.
+    Gelu,
+}
+
+/// Configuration of one sparse mixture-of-experts feed-forward layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MoeConfig {
+    /// Model width `h` (input and output size of every expert).
+    pub hidden_size: usize,
+    /// Hidden size `f` of each expert.
+    #[serde(alias = "moe_intermediate_size")]
+    pub intermediate_size: usize,
+    /// Number of routed experts `E`.
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: usize,
+    /// Experts per token `k`; `k == E` is dense softmax gating (the classic MoE).
+    #[serde(alias = "num_experts_per_tok")]
+    pub top_k: usize,
+    /// Renormalise the top-k gate weights to sum to one (Mixtral: true; Qwen2-MoE/OLMoE: false).
+    pub norm_topk_prob: bool,
+    /// Expert capacity factor: each expert keeps at most `ceil(cf * tokens * k / E)` assignments
+    /// (in token order); `None` is dropless.
+    pub capacity_factor: Option<f64>,
+    /// Multiplicative jitter on the router input in training (Switch Transformer), 0 = off.
+    pub router_jitter_noise: f64,
+    /// Noisy top-k gating (Shazeer et al. 2017): a learned noise projection, active in training.
+    pub noisy_gating: bool,
+    /// Coefficient of the load-balancing loss in the total loss.
+    pub router_aux_loss_coef: f64,
+    /// Coefficient of the router z-loss in the total loss.
+    pub router_z_loss_coef: f64,
+    /// The expert feed-forward.
+    pub expert_kind: ExpertKind,
+    /// Hidden size of the always-on shared expert (Qwen2-MoE); 0 = no shared expert.
+    pub shared_expert_intermediate_size: usize,
+    /// Multiply the shared expert by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
+    pub shared_expert_gate: bool,
+}
+
+impl Default for MoeConfig {
+    /// A Mixtral-like layer: 8 SwiGLU experts, top-2, renormalised, dropless.
+    fn default() -> Self {
+        Self {
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_experts: 8,
+            top_k: 2,
+            norm_topk_prob: true,
+            capacity_factor: None,
+            router_jitter_noise: 0.0,
+            noisy_gating: false,
+            router_aux_loss_coef: 0.02,
+            router_z_loss_coef: 0.0,
+            expert_kind: ExpertKind::Swiglu,
+            shared_expert_intermediate_size: 0,
+            shared_expert_gate: true,
+        }
+    }
+}
+
+impl MoeConfig {
+    /// Checks the configuration; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.hidden_size == 0 {
+            return bad("hidden_size must be > 0".into());
+        }
+        if self.intermediate_size == 0 {
+            return bad("intermediate_size must be > 0".into());
+        }
+        if self.num_experts == 0 {
+            return bad("num_experts must be > 0".into());
+        }
+        if self.top_k == 0 {
+            return bad("top_k must be >= 1".into());
+        }
+        if self.top_k > self.num_experts {
+            return bad(format!(
+                "top_k ({}) must be <= num_experts ({})",
+                self.top_k, self.num_experts
+            ));
+        }
+        if let Some(cf) = self.capacity_factor {
+            if !(cf > 0.0 && cf.is_finite()) {
+                return bad(format!("capacity_factor must be > 0, got {cf}"));
+            }
+        }
+        if !(self.router_jitter_noise >= 0.0 && self.router_jitter_noise < 1.0) {
+            return bad(format!(
+                "router_jitter_noise must be in [0, 1), got {}",
+                self.router_jitter_noise
+            ));
+        }
+        for (name, v) in [
+            ("router_aux_loss_coef", self.router_aux_loss_coef),
+            ("router_z_loss_coef", self.router_z_loss_coef),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(format!("{name} must be finite and >= 0, got {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every expert sees every token (dense softmax gating, the classic MoE).
+    pub fn is_dense_gating(&self) -> bool {
+        self.top_k == self.num_experts
+    }
+}
+
+/// Normalisation layer used by transformer blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// RMSNorm (Llama, Mixtral).
+    #[default]
+    Rmsnorm,
+    /// LayerNorm with bias (BERT, GPT-2).
+    Layernorm,
+}
+
+/// How positions are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PositionKind {
+    /// Rotary position embeddings on queries and keys.
+    #[default]
+    Rope,
+    /// Learned absolute position embeddings added to the token embeddings (BERT).
+    Learned,
+}
+
+/// How a sequence classifier pools the encoder states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over non-padding positions.
+    #[default]
+    Mean,
+    /// The first token (BERT's `[CLS]`).
+    First,
+}
+
+/// Configuration of a whole model (causal LM, encoder-decoder or classifier).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// Number of transformer blocks (the encoder's, for encoder-decoders).
+    #[serde(alias = "num_hidden_layers")]
+    pub num_layers: usize,
+    /// Number of decoder blocks of an encoder-decoder.
+    pub num_decoder_layers: usize,
+    /// Attention heads.
+    #[serde(alias = "num_attention_heads")]
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention); equal to `num_heads` for multi-head.
+    #[serde(alias = "num_key_value_heads")]
+    pub num_kv_heads: usize,
+    /// Per-head width; `None` = `hidden_size / num_heads`.
+    pub head_dim: Option<usize>,
+    /// Longest sequence the model accepts.
+    pub max_position_embeddings: usize,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+    /// Position encoding.
+    pub position: PositionKind,
+    /// Epsilon of the norms.
+    #[serde(alias = "rms_norm_eps", alias = "layer_norm_eps")]
+    pub norm_eps: f64,
+    /// Norm layer kind.
+    pub norm: NormKind,
+    /// Post-norm residual blocks (BERT) instead of pre-norm.
+    pub post_norm: bool,
+    /// Bias on the q/k/v projections (Qwen2) and, with post-norm, on all linears (BERT).
+    pub attention_bias: bool,
+    /// RMSNorm over the projected queries and keys (OLMoE).
+    pub qk_norm: bool,
+    /// Tie the LM head to the token embeddings.
+    pub tie_word_embeddings: bool,
+    /// Token-type (segment) vocabulary size, 0 = none (BERT uses 2).
+    pub type_vocab_size: usize,
+    /// Hidden size of the dense feed-forward layers.
+    pub dense_intermediate_size: usize,
+    /// Which blocks are sparse: every `sparse_step`-th block (1 = all, 0 = none).
+    pub sparse_step: usize,
+    /// The sparse layer's configuration (its `hidden_size` must equal the model's).
+    pub moe: MoeConfig,
+    /// Number of classes of a sequence classifier.
+    pub num_labels: usize,
+    /// Pooling of a sequence classifier.
+    pub pooling: Pooling,
+    /// Padding token id, if any.
+    pub pad_token_id: Option<u32>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::tiny(256)
+    }
+}
+
+impl ModelConfig {
+    /// A tiny model for tests and quick experiments: width 64, 2 layers, 4 experts top-2.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: 64,
+            num_layers: 2,
+            num_decoder_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: None,
+            max_position_embeddings: 512,
+            rope_theta: 10_000.0,
+            position: PositionKind::Rope,
+            norm_eps: 1e-5,
+            norm: NormKind::Rmsnorm,
+            post_norm: false,
+            attention_bias: false,
+            qk_norm: false,
+            tie_word_embeddings: true,
+            type_vocab_size: 0,
+            dense_intermediate_size: 128,
+            sparse_step: 1,
+            moe: MoeConfig {
+                hidden_size: 64,
+                intermediate_size: 64,
+                num_experts: 4,
+                top_k: 2,
+                router_aux_loss_coef: 0.01,
+                router_z_loss_coef: 0.001,
+                ..MoeConfig::default()
+            },
+            num_labels: 2,
+            pooling: Pooling::Mean,
+            pad_token_id: None,
+        }
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_heads.max(1))
+    }
+
+    /// Whether block `layer` (0-based) has a sparse feed-forward.
+    pub fn is_sparse_layer(&self, layer: usize) -> bool {
+        self.sparse_step > 0 && (layer + 1) % self.sparse_step == 0
+    }
+
+    /// Checks the configuration; the error names the offending field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be > 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_heads ({}) must be a multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_heads != 0 {
+            return bad(format!(
+                "hidden_size ({}) must be divisible by num_heads ({}) when head_dim is not set",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 && self.position == PositionKind::Rope {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim()));
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return bad(format!("norm_eps must be > 0, got {}", self.norm_eps));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
+        }
+        let any_dense = (0..self.num_layers.max(self.num_decoder_layers))
+            .any(|l| !self.is_sparse_layer(l));
+        if any_dense && self.dense_intermediate_size == 0 {
+            return bad("dense_intermediate_size must be > 0 when some layers are dense".into());
+        }
+        if (0..self.num_layers.max(self.num_decoder_layers)).any(|l| self.is_sparse_layer(l)) {
+            if self.moe.hidden_size != self.hidden_size {
+                return bad(format!(
+                    "moe.hidden_size ({}) must equal hidden_size ({})",
+                    self.moe.hidden_size, self.hidden_size
+                ));
+            }
+            self.moe
+                .validate()
+                .map_err(|e| Error::Config(format!("moe.{}", e.to_string().trim_start_matches("invalid config: "))))?;
+        }
+        Ok(())
+    }
+
+    /// Reads and validates a `config.json` written by this crate.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,157 @@
+//! Expert feed-forwards and their batched compute over expert-contiguous segments.
+//!
+//! - SwiGLU (Shazeer 2020, "GLU Variants Improve Transformer"; Mixtral): `w2(silu(w1 x) ⊙ w3 x)`
+//!   with Mixtral's names `w1` (gate proj, `(f, h)`), `w3` (up proj, `(f, h)`), `w2` (down proj,
+//!   `(h, f)`).
+//! - GELU MLP: `w2(gelu(w1 x))`.
+//! - Shared experts (Qwen2-MoE): an always-on expert, optionally scaled by
+//!   `sigmoid(shared_expert_gate(x))`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::ExpertKind;
+
+/// One feed-forward expert (also the dense FFN of dense blocks).
+#[derive(Debug, Clone)]
+pub struct Expert {
+    w1: Linear,
+    w3: Option<Linear>,
+    w2: Linear,
+}
+
+impl Expert {
+    /// Creates an expert with weights `w1.weight` `(f, h)`, `w3.weight` `(f, h)` (SwiGLU only)
+    /// and `w2.weight` `(h, f)` under `vb`.
+    pub fn new(hidden: usize, inter: usize, kind: ExpertKind, vb: VarBuilder) -> Result<Self> {
+        let w1 = candle_nn::linear_no_bias(hidden, inter, vb.pp("w1"))?;
+        let w3 = match kind {
+            ExpertKind::Swiglu => Some(candle_nn::linear_no_bias(hidden, inter, vb.pp("w3"))?),
+            ExpertKind::Gelu => None,
+        };
+        let w2 = candle_nn::linear_no_bias(inter, hidden, vb.pp("w2"))?;
+        Ok(Self { w1, w3, w2 })
+    }
+
+    /// Builds an expert from existing weight tensors (`w3` is `None` for a GELU MLP).
+    pub fn from_weights(w1: Tensor, w3: Option<Tensor>, w2: Tensor) -> Self {
+        Self {
+            w1: Linear::new(w1, None),
+            w3: w3.map(|w| Linear::new(w, None)),
+            w2: Linear::new(w2, None),
+        }
+    }
+
+    /// The weights `(w1, w3, w2)`.
+    pub fn weights(&self) -> (&Tensor, Option<&Tensor>, &Tensor) {
+        (
+            self.w1.weight(),
+            self.w3.as_ref().map(|l| l.weight()),
+            self.w2.weight(),
+        )
+    }
+}
+
+impl Module for Expert {
+    /// # Shapes
+    /// - `xs`: `(n, h)` or `(b, t, h)` -> same shape
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let a = self.w1.forward(xs)?; // (n, f)
+        let hidden = match &self.w3 {
+            Some(w3) => (a.silu()? * w3.forward(xs)?)?,
+            None => a.gelu_erf()?,
+        };
+        self.w2.forward(&hidden) // (n, h)
+    }
+}
+
+/// The routed experts of one sparse layer.
+#[derive(Debug, Clone)]
+pub struct Experts {
+    experts: Vec<Expert>,
+    hidden: usize,
+}
+
+impl Experts {
+    /// Creates `n` experts named `{i}.w1`, `{i}.w3`, `{i}.w2` under `vb`.
+    pub fn new(
+        n: usize,
+        hidden: usize,
+        inter: usize,
+        kind: ExpertKind,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let experts = (0..n)
+            .map(|i| Expert::new(hidden, inter, kind, vb.pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { experts, hidden })
+    }
+
+    /// The experts, by id.
+    pub fn experts(&self) -> &[Expert] {
+        &self.experts
+    }
+
+    /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of `xs` for every expert, each on
+    /// its own contiguous segment, and stacks the results in the same order.
+    ///
+    /// # Shapes
+    /// - `xs`: `(n_kept, h)` sorted by expert -> `(n_kept, h)`
+    pub fn forward_segments(&self, xs: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(self.experts.len());
+        for (e, expert) in self.experts.iter().enumerate() {
+            let (start, end) = (offsets[e], offsets[e + 1]);
+            if end > start {
+                outs.push(expert.forward(&xs.narrow(0, start, end - start)?)?);
+            }
+        }
+        match outs.len() {
+            0 => Tensor::zeros((0, self.hidden), xs.dtype(), xs.device()),
+            1 => Ok(outs.remove(0)),
+            _ => Tensor::cat(&outs, 0),
+        }
+    }
+}
+
+/// An always-on shared expert, optionally gated by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
+#[derive(Debug, Clone)]
+pub struct SharedExpert {
+    expert: Expert,
+    gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// Weights `shared_expert.{w1,w3,w2}.weight` and `shared_expert_gate.weight` `(1, h)` under
+    /// `vb`.
+    pub fn new(
+        hidden: usize,
+        inter: usize,
+        kind: ExpertKind,
+        gated: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let expert = Expert::new(hidden, inter, kind, vb.pp("shared_expert"))?;
+        let gate = if gated {
+            Some(candle_nn::linear_no_bias(
+                hidden,
+                1,
+                vb.pp("shared_expert_gate"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { expert, gate })
+    }
+}
+
+impl Module for SharedExpert {
+    /// # Shapes
+    /// - `xs`: `(n, h)` -> `(n, h)`
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let out = self.expert.forward(xs)?;
+        match &self.gate {
+            Some(g) => out.broadcast_mul(&candle_nn::ops::sigmoid(&g.forward(xs)?)?),
+            None => Ok(out),
+        }
+    }
+}

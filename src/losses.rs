@@ -1,0 +1,167 @@
+//! Auxiliary router losses and the task loss, as pure functions.
+//!
+//! - Load balancing (Fedus et al. 2021, Switch Transformer eq. 4, top-k form as in Hugging Face
+//!   transformers' `load_balancing_loss_func`): the router logits of all layers are concatenated
+//!   (rows = tokens × layers), `p = softmax(logits)`, `F_e` = share of top-k slots choosing `e`,
+//!   `P_e` = mean of `p[:, e]`; `loss = E · Σ_e F_e · P_e`. Padding rows are excluded when a
+//!   mask is given. A perfectly balanced router scores `k`.
+//! - Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over rows of `(logsumexp_e logits)²`.
+//! - Cross entropy with an ignore index.
+//!
+//! Only `P` carries a gradient in the load-balancing loss (`F` is a count), as in transformers.
+
+use candle_core::{bail, DType, Result, Tensor, D};
+
+use crate::router::{logsumexp_last, router_dtype, softmax_last};
+
+fn concat_rows(gate_logits: &[Tensor]) -> Result<Tensor> {
+    if gate_logits.is_empty() {
+        bail!("router loss: no router logits given")
+    }
+    let rows: Vec<Tensor> = gate_logits
+        .iter()
+        .map(|t| t.to_dtype(router_dtype(t.dtype()))?.flatten_to(D::Minus2))
+        .collect::<Result<_>>()?;
+    let e = rows[0].dim(1)?;
+    for r in &rows {
+        if r.rank() != 2 || r.dim(1)? != e {
+            bail!(
+                "router loss: every layer's logits must be (tokens, {e}), got {:?}",
+                r.shape()
+            )
+        }
+    }
+    if rows.len() == 1 {
+        Ok(rows[0].clone())
+    } else {
+        Tensor::cat(&rows, 0)
+    }
+}
+
+/// Load-balancing loss pooled over per-layer router logits, as transformers'
+/// `load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask)`.
+///
+/// # Shapes
+/// - `gate_logits`: each `(batch · seq, E)` (or `(batch, seq, E)`)
+/// - `attention_mask`: `(batch, seq)`, 1 = real token, 0 = padding; every layer shares it
+/// - returns a scalar f32
+pub fn load_balancing_loss(
+    gate_logits: &[Tensor],
+    num_experts: usize,
+    top_k: usize,
+    attention_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let logits = concat_rows(gate_logits)?; // (rows, E)
+    let (rows, e) = logits.dims2()?;
+    if e != num_experts {
+        bail!("load_balancing_loss: logits have {e} experts, num_experts = {num_experts}")
+    }
+    if top_k == 0 || top_k > num_experts {
+        bail!("load_balancing_loss: top_k = {top_k} must be in 1..={num_experts}")
+    }
+    let probs = softmax_last(&logits)?;
+    let ids = probs
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, top_k)?
+        .contiguous()?;
+    let row_mask = match attention_mask {
+        None => None,
+        Some(m) => {
+            let m = m.flatten_all()?.to_dtype(DType::F32)?;
+            let per_layer = m.dim(0)?;
+            if per_layer == 0 || rows % per_layer != 0 {
+                bail!(
+                    "load_balancing_loss: attention mask has {per_layer} positions, which does not divide {rows} logit rows"
+                )
+            }
+            let reps = rows / per_layer;
+            Some(m.unsqueeze(0)?.repeat((reps, 1))?.flatten_all()?) // (rows,)
+        }
+    };
+    load_balancing_from_parts(&probs, &ids, row_mask.as_ref(), num_experts)
+}
+
+/// Load-balancing loss from router probabilities and top-k choices already computed.
+///
+/// # Shapes
+/// - `probs`: `(rows, E)` f32, `ids`: `(rows, k)` u32, `row_mask`: `(rows,)` 0/1
+pub fn load_balancing_from_parts(
+    probs: &Tensor,
+    ids: &Tensor,
+    row_mask: Option<&Tensor>,
+    num_experts: usize,
+) -> Result<Tensor> {
+    let (rows, k) = ids.dims2()?;
+    let ids_host = ids.flatten_all()?.to_vec1::<u32>()?;
+    let mask_host = match row_mask {
+        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let mut counts = vec![0f64; num_experts];
+    let mut valid = 0f64;
+    for r in 0..rows {
+        let w = mask_host.as_ref().map_or(1.0, |m| m[r] as f64);
+        valid += w;
+        for &e in &ids_host[r * k..(r + 1) * k] {
+            counts[e as usize] += w;
+        }
+    }
+    if valid <= 0.0 {
+        bail!("load_balancing_loss: no unmasked tokens")
+    }
+    // F_e summed over the k slots, as transformers sums tokens_per_expert (k, E) · P (E).
+    let f: Vec<f32> = counts.iter().map(|c| (c / valid) as f32).collect();
+    let f = Tensor::from_vec(f, num_experts, probs.device())?.to_dtype(probs.dtype())?;
+    let p = match row_mask {
+        None => probs.mean(0)?,
+        Some(m) => {
+            let m = m.to_dtype(probs.dtype())?.unsqueeze(1)?;
+            (probs.broadcast_mul(&m)?.sum(0)? / valid)?
+        }
+    };
+    (f * p)?.sum_all()? * num_experts as f64
+}
+
+/// Router z-loss (ST-MoE): mean over all rows of all layers of `logsumexp(logits)²`.
+///
+/// # Shapes
+/// - `router_logits`: each `(tokens, E)` -> scalar f32
+pub fn router_z_loss(router_logits: &[Tensor]) -> Result<Tensor> {
+    let logits = concat_rows(router_logits)?;
+    logsumexp_last(&logits)?.sqr()?.mean_all()
+}
+
+/// Mean cross entropy of `logits` against `targets`, skipping targets equal to `ignore_index`.
+///
+/// # Shapes
+/// - `logits`: `(n, C)`, `targets`: `(n,)` u32 -> scalar f32
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: Option<u32>) -> Result<Tensor> {
+    let logits = logits.to_dtype(router_dtype(logits.dtype()))?;
+    let (n, c) = logits.dims2()?;
+    if targets.dims1()? != n {
+        bail!("cross_entropy: {n} rows of logits but {} targets", targets.dims1()?)
+    }
+    let log_probs = logits.broadcast_sub(&logsumexp_last(&logits)?)?;
+    match ignore_index {
+        None => {
+            let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+            picked.mean_all()?.neg()
+        }
+        Some(ig) => {
+            let t = targets.to_vec1::<u32>()?;
+            let keep: Vec<f32> = t.iter().map(|&x| if x == ig { 0.0 } else { 1.0 }).collect();
+            let count: f32 = keep.iter().sum();
+            if count == 0.0 {
+                bail!("cross_entropy: every target is the ignore index")
+            }
+            let safe: Vec<u32> = t
+                .iter()
+                .map(|&x| if x == ig || x as usize >= c { 0 } else { x })
+                .collect();
+            let safe = Tensor::from_vec(safe, (n, 1), logits.device())?;
+            let keep = Tensor::from_vec(keep, (n, 1), logits.device())?;
+            let picked = (log_probs.gather(&safe, 1)? * keep)?;
+            (picked.sum_all()? / count as f64)?.neg()
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The sparse mixture-of-experts feed-forward: router + dispatch + experts (+ shared expert).
+//!
+//! `y = Σ_{e ∈ top-k(x)} g_e(x) · E_e(x)` (Shazeer et al. 2017, eq. 1), with tokens permuted by
+//! expert, each expert run once on its contiguous segment, and one weighted combine back
+//! (see [`crate::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
+
+use std::sync::Mutex;
+
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+
+use crate::config::MoeConfig;
+use crate::dispatch::{self, PlanTensors};
+use crate::experts::{Experts, SharedExpert};
+use crate::losses;
+use crate::router::{NoiseKind, Router};
+
+/// What a sparse layer returns.
+#[derive(Debug, Clone)]
+pub struct MoeOutput {
+    /// The layer output, same shape and dtype as the input.
+    pub hidden_states: Tensor,
+    /// Router logits `(tokens, E)`, pre-softmax, f32.
+    pub router_logits: Tensor,
+    /// Scalar f32: the Hugging Face load-balancing loss over this layer's tokens
+    /// (a balanced router scores `top_k`); unscaled by the coefficient.
+    pub load_balancing_loss: Tensor,
+    /// Scalar f32: the ST-MoE router z-loss; unscaled.
+    pub z_loss: Tensor,
+    /// Kept (token, slot) assignments per expert.
+    pub expert_counts: Vec<usize>,
+    /// Assignments dropped by the capacity limit (0 when dropless).
+    pub dropped: usize,
+}
+
+/// A sparse mixture-of-experts feed-forward layer (Mixtral weight names).
+#[derive(Debug)]
+pub struct SparseMoe {
+    cfg: MoeConfig,
+    router: Router,
+    experts: Experts,
+    shared: Option<SharedExpert>,
+    rng: Mutex<rand::rngs::StdRng>,
+}
+
+impl SparseMoe {
+    /// Creates the layer; weights under `vb` are `gate.weight` `(E, h)`,
+    /// `experts.{i}.w1.weight` `(f, h)`, `experts.{i}.w3.weight` `(f, h)`,
+    /// `experts.{i}.w2.weight` `(h, f)`, and optionally `gate_noise.weight`,
+    /// `shared_expert.{w1,w3,w2}.weight`, `shared_expert_gate.weight` `(1, h)`.
+    pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            bail!("{e}")
+        }
+        let router = Router::new(cfg, vb.clone())?;
+        let experts = Experts::new(
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.expert_kind,
+            vb.pp("experts"),
+        )?;
+        let shared = if cfg.shared_expert_intermediate_size > 0 {
+            Some(SharedExpert::new(
+                cfg.hidden_size,
+                cfg.shared_expert_intermediate_size,
+                cfg.expert_kind,
+                cfg.shared_expert_gate,
+                vb.clone(),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            router,
+            experts,
+            shared,
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The routed experts.
+    pub fn experts(&self) -> &Experts {
+        &self.experts
+    }
+
+    /// Reseeds the generator of the router noise (noisy gating and jitter, training only).
+    pub fn set_seed(&self, seed: u64) {
+        if let Ok(mut rng) = self.rng.lock() {
+            *rng = rand::rngs::StdRng::seed_from_u64(seed);
+        }
+    }
+
+    /// Inference forward (no router noise).
+    ///
+    /// # Shapes
+    /// - `xs`: `(b, t, h)` or `(n, h)` -> `hidden_states` of the same shape,
+    ///   `router_logits` `(b·t, E)`
+    pub fn forward(&self, xs: &Tensor) -> Result<MoeOutput> {
+        self.forward_t(xs, false)
+    }
+
+    /// Forward in training (`train = true`: router noise and jitter on) or inference mode.
+    ///
+    /// # Shapes
+    /// - `xs`: `(b, t, h)` or `(n, h)` -> `hidden_states` of the same shape,
+    ///   `router_logits` `(b·t, E)`
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<MoeOutput> {
+        let h = self.cfg.hidden_size;
+        let dims = xs.dims().to_vec();
+        match dims.as_slice() {
+            [_, _] | [_, _, _] => {}
+            _ => bail!(
+                "SparseMoe: input must be (batch, seq, hidden) or (tokens, hidden), got shape {:?}",
+                dims
+            ),
+        }
+        if dims[dims.len() - 1] != h {
+            bail!(
+                "SparseMoe: input hidden size {} does not match config hidden_size {h}",
+                dims[dims.len() - 1]
+            )
+        }
+        if !xs.dtype().is_float() {
+            bail!("SparseMoe: input must be a float tensor, got {:?}", xs.dtype())
+        }
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        if n == 0 {
+            bail!("SparseMoe: empty input (shape {:?}): no tokens to route", dims)
+        }
+        let x = xs.reshape((n, h))?; // (n, h)
+
+        let mut noise = |shape: &[usize], kind: NoiseKind| self.noise(shape, kind, xs);
+        let routed = self.router.forward_t(&x, train, &mut noise)?;
+
+        let ids = routed.experts.flatten_all()?.to_vec1::<u32>()?;
+        let cap = self
+            .cfg
+            .capacity_factor
+            .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
+        let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
+        let idx = PlanTensors::new(&plan, x.device())?;
+
+        let gathered = dispatch::gather(&x, &idx)?; // (n_kept, h)
+        let expert_out = self.experts.forward_segments(&gathered, &plan.offsets)?; // (n_kept, h)
+        let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
+        let mut y = dispatch::combine(&expert_out, &w, &idx, n)?; // (n, h)
+        if let Some(shared) = &self.shared {
+            y = (y + shared.forward(&x)?)?;
+        }
+
+        let lb_ids = if train && self.cfg.noisy_gating {
+            // The loss counts the clean top-k choices, as transformers does.
+            routed
+                .probs
+                .arg_sort_last_dim(false)?
+                .narrow(1, 0, self.cfg.top_k)?
+                .contiguous()?
+        } else {
+            routed.experts.clone()
+        };
+        let load_balancing_loss =
+            losses::load_balancing_from_parts(&routed.probs, &lb_ids, None, self.cfg.num_experts)?;
+        let z_loss = losses::router_z_loss(std::slice::from_ref(&routed.logits))?;
+        Ok(MoeOutput {
+            hidden_states: y.reshape(dims)?,
+            router_logits: routed.logits,
+            load_balancing_loss,
+            z_loss,
+            expert_counts: plan.counts(),
+            dropped: plan.dropped,
+        })
+    }
+
+    fn noise(&self, shape: &[usize], kind: NoiseKind, like: &Tensor) -> Result<Tensor> {
+        let count: usize = shape.iter().product();
+        let mut rng = match self.rng.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let v: Vec<f32> = match kind {
+            NoiseKind::Uniform(lo, hi) => (0..count)
+                .map(|_| rng.random_range(lo..hi) as f32)
+                .collect(),
+            NoiseKind::Normal => (0..count)
+                .map(|_| {
+                    // Box-Muller.
+                    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+                    let u2: f64 = rng.random();
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                })
+                .collect(),
+        };
+        Tensor::from_vec(v, shape, like.device())?.to_dtype(DType::F32)
+    }
+}
+
+impl Module for SparseMoe {
+    /// Hidden states only (inference mode), so the layer drops into existing candle models.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(SparseMoe::forward(self, xs)?.hidden_states)
+    }
+}

@@ -1,0 +1,195 @@
+//! Routing: token states -> router logits -> probabilities -> top-k (gate weights, expert ids).
+//!
+//! - Softmax top-k gating (Mixtral, Qwen2-MoE, OLMoE): `p = softmax(x W_g^T)`, keep the `k`
+//!   largest, optionally renormalise them to sum to one (`norm_topk_prob`).
+//! - Noisy top-k gating (Shazeer et al. 2017, eq. 3-5): `H = x W_g^T + ε · softplus(x W_noise^T)`,
+//!   `ε ~ N(0, 1)` in training only; keep the top-k of `H`, softmax over them.
+//! - Multiplicative jitter (Fedus et al. 2021, Switch Transformer): in training the router input
+//!   is multiplied by `U(1 - ε, 1 + ε)`.
+//! - Dense softmax gating when `k == E`: every expert weighted by the softmax gate (Jordan &
+//!   Jacobs 1994).
+//!
+//! All router math runs in f32 whatever the model dtype (f64 models keep f64). The softmax is built from primitive ops
+//! so that it has a backward pass (`candle_nn::ops::softmax_last_dim` has none), and the top-k is
+//! chosen with `arg_sort_last_dim` + `gather`, so gradients reach the gate weights.
+
+use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::MoeConfig;
+
+/// Differentiable softmax over the last dimension (the max shift is detached: it cancels).
+pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// Differentiable log-sum-exp over the last dimension, keeping it.
+pub fn logsumexp_last(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    xs.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
+}
+
+/// Numerically stable `softplus(x) = log(1 + e^x)`, differentiable.
+fn softplus(xs: &Tensor) -> Result<Tensor> {
+    // softplus(x) = relu(x) + log(1 + exp(-|x|))
+    let relu = xs.relu()?;
+    let tail = (xs.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    relu + tail
+}
+
+/// The dtype router math runs in: f32, or f64 for f64 models (never half precision).
+pub fn router_dtype(model: DType) -> DType {
+    if model == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// What the router decided for a batch of tokens.
+#[derive(Debug, Clone)]
+pub struct RouterOutput {
+    /// Router logits `x W_g^T` (before noise), `(tokens, E)`, f32; what the aux losses use.
+    pub logits: Tensor,
+    /// Softmax of `logits`, `(tokens, E)`, f32.
+    pub probs: Tensor,
+    /// Gate weights of the chosen experts, `(tokens, k)`, f32, differentiable.
+    pub weights: Tensor,
+    /// Chosen expert ids, `(tokens, k)`, u32, best first.
+    pub experts: Tensor,
+}
+
+/// The gating network of a sparse layer.
+#[derive(Debug, Clone)]
+pub struct Router {
+    gate: Linear,
+    noise: Option<Linear>,
+    num_experts: usize,
+    top_k: usize,
+    norm_topk_prob: bool,
+    jitter: f64,
+}
+
+impl Router {
+    /// Creates the router; weights `gate.weight` `(E, h)` and, with noisy gating,
+    /// `gate_noise.weight` `(E, h)`.
+    pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            bail!("{e}")
+        }
+        let gate = candle_nn::linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))?;
+        let noise = if cfg.noisy_gating {
+            // Start with little noise: zero-initialised noise projection gives softplus(0) = ln 2.
+            let w = vb.get_with_hints(
+                (cfg.num_experts, cfg.hidden_size),
+                "gate_noise.weight",
+                candle_nn::Init::Const(0.0),
+            )?;
+            Some(Linear::new(w, None))
+        } else {
+            None
+        };
+        Ok(Self {
+            gate,
+            noise,
+            num_experts: cfg.num_experts,
+            top_k: cfg.top_k,
+            norm_topk_prob: cfg.norm_topk_prob,
+            jitter: cfg.router_jitter_noise,
+        })
+    }
+
+    /// The gate projection `(E, h)`.
+    pub fn gate_weight(&self) -> &Tensor {
+        self.gate.weight()
+    }
+
+    /// Routes tokens. `noise` draws standard normal / uniform samples; it is only used when
+    /// `train` is true and the layer has noise or jitter.
+    ///
+    /// # Shapes
+    /// - `xs`: `(tokens, h)`, any float dtype
+    /// - returns logits and probs `(tokens, E)`, weights and experts `(tokens, k)`
+    pub fn forward_t(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        noise: &mut dyn FnMut(&[usize], NoiseKind) -> Result<Tensor>,
+    ) -> Result<RouterOutput> {
+        let dt = router_dtype(xs.dtype());
+        let mut x = xs.to_dtype(dt)?; // (n, h)
+        if train && self.jitter > 0.0 {
+            let u = noise(x.dims(), NoiseKind::Uniform(1.0 - self.jitter, 1.0 + self.jitter))?;
+            x = (x * u.to_dtype(dt)?)?;
+        }
+        let w = self.gate.weight().to_dtype(dt)?;
+        let logits = x.matmul(&w.t()?)?; // (n, E)
+        let probs = softmax_last(&logits)?;
+        let scores = match (&self.noise, train) {
+            (Some(noise_proj), true) => {
+                let wn = noise_proj.weight().to_dtype(dt)?;
+                let std = softplus(&x.matmul(&wn.t()?)?)?; // (n, E)
+                let eps = noise(std.dims(), NoiseKind::Normal)?.to_dtype(dt)?;
+                let h = (&logits + (std * eps)?)?;
+                softmax_last(&h)?
+            }
+            _ => probs.clone(),
+        };
+        let (weights, experts) = self.top_k(&scores)?;
+        Ok(RouterOutput {
+            logits,
+            probs,
+            weights,
+            experts,
+        })
+    }
+
+    /// Picks the top-k of `scores` `(n, E)`: weights `(n, k)` (renormalised if configured) and
+    /// expert ids `(n, k)`.
+    fn top_k(&self, scores: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (weights, experts) = if self.top_k == self.num_experts {
+            // Dense gating: every expert, in id order (no sort needed).
+            let n = scores.dim(0)?;
+            let ids = Tensor::arange(0u32, self.num_experts as u32, scores.device())?
+                .unsqueeze(0)?
+                .broadcast_as((n, self.num_experts))?
+                .contiguous()?;
+            (scores.clone(), ids)
+        } else {
+            let order = scores.arg_sort_last_dim(false)?; // (n, E) descending
+            let ids = order.narrow(1, 0, self.top_k)?.contiguous()?; // (n, k)
+            (scores.gather(&ids, 1)?, ids)
+        };
+        let weights = if self.norm_topk_prob && self.top_k < self.num_experts {
+            weights.broadcast_div(&weights.sum_keepdim(1)?)?
+        } else {
+            weights
+        };
+        Ok((weights, experts))
+    }
+}
+
+/// What random numbers a router asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NoiseKind {
+    /// Standard normal samples.
+    Normal,
+    /// Uniform samples in `[lo, hi)`.
+    Uniform(f64, f64),
+}
+
+impl Module for Router {
+    /// Router logits `(tokens, E)` in f32.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dt = router_dtype(xs.dtype());
+        let w = self.gate.weight().to_dtype(dt)?;
+        xs.to_dtype(dt)?.matmul(&w.t()?)
+    }
+}
