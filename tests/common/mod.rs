@@ -1,0 +1,77 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+/// Deterministic pseudo-random normals (SplitMix64 + Box-Muller), independent of candle's RNG.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_add(0x9E37_79B9_7F4A_7C15))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    pub fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+    pub fn tensor(&mut self, shape: &[usize], std: f64, dtype: DType) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(self.normals(n, std), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+}
+
+/// Overwrites every var of `varmap` with N(0, std²) values from `rng`, in name order.
+pub fn randomize(varmap: &VarMap, rng: &mut Rng, std: f64) {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<_> = data.keys().cloned().collect();
+    names.sort();
+    for n in names {
+        let v = &data[&n];
+        let t = rng.tensor(v.dims(), std, v.dtype());
+        v.set(&t).unwrap();
+    }
+}
+
+/// The value of a named var as a host matrix of f64.
+pub fn mat(varmap: &VarMap, name: &str) -> Vec<Vec<f64>> {
+    let data = varmap.data().lock().unwrap();
+    let v = data.get(name).unwrap_or_else(|| panic!("no var {name}"));
+    v.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+}
+
+pub fn matvec(m: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
+    m.iter()
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}

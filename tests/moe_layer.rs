@@ -1,0 +1,385 @@
+//! Oracle tests of the sparse layer: a plain per-token reference loop, one-expert = dense FFN,
+//! finite differences, capacity drops, training, and bad input.
+
+mod common;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_moe::experts::Expert;
+use candle_moe::{MoeConfig, SparseMoe};
+use candle_nn::{VarBuilder, VarMap};
+use common::{mat, matvec, max_abs_diff, randomize, Rng};
+
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn swiglu_ref(vm: &VarMap, prefix: &str, x: &[f64]) -> Vec<f64> {
+    let a = matvec(&mat(vm, &format!("{prefix}.w1.weight")), x);
+    let b = matvec(&mat(vm, &format!("{prefix}.w3.weight")), x);
+    let h: Vec<f64> = a.iter().zip(&b).map(|(a, b)| silu(*a) * b).collect();
+    matvec(&mat(vm, &format!("{prefix}.w2.weight")), &h)
+}
+
+struct RefOut {
+    y: Vec<Vec<f64>>,
+    counts: Vec<usize>,
+    dropped: usize,
+}
+
+/// The plain per-token reference: softmax router, top-k, optional renormalisation, capacity in
+/// token order, weighted sum of experts, shared expert with sigmoid gate.
+fn reference(cfg: &MoeConfig, vm: &VarMap, xs: &[Vec<f64>]) -> RefOut {
+    let e = cfg.num_experts;
+    let gate = mat(vm, "gate.weight");
+    let cap = cfg
+        .capacity_factor
+        .map(|cf| (cf * (xs.len() * cfg.top_k) as f64 / e as f64).ceil() as usize);
+    let mut counts = vec![0usize; e];
+    let mut dropped = 0;
+    let mut ys = Vec::new();
+    for x in xs {
+        let logits = matvec(&gate, x);
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let ex: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let s: f64 = ex.iter().sum();
+        let p: Vec<f64> = ex.iter().map(|v| v / s).collect();
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|a, b| p[*b].partial_cmp(&p[*a]).unwrap());
+        let sel = &order[..cfg.top_k];
+        let norm: f64 = if cfg.norm_topk_prob {
+            sel.iter().map(|&i| p[i]).sum()
+        } else {
+            1.0
+        };
+        let mut y = vec![0.0; x.len()];
+        for &i in sel {
+            if cap.is_some_and(|c| counts[i] >= c) {
+                dropped += 1;
+                continue;
+            }
+            counts[i] += 1;
+            let out = swiglu_ref(vm, &format!("experts.{i}"), x);
+            for (yy, o) in y.iter_mut().zip(out) {
+                *yy += p[i] / norm * o;
+            }
+        }
+        if cfg.shared_expert_intermediate_size > 0 {
+            let out = swiglu_ref(vm, "shared_expert", x);
+            let g = sigmoid(matvec(&mat(vm, "shared_expert_gate.weight"), x)[0]);
+            for (yy, o) in y.iter_mut().zip(out) {
+                *yy += g * o;
+            }
+        }
+        ys.push(y);
+    }
+    RefOut {
+        y: ys,
+        counts,
+        dropped,
+    }
+}
+
+fn build(cfg: &MoeConfig, seed: u64, dtype: DType) -> (VarMap, SparseMoe) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
+    let moe = SparseMoe::new(cfg, vb).unwrap();
+    randomize(&vm, &mut Rng::new(seed), 0.5);
+    (vm, moe)
+}
+
+#[test]
+fn every_configuration_matches_the_per_token_reference() {
+    let h = 8;
+    let mut checked = 0;
+    for &e in &[1usize, 4, 8, 16] {
+        let mut ks = vec![1, 2, e];
+        ks.retain(|&k| k <= e);
+        ks.dedup();
+        for &k in &ks {
+            for renorm in [true, false] {
+                for cap in [None, Some(1.0), Some(0.5)] {
+                    for shared in [0usize, 6] {
+                        let cfg = MoeConfig {
+                            hidden_size: h,
+                            intermediate_size: 12,
+                            num_experts: e,
+                            top_k: k,
+                            norm_topk_prob: renorm,
+                            capacity_factor: cap,
+                            shared_expert_intermediate_size: shared,
+                            shared_expert_gate: true,
+                            ..Default::default()
+                        };
+                        let seed = (e * 1000 + k * 100 + renorm as usize * 10 + shared) as u64;
+                        let (vm, moe) = build(&cfg, seed, DType::F32);
+                        let mut rng = Rng::new(seed + 7);
+                        // Both (b, t, h) and (n, h) inputs.
+                        for shape in [vec![2, 7, h], vec![13, h]] {
+                            let xs = rng.tensor(&shape, 1.0, DType::F32);
+                            let out = moe.forward(&xs).unwrap();
+                            assert_eq!(out.hidden_states.dims(), xs.dims());
+                            let x2 = xs.flatten_to(shape.len() - 2).unwrap();
+                            let rows = x2.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+                            let r = reference(&cfg, &vm, &rows);
+                            let got = out
+                                .hidden_states
+                                .flatten_to(shape.len() - 2)
+                                .unwrap()
+                                .to_dtype(DType::F64)
+                                .unwrap()
+                                .to_vec2::<f64>()
+                                .unwrap();
+                            for (gr, rr) in got.iter().zip(&r.y) {
+                                for (g, r) in gr.iter().zip(rr) {
+                                    assert!(
+                                        (g - r).abs() <= 1e-5 * r.abs().max(1.0),
+                                        "E={e} k={k} renorm={renorm} cap={cap:?} shared={shared}: {g} vs {r}"
+                                    );
+                                }
+                            }
+                            assert_eq!(out.expert_counts, r.counts, "E={e} k={k} cap={cap:?}");
+                            assert_eq!(out.dropped, r.dropped);
+                            assert_eq!(
+                                out.expert_counts.iter().sum::<usize>() + out.dropped,
+                                rows.len() * k
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
+}
+
+#[test]
+fn one_expert_equals_dense_swiglu_outputs_and_gradients() {
+    let cfg = MoeConfig {
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_experts: 1,
+        top_k: 1,
+        ..Default::default()
+    };
+    let (vm, moe) = build(&cfg, 3, DType::F32);
+    let get = |n: &str| vm.data().lock().unwrap()[n].as_tensor().clone();
+    let (w1, w3, w2) = (
+        Var::from_tensor(&get("experts.0.w1.weight").copy().unwrap()).unwrap(),
+        Var::from_tensor(&get("experts.0.w3.weight").copy().unwrap()).unwrap(),
+        Var::from_tensor(&get("experts.0.w2.weight").copy().unwrap()).unwrap(),
+    );
+    let dense = Expert::from_weights(
+        w1.as_tensor().clone(),
+        Some(w3.as_tensor().clone()),
+        w2.as_tensor().clone(),
+    );
+    let mut rng = Rng::new(11);
+    let x = Var::from_tensor(&rng.tensor(&[3, 5, 16], 1.0, DType::F32)).unwrap();
+    let probe = rng.tensor(&[3, 5, 16], 1.0, DType::F32);
+
+    let y_moe = moe.forward(x.as_tensor()).unwrap().hidden_states;
+    let y_dense = dense.forward(x.as_tensor()).unwrap();
+    assert!(max_abs_diff(&y_moe, &y_dense) < 1e-6);
+
+    let g_moe = (y_moe * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_dense = (y_dense * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let gx_moe = g_moe.get(x.as_tensor()).unwrap();
+    let gx_dense = g_dense.get(x.as_tensor()).unwrap();
+    assert!(max_abs_diff(gx_moe, gx_dense) < 1e-5);
+    for (name, dv) in [("w1", &w1), ("w3", &w3), ("w2", &w2)] {
+        let mv = get(&format!("experts.0.{name}.weight"));
+        let gm = g_moe.get(&mv).expect("moe expert grad");
+        let gd = g_dense.get(dv.as_tensor()).expect("dense grad");
+        let scale = gd.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!(scale > 1e-3, "{name}: gradient vanished");
+        assert!(max_abs_diff(gm, gd) < 1e-5 * scale.max(1.0), "{name}");
+    }
+}
+
+/// Loss used by the gradient checks: a fixed projection of the output plus the aux losses.
+fn probe_loss(moe: &SparseMoe, x: &Tensor, probe: &Tensor) -> Tensor {
+    moe.set_seed(42); // the same router noise on every call
+    let out = moe.forward_t(x, true).unwrap();
+    let task = (out.hidden_states * probe).unwrap().sum_all().unwrap();
+    ((task + (out.load_balancing_loss * 0.3).unwrap()).unwrap() + (out.z_loss * 0.2).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn gradients_reach_router_noise_and_used_experts_and_match_finite_differences() {
+    let cfg = MoeConfig {
+        hidden_size: 4,
+        intermediate_size: 5,
+        num_experts: 3,
+        top_k: 2,
+        noisy_gating: true,
+        router_jitter_noise: 0.0,
+        shared_expert_intermediate_size: 3,
+        ..Default::default()
+    };
+    let (vm, moe) = build(&cfg, 5, DType::F64);
+    let mut rng = Rng::new(9);
+    let x = rng.tensor(&[6, 4], 1.0, DType::F64);
+    let probe = rng.tensor(&[6, 4], 1.0, DType::F64);
+    let loss = probe_loss(&moe, &x, &probe);
+    let grads = loss.backward().unwrap();
+    let counts = moe.forward_t(&x, true).unwrap().expert_counts;
+
+    let data = vm.data().lock().unwrap().clone();
+    let mut names: Vec<_> = data.keys().cloned().collect();
+    names.sort();
+    let mut checked = 0;
+    for name in names {
+        let var = &data[&name];
+        let g = grads.get(var.as_tensor());
+        let expert_used = name
+            .strip_prefix("experts.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .map(|i| counts[i] > 0);
+        if expert_used == Some(false) {
+            continue;
+        }
+        let g = g.unwrap_or_else(|| panic!("no gradient for {name}"));
+        let an = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let an_norm = an.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(an_norm > 1e-8, "gradient of {name} is zero");
+        // Central finite differences, one element at a time.
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let eps = 1e-6;
+        let mut fd = vec![0.0; base.len()];
+        for i in 0..base.len() {
+            let mut v = base.clone();
+            v[i] += eps;
+            var.set(&Tensor::from_vec(v.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let lp = probe_loss(&moe, &x, &probe).to_scalar::<f64>().unwrap();
+            v[i] -= 2.0 * eps;
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            let lm = probe_loss(&moe, &x, &probe).to_scalar::<f64>().unwrap();
+            fd[i] = (lp - lm) / (2.0 * eps);
+        }
+        var.set(&Tensor::from_vec(base, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        let err = an
+            .iter()
+            .zip(&fd)
+            .map(|(a, f)| (a - f) * (a - f))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            err / an_norm < 1e-4,
+            "{name}: analytic vs finite-difference relative error {}",
+            err / an_norm
+        );
+        checked += 1;
+    }
+    // gate, gate_noise, shared expert (3 + gate) and at least two routed experts (3 each).
+    assert!(checked >= 2 + 4 + 6, "checked {checked} tensors");
+}
+
+#[test]
+fn capacity_drops_overflow_in_token_order_and_dropped_tokens_get_zero() {
+    let cfg = MoeConfig {
+        hidden_size: 4,
+        intermediate_size: 6,
+        num_experts: 4,
+        top_k: 1,
+        norm_topk_prob: false,
+        capacity_factor: Some(1.0),
+        ..Default::default()
+    };
+    let (vm, moe) = build(&cfg, 17, DType::F32);
+    // Gate: expert 0 strongly prefers feature 0, expert 1 prefers feature 1.
+    let gate = Tensor::new(
+        &[
+            [8f32, 0., 0., 0.],
+            [0., 8., 0., 0.],
+            [0., 0., 0.1, 0.],
+            [0., 0., 0., 0.1],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    vm.data().lock().unwrap()["gate.weight"].set(&gate).unwrap();
+    // 8 tokens: 6 want expert 0, 2 want expert 1. Capacity = ceil(8 * 1 / 4) = 2.
+    let mut rows = vec![];
+    for t in 0..8 {
+        let hot = if t == 3 || t == 6 { 1 } else { 0 };
+        let mut r = vec![0.1f32 * t as f32; 4];
+        r[hot] = 1.0;
+        rows.push(r);
+    }
+    let xs = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+    let out = moe.forward(&xs).unwrap();
+    assert_eq!(out.expert_counts, vec![2, 2, 0, 0]);
+    assert_eq!(out.dropped, 4);
+    let rows64: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| *v as f64).collect())
+        .collect();
+    let r = reference(&cfg, &vm, &rows64);
+    assert_eq!(r.counts, out.expert_counts);
+    assert_eq!(r.dropped, out.dropped);
+    let y = out.hidden_states.to_vec2::<f32>().unwrap();
+    // Tokens 0 and 1 are expert 0's first two; tokens 2, 4, 5, 7 overflow and get zero.
+    for t in [2usize, 4, 5, 7] {
+        assert!(y[t].iter().all(|v| *v == 0.0), "token {t} should be dropped: {:?}", y[t]);
+    }
+    for t in [0usize, 1, 3, 6] {
+        assert!(y[t].iter().any(|v| v.abs() > 1e-6), "token {t} should be kept");
+        for (a, b) in y[t].iter().zip(&r.y[t]) {
+            assert!((*a as f64 - b).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn bad_config_and_bad_input_give_clear_errors() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let bad = MoeConfig {
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_experts: 4,
+        top_k: 5,
+        ..Default::default()
+    };
+    let err = SparseMoe::new(&bad, vb.pp("a")).unwrap_err().to_string();
+    assert!(err.contains("top_k") && err.contains("num_experts"), "{err}");
+    for (cfg, field) in [
+        (MoeConfig { top_k: 0, ..Default::default() }, "top_k"),
+        (MoeConfig { capacity_factor: Some(0.0), ..Default::default() }, "capacity_factor"),
+        (MoeConfig { capacity_factor: Some(-1.0), ..Default::default() }, "capacity_factor"),
+        (MoeConfig { hidden_size: 0, ..Default::default() }, "hidden_size"),
+        (MoeConfig { intermediate_size: 0, ..Default::default() }, "intermediate_size"),
+        (MoeConfig { num_experts: 0, ..Default::default() }, "num_experts"),
+    ] {
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains(field), "{e} should name {field}");
+    }
+    let cfg = MoeConfig {
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_experts: 4,
+        top_k: 2,
+        ..Default::default()
+    };
+    let moe = SparseMoe::new(&cfg, vb.pp("b")).unwrap();
+    let cases: Vec<(Tensor, &str)> = vec![
+        (Tensor::zeros((3, 7), DType::F32, &dev).unwrap(), "hidden size 7"),
+        (Tensor::zeros(8, DType::F32, &dev).unwrap(), "shape [8]"),
+        (Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap(), "shape [1, 2, 3, 8]"),
+        (Tensor::zeros((0, 5, 8), DType::F32, &dev).unwrap(), "empty input"),
+        (Tensor::zeros((0, 8), DType::F32, &dev).unwrap(), "empty input"),
+        (Tensor::zeros((2, 8), DType::U32, &dev).unwrap(), "float"),
+    ];
+    for (xs, needle) in cases {
+        let e = moe.forward(&xs).unwrap_err().to_string();
+        assert!(e.contains(needle), "error `{e}` should mention `{needle}`");
+    }
+}
