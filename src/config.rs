@@ -49,6 +49,8 @@ pub struct MoeConfig {
     pub router_z_loss_coef: f64,
     /// The expert feed-forward.
     pub expert_kind: ExpertKind,
+    /// Bias vectors on the experts' projections (BERT-style FFNs); Mixtral has none.
+    pub expert_bias: bool,
     /// Hidden size of the always-on shared expert (Qwen2-MoE); 0 = no shared expert.
     pub shared_expert_intermediate_size: usize,
     /// Multiply the shared expert by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
@@ -70,6 +72,7 @@ impl Default for MoeConfig {
             router_aux_loss_coef: 0.02,
             router_z_loss_coef: 0.0,
             expert_kind: ExpertKind::Swiglu,
+            expert_bias: false,
             shared_expert_intermediate_size: 0,
             shared_expert_gate: true,
         }

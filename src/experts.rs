@@ -24,12 +24,30 @@ impl Expert {
     /// Creates an expert with weights `w1.weight` `(f, h)`, `w3.weight` `(f, h)` (SwiGLU only)
     /// and `w2.weight` `(h, f)` under `vb`.
     pub fn new(hidden: usize, inter: usize, kind: ExpertKind, vb: VarBuilder) -> Result<Self> {
-        let w1 = candle_nn::linear_no_bias(hidden, inter, vb.pp("w1"))?;
+        Self::new_with_bias(hidden, inter, kind, false, vb)
+    }
+
+    /// As [`Expert::new`], with `bias` vectors on every projection when `bias` is true (BERT).
+    pub fn new_with_bias(
+        hidden: usize,
+        inter: usize,
+        kind: ExpertKind,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let lin = |i, o, vb| {
+            if bias {
+                candle_nn::linear(i, o, vb)
+            } else {
+                candle_nn::linear_no_bias(i, o, vb)
+            }
+        };
+        let w1 = lin(hidden, inter, vb.pp("w1"))?;
         let w3 = match kind {
-            ExpertKind::Swiglu => Some(candle_nn::linear_no_bias(hidden, inter, vb.pp("w3"))?),
+            ExpertKind::Swiglu => Some(lin(hidden, inter, vb.pp("w3"))?),
             ExpertKind::Gelu => None,
         };
-        let w2 = candle_nn::linear_no_bias(inter, hidden, vb.pp("w2"))?;
+        let w2 = lin(inter, hidden, vb.pp("w2"))?;
         Ok(Self { w1, w3, w2 })
     }
 
@@ -79,10 +97,11 @@ impl Experts {
         hidden: usize,
         inter: usize,
         kind: ExpertKind,
+        bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let experts = (0..n)
-            .map(|i| Expert::new(hidden, inter, kind, vb.pp(i.to_string())))
+            .map(|i| Expert::new_with_bias(hidden, inter, kind, bias, vb.pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { experts, hidden })
     }

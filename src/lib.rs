@@ -38,17 +38,26 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod attention;
+pub mod block;
 pub mod classic;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod experts;
+pub mod generate;
 pub mod init;
 pub mod losses;
+pub mod models;
 pub mod moe;
 pub mod router;
 
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};
+pub use generate::{Sampler, SamplingConfig};
+pub use models::{
+    CausalLm, CausalLmOutput, ClassifierOutput, DecodeCache, LayerRouting, Seq2Seq, Seq2SeqOutput,
+    SequenceClassifier,
+};
 pub use moe::{MoeOutput, SparseMoe};
 pub use router::{Router, RouterOutput};

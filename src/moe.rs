@@ -59,6 +59,7 @@ impl SparseMoe {
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.expert_kind,
+            cfg.expert_bias,
             vb.pp("experts"),
         )?;
         let shared = if cfg.shared_expert_intermediate_size > 0 {

@@ -1,0 +1,210 @@
+//! The transformer block: norms, attention (self, and cross in decoders) and a feed-forward
+//! that is dense or a sparse mixture of experts, with residual connections.
+//!
+//! Pre-norm (Xiong et al. 2020; Llama, Mixtral): `x + attn(norm(x))`, `x + ffn(norm(x))`.
+//! Post-norm (Vaswani et al. 2017; BERT): `norm(x + attn(x))`, `norm(x + ffn(x))`.
+//! Which blocks are sparse is `ModelConfig::sparse_step` (every layer, or every n-th as in
+//! Switch/GShard).
+
+use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::attention::{Attention, KvCache, Rope};
+use crate::config::{ModelConfig, NormKind};
+use crate::experts::Expert;
+use crate::moe::{MoeOutput, SparseMoe};
+
+/// RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), computed in f32 and built
+/// from primitive ops so it has a backward pass.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    /// `weight` `(size,)` (and `bias` for LayerNorm) under `vb`.
+    pub fn new(cfg: &ModelConfig, size: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = match cfg.norm {
+            NormKind::Rmsnorm => None,
+            NormKind::Layernorm => {
+                Some(vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?)
+            }
+        };
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.norm_eps,
+        })
+    }
+}
+
+impl Module for Norm {
+    /// # Shapes
+    /// - `xs`: `(..., size)` -> same
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = if dtype == DType::F64 { xs.clone() } else { xs.to_dtype(DType::F32)? };
+        let x = match &self.bias {
+            None => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+            }
+            Some(_) => {
+                let mu = x.mean_keepdim(D::Minus1)?;
+                let xc = x.broadcast_sub(&mu)?;
+                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
+            }
+        };
+        let x = x.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?;
+        match &self.bias {
+            Some(b) => x.broadcast_add(&b.to_dtype(dtype)?),
+            None => Ok(x),
+        }
+    }
+}
+
+/// The feed-forward half of a block.
+#[derive(Debug)]
+pub enum FeedForward {
+    /// A dense feed-forward (weights under `mlp`).
+    Dense(Expert),
+    /// A sparse mixture of experts (weights under `block_sparse_moe`).
+    Sparse(SparseMoe),
+}
+
+/// Per-layer caches of a decoding model.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    /// Self-attention keys and values.
+    pub self_attn: KvCache,
+    /// Cross-attention keys and values of the encoder memory.
+    pub cross_attn: KvCache,
+}
+
+/// What a block's forward needs besides its input.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockCtx<'a> {
+    /// RoPE tables (None for learned positions).
+    pub rope: Option<&'a Rope>,
+    /// Causal self-attention.
+    pub causal: bool,
+    /// Padding mask of the keys of self-attention `(b, t_k)`.
+    pub key_mask: Option<&'a Tensor>,
+    /// Encoder memory `(b, s, h)` and its padding mask `(b, s)`, for decoder blocks.
+    pub memory: Option<(&'a Tensor, Option<&'a Tensor>)>,
+    /// Training mode (router noise on).
+    pub train: bool,
+}
+
+/// One transformer block.
+#[derive(Debug)]
+pub struct TransformerBlock {
+    input_norm: Norm,
+    attn: Attention,
+    cross: Option<(Norm, Attention)>,
+    post_attn_norm: Norm,
+    ffn: FeedForward,
+    post_norm: bool,
+}
+
+impl TransformerBlock {
+    /// Weights (Mixtral names): `input_layernorm`, `self_attn`, `post_attention_layernorm`,
+    /// `block_sparse_moe` (sparse) or `mlp` (dense), and for decoder blocks `cross_attn` and
+    /// `cross_attn_layernorm`.
+    pub fn new(cfg: &ModelConfig, layer: usize, cross: bool, vb: VarBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let ffn = if cfg.is_sparse_layer(layer) {
+            FeedForward::Sparse(SparseMoe::new(&cfg.moe, vb.pp("block_sparse_moe"))?)
+        } else {
+            FeedForward::Dense(Expert::new_with_bias(
+                h,
+                cfg.dense_intermediate_size,
+                cfg.moe.expert_kind,
+                cfg.moe.expert_bias,
+                vb.pp("mlp"),
+            )?)
+        };
+        let cross = if cross {
+            Some((
+                Norm::new(cfg, h, vb.pp("cross_attn_layernorm"))?,
+                Attention::new(cfg, vb.pp("cross_attn"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            input_norm: Norm::new(cfg, h, vb.pp("input_layernorm"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            cross,
+            post_attn_norm: Norm::new(cfg, h, vb.pp("post_attention_layernorm"))?,
+            ffn,
+            post_norm: cfg.post_norm,
+        })
+    }
+
+    /// The feed-forward of this block.
+    pub fn feed_forward(&self) -> &FeedForward {
+        &self.ffn
+    }
+
+    /// # Shapes
+    /// - `xs`: `(b, t, h)` -> `(b, t, h)`, plus the sparse layer's output when there is one
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &BlockCtx,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Option<MoeOutput>)> {
+        let (self_cache, cross_cache) = match cache {
+            Some(c) => (Some(&mut c.self_attn), Some(&mut c.cross_attn)),
+            None => (None, None),
+        };
+        let mut x = if self.post_norm {
+            let a = self.attn.forward_self(xs, ctx.rope, ctx.causal, ctx.key_mask, self_cache)?;
+            self.input_norm.forward(&(xs + a)?)?
+        } else {
+            let a = self.attn.forward_self(
+                &self.input_norm.forward(xs)?,
+                ctx.rope,
+                ctx.causal,
+                ctx.key_mask,
+                self_cache,
+            )?;
+            (xs + a)?
+        };
+        if let Some((norm, cross)) = &self.cross {
+            let Some((mem, mem_mask)) = ctx.memory else {
+                bail!("decoder block needs the encoder memory")
+            };
+            x = if self.post_norm {
+                let a = cross.forward_cross(&x, mem, mem_mask, cross_cache)?;
+                norm.forward(&(x + a)?)?
+            } else {
+                let a = cross.forward_cross(&norm.forward(&x)?, mem, mem_mask, cross_cache)?;
+                (x + a)?
+            };
+        }
+        let ffn_in = if self.post_norm {
+            x.clone()
+        } else {
+            self.post_attn_norm.forward(&x)?
+        };
+        let (f, moe) = match &self.ffn {
+            FeedForward::Dense(e) => (e.forward(&ffn_in)?, None),
+            FeedForward::Sparse(m) => {
+                let o = m.forward_t(&ffn_in, ctx.train)?;
+                (o.hidden_states.clone(), Some(o))
+            }
+        };
+        let out = if self.post_norm {
+            self.post_attn_norm.forward(&(x + f)?)?
+        } else {
+            (x + f)?
+        };
+        Ok((out, moe))
+    }
+}

@@ -1,0 +1,152 @@
+//! Decoder-only MoE language model (Mixtral layout and weight names).
+
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::{pool_aux, DecodeCache, LayerRouting, Trunk};
+use crate::config::ModelConfig;
+use crate::generate::{Sampler, SamplingConfig};
+
+/// What [`CausalLm::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct CausalLmOutput {
+    /// Next-token logits at every position, `(b, t, vocab)`.
+    pub logits: Tensor,
+    /// Load-balancing loss pooled over all sparse layers exactly as transformers' `aux_loss`
+    /// (unscaled by the coefficient); scalar f32.
+    pub load_balancing_loss: Tensor,
+    /// Router z-loss pooled over all sparse layers; scalar f32.
+    pub z_loss: Tensor,
+    /// Per-layer routing statistics.
+    pub routing: Vec<LayerRouting>,
+    /// Router logits of every sparse layer, `(b·t, E)` each.
+    pub router_logits: Vec<Tensor>,
+}
+
+/// A decoder-only transformer LM whose feed-forwards are (some or all) sparse MoE layers.
+///
+/// Weights: `model.embed_tokens.weight`, `model.layers.{i}.*` (see
+/// [`TransformerBlock`](crate::block::TransformerBlock)), `model.norm.weight`, and
+/// `lm_head.weight` unless the head is tied to the embeddings.
+#[derive(Debug)]
+pub struct CausalLm {
+    trunk: Trunk,
+    lm_head: Linear,
+    cfg: ModelConfig,
+}
+
+impl CausalLm {
+    /// Builds the model (random weights from a `VarMap`, or loaded from safetensors).
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            bail!("{e}")
+        }
+        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let trunk = Trunk::new(cfg, cfg.num_layers, true, false, embed, vb.pp("model"))?;
+        Ok(Self {
+            trunk,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Inference forward on a fresh context (no cache, no router noise).
+    ///
+    /// # Shapes
+    /// - `input_ids`: `(b, t)` u32 -> `logits` `(b, t, vocab)`
+    pub fn forward(&self, input_ids: &Tensor) -> Result<CausalLmOutput> {
+        self.forward_t(input_ids, None, false)
+    }
+
+    /// Forward with an optional padding mask (1 = token, 0 = padding) and training mode.
+    /// Padding rows are excluded from the load-balancing loss, as transformers excludes them.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `(b, t)` -> `logits` `(b, t, vocab)`
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<CausalLmOutput> {
+        let out = self
+            .trunk
+            .forward(input_ids, None, attention_mask, None, None, train, 0)?;
+        self.finish(out, attention_mask)
+    }
+
+    /// Incremental decoding: `input_ids` are the next positions after those in `cache`.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `(b, t_new)` -> `logits` `(b, t_new, vocab)`
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut DecodeCache) -> Result<CausalLmOutput> {
+        let out = self
+            .trunk
+            .forward(input_ids, None, None, None, Some(cache), false, 0)?;
+        self.finish(out, None)
+    }
+
+    /// A cache sized for this model.
+    pub fn new_cache(&self) -> DecodeCache {
+        DecodeCache::new(self.trunk.num_layers())
+    }
+
+    /// The blocks (to inspect their sparse layers).
+    pub fn layers(&self) -> &[crate::block::TransformerBlock] {
+        self.trunk.layers()
+    }
+
+    fn finish(&self, out: super::TrunkOut, mask: Option<&Tensor>) -> Result<CausalLmOutput> {
+        let logits = self.lm_head.forward(&out.hidden)?; // (b, t, vocab)
+        let row_masks = match mask {
+            Some(m) => Some(vec![m.flatten_all()?; out.router_logits.len()]),
+            None => None,
+        };
+        let (lb, z) = pool_aux(&self.cfg, &out.router_logits, row_masks.as_deref(), logits.device())?;
+        Ok(CausalLmOutput {
+            logits,
+            load_balancing_loss: lb,
+            z_loss: z,
+            routing: out.routing,
+            router_logits: out.router_logits,
+        })
+    }
+
+    /// Samples a continuation of `prompt` with the KV cache; returns the new tokens only.
+    /// Stops at `cfg.eos_token_id`, after `cfg.max_new_tokens`, or at the maximum length.
+    pub fn generate(&self, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            bail!("generate: empty prompt")
+        }
+        let dev = self.lm_head.weight().device();
+        let mut sampler = Sampler::new(cfg.clone());
+        let mut cache = self.new_cache();
+        let mut out = Vec::new();
+        let mut next_input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+        for _ in 0..cfg.max_new_tokens {
+            if cache.len() + next_input.dim(1)? > self.cfg.max_position_embeddings {
+                break;
+            }
+            let logits = self.forward_cached(&next_input, &mut cache)?.logits;
+            let t = logits.dim(1)?;
+            let last = logits.narrow(1, t - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?;
+            let tok = sampler.sample(&last)?;
+            out.push(tok);
+            if Some(tok) == cfg.eos_token_id {
+                break;
+            }
+            next_input = Tensor::new(&[tok], dev)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,116 @@
+//! Sequence classification with a bidirectional MoE encoder, mean or first-token pooling and a
+//! linear head.
+
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use super::{pool_aux, LayerRouting, Trunk};
+use crate::config::{ModelConfig, Pooling};
+
+/// What [`SequenceClassifier::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct ClassifierOutput {
+    /// Class logits `(b, num_labels)`.
+    pub logits: Tensor,
+    /// Load-balancing loss pooled over all sparse layers (padding excluded); scalar f32.
+    pub load_balancing_loss: Tensor,
+    /// Router z-loss pooled over all sparse layers; scalar f32.
+    pub z_loss: Tensor,
+    /// Per-layer routing statistics.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// A bidirectional encoder with a pooled linear classification head.
+///
+/// Weights: `model.embed_tokens.weight`, `model.layers.{i}.*`, `model.norm.weight` (pre-norm)
+/// or `model.embed_norm.*` (post-norm), `classifier.weight` `(labels, h)`, `classifier.bias`.
+#[derive(Debug)]
+pub struct SequenceClassifier {
+    trunk: Trunk,
+    head: Linear,
+    cfg: ModelConfig,
+}
+
+impl SequenceClassifier {
+    /// Builds the classifier with `cfg.num_labels` classes.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        if let Err(e) = cfg.validate() {
+            bail!("{e}")
+        }
+        if cfg.num_labels == 0 {
+            bail!("num_labels must be > 0")
+        }
+        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+        let trunk = Trunk::new(cfg, cfg.num_layers, false, false, embed, vb.pp("model"))?;
+        let head = candle_nn::linear(cfg.hidden_size, cfg.num_labels, vb.pp("classifier"))?;
+        Ok(Self {
+            trunk,
+            head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Inference forward with an optional padding mask.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `(b, t)` -> `logits` `(b, num_labels)`
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<ClassifierOutput> {
+        self.forward_t(input_ids, None, attention_mask, false)
+    }
+
+    /// The pooled encoder states `(b, h)` (before the head).
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Vec<Tensor>, Vec<LayerRouting>)> {
+        let out = self
+            .trunk
+            .forward(input_ids, token_type_ids, attention_mask, None, None, train, 0)?;
+        let pooled = match self.cfg.pooling {
+            Pooling::First => out.hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => match attention_mask {
+                None => out.hidden.mean(1)?,
+                Some(m) => {
+                    let m = m.to_dtype(out.hidden.dtype())?.unsqueeze(2)?; // (b, t, 1)
+                    let s = out.hidden.broadcast_mul(&m)?.sum(1)?; // (b, h)
+                    s.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::MAX)?)?
+                }
+            },
+        };
+        Ok((pooled, out.router_logits, out.routing))
+    }
+
+    /// Forward with token types, padding mask and training mode.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `token_type_ids`, `attention_mask`: `(b, t)` -> `logits` `(b, num_labels)`
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<ClassifierOutput> {
+        let (pooled, router_logits, routing) = self.encode(input_ids, token_type_ids, attention_mask, train)?;
+        let logits = self.head.forward(&pooled)?;
+        let masks = match attention_mask {
+            Some(m) => Some(vec![m.flatten_all()?.to_dtype(DType::F32)?; router_logits.len()]),
+            None => None,
+        };
+        let (lb, z) = pool_aux(&self.cfg, &router_logits, masks.as_deref(), logits.device())?;
+        Ok(ClassifierOutput {
+            logits,
+            load_balancing_loss: lb,
+            z_loss: z,
+            routing,
+        })
+    }
+}

@@ -1,0 +1,300 @@
+//! Whole models: a shared trunk (embeddings, blocks, final norm) and three heads.
+//!
+//! - [`CausalLm`]: decoder-only language model (tied or untied `lm_head`).
+//! - [`Seq2Seq`]: encoder-decoder with cross-attention.
+//! - [`SequenceClassifier`]: bidirectional encoder, mean or first-token pooling, linear head.
+//!
+//! Every forward returns its task output, the aux losses pooled over all sparse layers the way
+//! transformers pools them (one `load_balancing_loss_func` over the concatenated router logits),
+//! and per-layer routing statistics.
+
+pub mod causal_lm;
+pub mod classifier;
+pub mod seq2seq;
+
+use candle_core::{bail, DType, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::attention::Rope;
+use crate::block::{BlockCtx, LayerCache, Norm, TransformerBlock};
+use crate::config::{ModelConfig, PositionKind};
+use crate::losses;
+
+pub use causal_lm::{CausalLm, CausalLmOutput};
+pub use classifier::{ClassifierOutput, SequenceClassifier};
+pub use seq2seq::{Encoded, Seq2Seq, Seq2SeqOutput};
+
+/// Routing statistics of one sparse layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerRouting {
+    /// Block index (in its stack; decoder layers of a seq2seq are numbered after the encoder's).
+    pub layer: usize,
+    /// Tokens the layer routed.
+    pub tokens: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Kept assignments per expert (sums to `tokens · top_k - dropped`).
+    pub expert_counts: Vec<usize>,
+    /// Assignments dropped by the capacity limit.
+    pub dropped: usize,
+}
+
+impl LayerRouting {
+    /// Largest over smallest expert load (∞ when an expert got nothing).
+    pub fn imbalance(&self) -> f64 {
+        let max = self.expert_counts.iter().copied().max().unwrap_or(0) as f64;
+        let min = self.expert_counts.iter().copied().min().unwrap_or(0) as f64;
+        if min == 0.0 {
+            f64::INFINITY
+        } else {
+            max / min
+        }
+    }
+}
+
+/// KV caches of every block of a decoding model.
+#[derive(Debug, Clone, Default)]
+pub struct DecodeCache {
+    layers: Vec<LayerCache>,
+}
+
+impl DecodeCache {
+    /// An empty cache for `n` blocks.
+    pub fn new(n: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); n],
+        }
+    }
+    /// Number of positions already decoded.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.self_attn.len())
+    }
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reorders the batch rows of every cached tensor (beam search): row `i` becomes old row
+    /// `idx[i]`.
+    pub fn reorder(&mut self, idx: &Tensor) -> Result<()> {
+        for l in self.layers.iter_mut() {
+            l.self_attn.reorder(idx)?;
+            l.cross_attn.reorder(idx)?;
+        }
+        Ok(())
+    }
+}
+
+/// Output of a trunk.
+#[derive(Debug, Clone)]
+pub(crate) struct TrunkOut {
+    pub hidden: Tensor,
+    pub router_logits: Vec<Tensor>,
+    pub routing: Vec<LayerRouting>,
+}
+
+/// Embeddings, blocks and final norm, shared by the three models.
+#[derive(Debug)]
+pub(crate) struct Trunk {
+    embed: Embedding,
+    positions: Option<Embedding>,
+    token_types: Option<Embedding>,
+    embed_norm: Option<Norm>,
+    layers: Vec<TransformerBlock>,
+    norm: Option<Norm>,
+    rope: Option<Rope>,
+    cfg: ModelConfig,
+    causal: bool,
+}
+
+/// Checks token ids: `(b, t)` integers, non-empty, below the vocabulary, within the maximum
+/// length; returns them as u32.
+pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Result<Tensor> {
+    let (b, t) = match ids.dims() {
+        [b, t] => (*b, *t),
+        d => bail!("input_ids must be (batch, seq), got shape {d:?}"),
+    };
+    if b == 0 || t == 0 {
+        bail!("empty batch: input_ids has shape ({b}, {t})")
+    }
+    if ids.dtype().is_float() {
+        bail!("input_ids must be integer token ids, got {:?}", ids.dtype())
+    }
+    if offset + t > cfg.max_position_embeddings {
+        bail!(
+            "sequence length {} exceeds the model's max_position_embeddings {}",
+            offset + t,
+            cfg.max_position_embeddings
+        )
+    }
+    let ids = ids.to_dtype(DType::U32)?;
+    let max = ids.max_all()?.to_scalar::<u32>()?;
+    if max as usize >= cfg.vocab_size {
+        bail!("token id {max} is out of range for vocab_size {}", cfg.vocab_size)
+    }
+    Ok(ids)
+}
+
+impl Trunk {
+    pub(crate) fn new(
+        cfg: &ModelConfig,
+        num_layers: usize,
+        causal: bool,
+        cross: bool,
+        embed: Embedding,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (positions, rope) = match cfg.position {
+            PositionKind::Learned => (
+                Some(candle_nn::embedding(cfg.max_position_embeddings, h, vb.pp("embed_positions"))?),
+                None,
+            ),
+            PositionKind::Rope => (
+                None,
+                Some(Rope::new(
+                    cfg.head_dim(),
+                    cfg.max_position_embeddings,
+                    cfg.rope_theta,
+                    vb.dtype(),
+                    vb.device(),
+                )?),
+            ),
+        };
+        let token_types = if cfg.type_vocab_size > 0 {
+            Some(candle_nn::embedding(cfg.type_vocab_size, h, vb.pp("token_type_embeddings"))?)
+        } else {
+            None
+        };
+        let (embed_norm, norm) = if cfg.post_norm {
+            (Some(Norm::new(cfg, h, vb.pp("embed_norm"))?), None)
+        } else {
+            (None, Some(Norm::new(cfg, h, vb.pp("norm"))?))
+        };
+        let layers = (0..num_layers)
+            .map(|i| TransformerBlock::new(cfg, i, cross, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embed,
+            positions,
+            token_types,
+            embed_norm,
+            layers,
+            norm,
+            rope,
+            cfg: cfg.clone(),
+            causal,
+        })
+    }
+
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub(crate) fn layers(&self) -> &[TransformerBlock] {
+        &self.layers
+    }
+
+    /// # Shapes
+    /// - `ids`: `(b, t)`; `type_ids`: `(b, t)`; `key_mask`: `(b, offset + t)`;
+    ///   memory `(b, s, h)` with mask `(b, s)`; returns hidden `(b, t, h)`
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        ids: &Tensor,
+        type_ids: Option<&Tensor>,
+        key_mask: Option<&Tensor>,
+        memory: Option<(&Tensor, Option<&Tensor>)>,
+        mut cache: Option<&mut DecodeCache>,
+        train: bool,
+        layer_base: usize,
+    ) -> Result<TrunkOut> {
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let ids = check_ids(ids, &self.cfg, offset)?;
+        let (b, t) = ids.dims2()?;
+        let mut x = self.embed.forward(&ids)?; // (b, t, h)
+        if let Some(p) = &self.positions {
+            let pos = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
+            x = x.broadcast_add(&p.forward(&pos)?.unsqueeze(0)?)?;
+        }
+        if let Some(tt) = &self.token_types {
+            let types = match type_ids {
+                Some(ty) => ty.to_dtype(DType::U32)?,
+                None => Tensor::zeros((b, t), DType::U32, ids.device())?,
+            };
+            x = (x + tt.forward(&types)?)?;
+        }
+        if let Some(n) = &self.embed_norm {
+            x = n.forward(&x)?;
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if c.layers.len() != self.layers.len() {
+                *c = DecodeCache::new(self.layers.len());
+            }
+        }
+        let ctx = BlockCtx {
+            rope: self.rope.as_ref(),
+            causal: self.causal,
+            key_mask,
+            memory,
+            train,
+        };
+        let mut router_logits = Vec::new();
+        let mut routing = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (y, moe) = layer.forward(&x, &ctx, lc)?;
+            x = y;
+            if let Some(m) = moe {
+                routing.push(LayerRouting {
+                    layer: layer_base + i,
+                    tokens: b * t,
+                    top_k: self.cfg.moe.top_k,
+                    expert_counts: m.expert_counts,
+                    dropped: m.dropped,
+                });
+                router_logits.push(m.router_logits);
+            }
+        }
+        if let Some(n) = &self.norm {
+            x = n.forward(&x)?;
+        }
+        Ok(TrunkOut {
+            hidden: x,
+            router_logits,
+            routing,
+        })
+    }
+}
+
+/// The aux losses pooled over layers as transformers pools them: one load-balancing loss over
+/// the concatenated router logits (padding rows excluded when `row_masks` is given: one
+/// `(tokens,)` 0/1 mask per layer) and one z-loss over all rows. Zero scalars when the model has
+/// no sparse layer.
+pub(crate) fn pool_aux(
+    cfg: &ModelConfig,
+    logits: &[Tensor],
+    row_masks: Option<&[Tensor]>,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    if logits.is_empty() {
+        let z = Tensor::new(0f32, dev)?;
+        return Ok((z.clone(), z));
+    }
+    let z_loss = losses::router_z_loss(logits)?;
+    let all = if logits.len() == 1 {
+        logits[0].clone()
+    } else {
+        Tensor::cat(logits, 0)?
+    };
+    let probs = crate::router::softmax_last(&all)?;
+    let ids = probs
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, cfg.moe.top_k)?
+        .contiguous()?;
+    let mask = match row_masks {
+        Some(m) => Some(Tensor::cat(m, 0)?.to_dtype(DType::F32)?),
+        None => None,
+    };
+    let lb = losses::load_balancing_from_parts(&probs, &ids, mask.as_ref(), cfg.moe.num_experts)?;
+    Ok((lb, z_loss))
+}
