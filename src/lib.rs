@@ -40,6 +40,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod checkpoint;
 pub mod classic;
 pub mod config;
 pub mod dispatch;
@@ -51,6 +52,7 @@ pub mod losses;
 pub mod models;
 pub mod moe;
 pub mod router;
+pub mod train;
 
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};
