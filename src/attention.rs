@@ -22,7 +22,13 @@ pub struct Rope {
 
 impl Rope {
     /// Tables for `max_pos` positions of `head_dim`-wide heads with base `theta`.
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
@@ -101,9 +107,13 @@ pub fn attention_bias(
     }
     if let Some(m) = key_mask {
         if m.dims() != [b, t_k] {
-            bail!("attention mask must be (batch, keys) = ({b}, {t_k}), got {:?}", m.dims())
+            bail!(
+                "attention mask must be (batch, keys) = ({b}, {t_k}), got {:?}",
+                m.dims()
+            )
         }
-        let pad = ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * NEG as f64)?).reshape((b, 1, 1, t_k))?;
+        let pad =
+            ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * NEG as f64)?).reshape((b, 1, 1, t_k))?;
         bias = Some(match bias {
             Some(c) => c.broadcast_add(&pad)?,
             None => pad,
@@ -138,7 +148,12 @@ impl Attention {
     /// Weights `{q,k,v,o}_proj.weight` (and biases with `attention_bias`; `o_proj.bias` only
     /// for post-norm models), `q_norm.weight` / `k_norm.weight` with `qk_norm`.
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim());
+        let (h, nh, nkv, hd) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim(),
+        );
         let qkv_bias = cfg.attention_bias;
         let o_bias = cfg.attention_bias && cfg.post_norm;
         let (q_norm, k_norm) = if cfg.qk_norm {
@@ -188,7 +203,9 @@ impl Attention {
         if let Some((r, off)) = rope {
             k = r.apply(&k, off)?;
         }
-        let v = self.heads(&self.v_proj.forward(src)?, self.num_kv_heads)?.contiguous()?;
+        let v = self
+            .heads(&self.v_proj.forward(src)?, self.num_kv_heads)?
+            .contiguous()?;
         Ok((k.contiguous()?, v))
     }
 
@@ -214,7 +231,15 @@ impl Attention {
             }
             c.kv = Some((k.clone(), v.clone()));
         }
-        self.attend(xs, rope.map(|r| (r, offset)), k, v, causal, offset, key_mask)
+        self.attend(
+            xs,
+            rope.map(|r| (r, offset)),
+            k,
+            v,
+            causal,
+            offset,
+            key_mask,
+        )
     }
 
     /// Cross-attention of `xs` over an encoder `memory`; the memory's keys and values are
@@ -275,7 +300,9 @@ impl Attention {
         }
         let probs = softmax_last(&scores)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
-        let out = out.transpose(1, 2)?.reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, nh·d)
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, nh·d)
         self.o_proj.forward(&out)
     }
 }

@@ -46,7 +46,11 @@ impl Module for Norm {
     /// - `xs`: `(..., size)` -> same
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
-        let x = if dtype == DType::F64 { xs.clone() } else { xs.to_dtype(DType::F32)? };
+        let x = if dtype == DType::F64 {
+            xs.clone()
+        } else {
+            xs.to_dtype(DType::F32)?
+        };
         let x = match &self.bias {
             None => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -59,7 +63,9 @@ impl Module for Norm {
                 xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
             }
         };
-        let x = x.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)?;
+        let x = x
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.to_dtype(dtype)?)?;
         match &self.bias {
             Some(b) => x.broadcast_add(&b.to_dtype(dtype)?),
             None => Ok(x),
@@ -73,7 +79,7 @@ pub enum FeedForward {
     /// A dense feed-forward (weights under `mlp`).
     Dense(Expert),
     /// A sparse mixture of experts (weights under `block_sparse_moe`).
-    Sparse(SparseMoe),
+    Sparse(Box<SparseMoe>),
 }
 
 /// Per-layer caches of a decoding model.
@@ -118,7 +124,10 @@ impl TransformerBlock {
     pub fn new(cfg: &ModelConfig, layer: usize, cross: bool, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let ffn = if cfg.is_sparse_layer(layer) {
-            FeedForward::Sparse(SparseMoe::new(&cfg.moe, vb.pp("block_sparse_moe"))?)
+            FeedForward::Sparse(Box::new(SparseMoe::new(
+                &cfg.moe,
+                vb.pp("block_sparse_moe"),
+            )?))
         } else {
             FeedForward::Dense(Expert::new_with_bias(
                 h,
@@ -164,7 +173,9 @@ impl TransformerBlock {
             None => (None, None),
         };
         let mut x = if self.post_norm {
-            let a = self.attn.forward_self(xs, ctx.rope, ctx.causal, ctx.key_mask, self_cache)?;
+            let a = self
+                .attn
+                .forward_self(xs, ctx.rope, ctx.causal, ctx.key_mask, self_cache)?;
             self.input_norm.forward(&(xs + a)?)?
         } else {
             let a = self.attn.forward_self(

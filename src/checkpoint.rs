@@ -68,7 +68,12 @@ pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
 }
 
 /// Saves a model directory: `config.json`, `model.safetensors` and, when given, `tokenizer.json`.
-pub fn save(dir: &Path, cfg: &ModelConfig, varmap: &VarMap, tokenizer_json: Option<&str>) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    cfg: &ModelConfig,
+    varmap: &VarMap,
+    tokenizer_json: Option<&str>,
+) -> Result<()> {
     cfg.validate()?;
     let weights = dir.join(WEIGHTS);
     let bytes = to_safetensors_bytes(&varmap_tensors(varmap)?, &weights)?;
@@ -116,11 +121,13 @@ pub fn parse_safetensors(
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dt = st_dtype(view.dtype()).ok_or_else(|| {
-            Error::checkpoint(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()))
+            Error::checkpoint(
+                path,
+                format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+            )
         })?;
-        let t = Tensor::from_raw_buffer(view.data(), dt, view.shape(), &Device::Cpu).map_err(|e| {
-            Error::checkpoint(path, format!("tensor `{name}`: {e}"))
-        })?;
+        let t = Tensor::from_raw_buffer(view.data(), dt, view.shape(), &Device::Cpu)
+            .map_err(|e| Error::checkpoint(path, format!("tensor `{name}`: {e}")))?;
         let t = if dt.is_float() { t.to_dtype(dtype)? } else { t };
         out.insert(name, t.to_device(device)?);
     }
@@ -140,12 +147,18 @@ pub fn fill_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pa
     for name in names {
         let var = &data[name];
         let t = tensors.get(name).ok_or_else(|| {
-            Error::checkpoint(path, format!("missing tensor `{name}` (expected shape {:?})", var.dims()))
+            Error::checkpoint(
+                path,
+                format!("missing tensor `{name}` (expected shape {:?})", var.dims()),
+            )
         })?;
         if !t.dtype().is_float() {
             return Err(Error::checkpoint(
                 path,
-                format!("tensor `{name}` has dtype {:?}, expected a float dtype", t.dtype()),
+                format!(
+                    "tensor `{name}` has dtype {:?}, expected a float dtype",
+                    t.dtype()
+                ),
             ));
         }
         if t.dims() != var.dims() {
@@ -200,7 +213,9 @@ pub fn read_tokenizer_json(dir: &Path) -> Result<Option<String>> {
     if !p.exists() {
         return Ok(None);
     }
-    std::fs::read_to_string(&p).map(Some).map_err(|e| Error::io(p, e))
+    std::fs::read_to_string(&p)
+        .map(Some)
+        .map_err(|e| Error::io(p, e))
 }
 
 macro_rules! impl_dir_io {
@@ -208,7 +223,11 @@ macro_rules! impl_dir_io {
         impl $ty {
             /// Loads a model directory written by [`checkpoint::save`](crate::checkpoint::save),
             /// checking every tensor; returns the model and its `VarMap`.
-            pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Self, VarMap)> {
+            pub fn load(
+                dir: impl AsRef<Path>,
+                dtype: DType,
+                device: &Device,
+            ) -> Result<(Self, VarMap)> {
                 let (m, vm, _) = load_with(dir.as_ref(), dtype, device, |c, vb| <$ty>::new(c, vb))?;
                 Ok((m, vm))
             }

@@ -270,7 +270,7 @@ impl ModelConfig {
 
     /// Whether block `layer` (0-based) has a sparse feed-forward.
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
-        self.sparse_step > 0 && (layer + 1) % self.sparse_step == 0
+        self.sparse_step > 0 && (layer + 1).is_multiple_of(self.sparse_step)
     }
 
     /// Checks the configuration; the error names the offending field.
@@ -287,20 +287,23 @@ impl ModelConfig {
                 return bad(format!("{name} must be > 0"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "hidden_size ({}) must be divisible by num_heads ({}) when head_dim is not set",
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.head_dim() % 2 != 0 && self.position == PositionKind::Rope {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim()));
+        if !self.head_dim().is_multiple_of(2) && self.position == PositionKind::Rope {
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim()
+            ));
         }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return bad(format!("norm_eps must be > 0, got {}", self.norm_eps));
@@ -308,8 +311,8 @@ impl ModelConfig {
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
         }
-        let any_dense = (0..self.num_layers.max(self.num_decoder_layers))
-            .any(|l| !self.is_sparse_layer(l));
+        let any_dense =
+            (0..self.num_layers.max(self.num_decoder_layers)).any(|l| !self.is_sparse_layer(l));
         if any_dense && self.dense_intermediate_size == 0 {
             return bad("dense_intermediate_size must be > 0 when some layers are dense".into());
         }
@@ -320,9 +323,12 @@ impl ModelConfig {
                     self.moe.hidden_size, self.hidden_size
                 ));
             }
-            self.moe
-                .validate()
-                .map_err(|e| Error::Config(format!("moe.{}", e.to_string().trim_start_matches("invalid config: "))))?;
+            self.moe.validate().map_err(|e| {
+                Error::Config(format!(
+                    "moe.{}",
+                    e.to_string().trim_start_matches("invalid config: ")
+                ))
+            })?;
         }
         Ok(())
     }

@@ -47,7 +47,7 @@ pub fn plan(
     num_experts: usize,
     capacity: Option<usize>,
 ) -> Result<DispatchPlan> {
-    if top_k == 0 || expert_ids.len() % top_k != 0 {
+    if top_k == 0 || !expert_ids.len().is_multiple_of(top_k) {
         bail!(
             "dispatch: {} expert ids is not a multiple of top_k = {top_k}",
             expert_ids.len()

@@ -60,7 +60,13 @@ impl Sampler {
         let argmax = |v: &[f32]| {
             v.iter()
                 .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
+                    if x > b.1 {
+                        (i, x)
+                    } else {
+                        b
+                    }
+                })
                 .0 as u32
         };
         if self.cfg.temperature <= 0.0 {
@@ -73,7 +79,10 @@ impl Sampler {
         }
         let t = self.cfg.temperature as f32;
         let m = logits[idx[0]];
-        let mut p: Vec<f64> = idx.iter().map(|&i| (((logits[i] - m) / t) as f64).exp()).collect();
+        let mut p: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - m) / t) as f64).exp())
+            .collect();
         let s: f64 = p.iter().sum();
         p.iter_mut().for_each(|v| *v /= s);
         if let Some(top_p) = self.cfg.top_p {

@@ -15,7 +15,10 @@ use rand::{Rng, SeedableRng};
 /// - rank 1 whose values are all equal (norm weights, biases) is kept as initialised.
 pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -23,7 +26,10 @@ pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         if dims.len() < 2 {
-            let v = var.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+            let v = var
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?;
             if v.windows(2).all(|w| w[0] == w[1]) {
                 continue;
             }

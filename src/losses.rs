@@ -135,11 +135,18 @@ pub fn router_z_loss(router_logits: &[Tensor]) -> Result<Tensor> {
 ///
 /// # Shapes
 /// - `logits`: `(n, C)`, `targets`: `(n,)` u32 -> scalar f32
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: Option<u32>) -> Result<Tensor> {
+pub fn cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: Option<u32>,
+) -> Result<Tensor> {
     let logits = logits.to_dtype(router_dtype(logits.dtype()))?;
     let (n, c) = logits.dims2()?;
     if targets.dims1()? != n {
-        bail!("cross_entropy: {n} rows of logits but {} targets", targets.dims1()?)
+        bail!(
+            "cross_entropy: {n} rows of logits but {} targets",
+            targets.dims1()?
+        )
     }
     let log_probs = logits.broadcast_sub(&logsumexp_last(&logits)?)?;
     match ignore_index {

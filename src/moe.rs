@@ -135,11 +135,17 @@ impl SparseMoe {
             )
         }
         if !xs.dtype().is_float() {
-            bail!("SparseMoe: input must be a float tensor, got {:?}", xs.dtype())
+            bail!(
+                "SparseMoe: input must be a float tensor, got {:?}",
+                xs.dtype()
+            )
         }
         let n: usize = dims[..dims.len() - 1].iter().product();
         if n == 0 {
-            bail!("SparseMoe: empty input (shape {:?}): no tokens to route", dims)
+            bail!(
+                "SparseMoe: empty input (shape {:?}): no tokens to route",
+                dims
+            )
         }
         let x = xs.reshape((n, h))?; // (n, h)
 

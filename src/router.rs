@@ -126,7 +126,10 @@ impl Router {
         let dt = router_dtype(xs.dtype());
         let mut x = xs.to_dtype(dt)?; // (n, h)
         if train && self.jitter > 0.0 {
-            let u = noise(x.dims(), NoiseKind::Uniform(1.0 - self.jitter, 1.0 + self.jitter))?;
+            let u = noise(
+                x.dims(),
+                NoiseKind::Uniform(1.0 - self.jitter, 1.0 + self.jitter),
+            )?;
             x = (x * u.to_dtype(dt)?)?;
         }
         let w = self.gate.weight().to_dtype(dt)?;

@@ -178,7 +178,12 @@ impl AdamW {
     }
 
     /// Restores moments and step count.
-    pub fn load_state(&mut self, t: &HashMap<String, Tensor>, step_t: usize, path: &Path) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        t: &HashMap<String, Tensor>,
+        step_t: usize,
+        path: &Path,
+    ) -> Result<()> {
         for (n, _, m, v) in &self.vars {
             for (suffix, var) in [("m", m), ("v", v)] {
                 let key = format!("{n}.{suffix}");
@@ -188,7 +193,11 @@ impl AdamW {
                 if x.dims() != var.dims() {
                     return Err(Error::checkpoint(
                         path,
-                        format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", x.dims(), var.dims()),
+                        format!(
+                            "optimizer tensor `{key}` has shape {:?}, expected {:?}",
+                            x.dims(),
+                            var.dims()
+                        ),
                     ));
                 }
                 var.set(&x.to_dtype(var.dtype())?)?;
@@ -300,7 +309,8 @@ impl Trainer {
     pub fn step(&mut self, parts: &LossParts) -> Result<StepStats> {
         let total = ((&parts.task + (&parts.load_balancing * self.cfg.aux_loss_coef)?)?
             + (&parts.z_loss * self.cfg.z_loss_coef)?)?;
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let loss = scalar(&total)?;
         let lr = self.cfg.lr_at(self.state.step);
         let mut stats = StepStats {
@@ -314,12 +324,20 @@ impl Trainer {
             imbalance: mean_imbalance(&parts.routing),
             skipped: false,
         };
-        let mut grads = if loss.is_finite() { Some(total.backward()?) } else { None };
+        let mut grads = if loss.is_finite() {
+            Some(total.backward()?)
+        } else {
+            None
+        };
         if let Some(g) = &grads {
             let mut sq = 0f64;
             for (_, v, _, _) in &self.opt.vars {
                 if let Some(gv) = g.get(v) {
-                    sq += gv.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                    sq += gv
+                        .to_dtype(DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
                 }
             }
             stats.grad_norm = sq.sqrt();
@@ -410,11 +428,18 @@ impl Trainer {
                 ));
             }
             let at = self.state.step;
-            if !s.skipped && self.cfg.eval_every > 0 && at % self.cfg.eval_every == 0 && at < self.cfg.steps {
+            if !s.skipped
+                && self.cfg.eval_every > 0
+                && at.is_multiple_of(self.cfg.eval_every)
+                && at < self.cfg.steps
+            {
                 let v = eval()?;
                 self.state.evals.push((at, v));
             }
-            if !s.skipped && self.cfg.checkpoint_every > 0 && at % self.cfg.checkpoint_every == 0 {
+            if !s.skipped
+                && self.cfg.checkpoint_every > 0
+                && at.is_multiple_of(self.cfg.checkpoint_every)
+            {
                 checkpoint(self)?;
             }
         }
@@ -443,8 +468,10 @@ impl Trainer {
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-        let state: TrainerState =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: sp.clone(), source })?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: sp.clone(),
+            source,
+        })?;
         let p = dir.join("optimizer.safetensors");
         let dev = self
             .opt
@@ -452,7 +479,12 @@ impl Trainer {
             .first()
             .map(|v| v.1.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let dtype = self.opt.vars.first().map(|v| v.1.dtype()).unwrap_or(DType::F32);
+        let dtype = self
+            .opt
+            .vars
+            .first()
+            .map(|v| v.1.dtype())
+            .unwrap_or(DType::F32);
         let t = parse_safetensors(&read_file(&p)?, &p, dtype, &dev)?;
         self.opt.load_state(&t, state.step, &p)?;
         if state.seed != self.cfg.seed {

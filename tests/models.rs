@@ -57,7 +57,10 @@ fn changing_token_t_never_changes_earlier_logits() {
             assert!(d < 1e-6, "position < {t} changed by {d}");
         }
         let after = max_abs_diff(&l0.narrow(1, t, 1).unwrap(), &l1.narrow(1, t, 1).unwrap());
-        assert!(after > 1e-4, "changing token {t} should change its own logits");
+        assert!(
+            after > 1e-4,
+            "changing token {t} should change its own logits"
+        );
     }
 }
 
@@ -68,7 +71,11 @@ fn kv_cache_decoding_equals_full_forward_causal_lm() {
     let full = m.forward(&ids(&seq, 1)).unwrap().logits;
     let mut cache = m.new_cache();
     // A prefix of 4, then one token at a time.
-    let mut parts = vec![m.forward_cached(&ids(&seq[..4], 1), &mut cache).unwrap().logits];
+    let mut parts = vec![
+        m.forward_cached(&ids(&seq[..4], 1), &mut cache)
+            .unwrap()
+            .logits,
+    ];
     for &t in &seq[4..] {
         parts.push(m.forward_cached(&ids(&[t], 1), &mut cache).unwrap().logits);
     }
@@ -109,7 +116,10 @@ fn routing_statistics_sum_to_tokens_times_k_minus_drops() {
     let mut any_drop = false;
     for r in &out.routing {
         assert_eq!(r.tokens, 40);
-        assert_eq!(r.expert_counts.iter().sum::<usize>() + r.dropped, 40 * cfg.moe.top_k);
+        assert_eq!(
+            r.expert_counts.iter().sum::<usize>() + r.dropped,
+            40 * cfg.moe.top_k
+        );
         // Capacity: no expert keeps more than ceil(0.75 · 40 · 2 / 4) = 15.
         assert!(r.expert_counts.iter().all(|&c| c <= 15));
         any_drop |= r.dropped > 0;
@@ -148,7 +158,10 @@ fn save_load_round_trip_and_bad_checkpoints_name_the_problem() {
     }
     std::fs::write(&weights, &bad).unwrap();
     let e = load_err(d);
-    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
     std::fs::write(&weights, &good).unwrap();
 
     // Shape mismatch: weights of a wider expert layer under the same config.
@@ -159,13 +172,20 @@ fn save_load_round_trip_and_bad_checkpoints_name_the_problem() {
     checkpoint::save(other.path(), &wide, &vm_wide, None).unwrap();
     std::fs::copy(other.path().join("model.safetensors"), &weights).unwrap();
     let e = load_err(d);
-    assert!(e.contains("block_sparse_moe.experts.0.w1.weight") && e.contains("[40, 32]"), "{e}");
+    assert!(
+        e.contains("block_sparse_moe.experts.0.w1.weight") && e.contains("[40, 32]"),
+        "{e}"
+    );
     std::fs::write(&weights, &good).unwrap();
 
     // Missing tensor: a config with one more layer than the weights.
     let mut deeper = cfg.clone();
     deeper.num_layers = 4;
-    std::fs::write(d.join("config.json"), serde_json::to_string(&deeper).unwrap()).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        serde_json::to_string(&deeper).unwrap(),
+    )
+    .unwrap();
     let e = load_err(d);
     assert!(e.contains("missing tensor `model.layers.3."), "{e}");
     std::fs::write(d.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
@@ -174,7 +194,9 @@ fn save_load_round_trip_and_bad_checkpoints_name_the_problem() {
     // checkpoint loadable and unchanged.
     std::fs::create_dir(d.join(".model.safetensors.tmp")).unwrap();
     let (_, vm3) = lm(&cfg, 7);
-    let e = checkpoint::save(d, &cfg, &vm3, None).unwrap_err().to_string();
+    let e = checkpoint::save(d, &cfg, &vm3, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(".model.safetensors.tmp"), "{e}");
     assert_eq!(std::fs::read(&weights).unwrap(), good);
     let (m4, _) = CausalLm::load(d, DType::F32, &Device::Cpu).unwrap();
@@ -186,7 +208,12 @@ fn lm_step_loss(m: &CausalLm, rng: &mut rand::rngs::StdRng) -> LossParts {
     let seq: Vec<u32> = (0..24).map(|_| rng.random_range(0..50u32)).collect();
     let x = ids(&seq, 2);
     let out = m.forward_t(&x, None, true).unwrap();
-    let logits = out.logits.narrow(1, 0, 11).unwrap().reshape((22, 50)).unwrap();
+    let logits = out
+        .logits
+        .narrow(1, 0, 11)
+        .unwrap()
+        .reshape((22, 50))
+        .unwrap();
     let tgt = x.narrow(1, 1, 11).unwrap().flatten_all().unwrap();
     LossParts {
         task: cross_entropy(&logits, &tgt, None).unwrap(),
@@ -214,14 +241,21 @@ fn resume_is_bit_for_bit() {
     // Straight run.
     let (m, vm) = lm(&cfg, 10);
     let mut tr = Trainer::new(&vm, train_cfg(n)).unwrap();
-    tr.run(|rng| Ok(lm_step_loss(&m, rng)), || Ok(0.0), |_| Ok(())).unwrap();
+    tr.run(|rng| Ok(lm_step_loss(&m, rng)), || Ok(0.0), |_| Ok(()))
+        .unwrap();
     let straight = checkpoint::varmap_tensors(&vm).unwrap();
 
     // Half, save, load into a fresh model, the other half.
     let dir = tempfile::tempdir().unwrap();
     let (m1, vm1) = lm(&cfg, 10);
     let mut tr1 = Trainer::new(&vm1, train_cfg(n)).unwrap();
-    tr1.run_until(n / 2, |rng| Ok(lm_step_loss(&m1, rng)), || Ok(0.0), |_| Ok(())).unwrap();
+    tr1.run_until(
+        n / 2,
+        |rng| Ok(lm_step_loss(&m1, rng)),
+        || Ok(0.0),
+        |_| Ok(()),
+    )
+    .unwrap();
     checkpoint::save(dir.path(), &cfg, &vm1, None).unwrap();
     tr1.save_state(dir.path()).unwrap();
     drop((m1, vm1, tr1));
@@ -230,13 +264,17 @@ fn resume_is_bit_for_bit() {
     let mut tr2 = Trainer::new(&vm2, train_cfg(n)).unwrap();
     tr2.load_state(dir.path()).unwrap();
     assert_eq!(tr2.state.step, n / 2);
-    tr2.run(|rng| Ok(lm_step_loss(&m2, rng)), || Ok(0.0), |_| Ok(())).unwrap();
+    tr2.run(|rng| Ok(lm_step_loss(&m2, rng)), || Ok(0.0), |_| Ok(()))
+        .unwrap();
     let resumed = checkpoint::varmap_tensors(&vm2).unwrap();
     assert_eq!(straight.len(), resumed.len());
     for (k, v) in &straight {
         let a = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = resumed[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{k} differs");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{k} differs"
+        );
     }
     // And training changed the weights at all.
     let (_, vm0) = lm(&cfg, 10);

@@ -186,8 +186,18 @@ fn one_expert_equals_dense_swiglu_outputs_and_gradients() {
     let y_dense = dense.forward(x.as_tensor()).unwrap();
     assert!(max_abs_diff(&y_moe, &y_dense) < 1e-6);
 
-    let g_moe = (y_moe * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_dense = (y_dense * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_moe = (y_moe * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g_dense = (y_dense * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let gx_moe = g_moe.get(x.as_tensor()).unwrap();
     let gx_dense = g_dense.get(x.as_tensor()).unwrap();
     assert!(max_abs_diff(gx_moe, gx_dense) < 1e-5);
@@ -195,7 +205,13 @@ fn one_expert_equals_dense_swiglu_outputs_and_gradients() {
         let mv = get(&format!("experts.0.{name}.weight"));
         let gm = g_moe.get(&mv).expect("moe expert grad");
         let gd = g_dense.get(dv.as_tensor()).expect("dense grad");
-        let scale = gd.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let scale = gd
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         assert!(scale > 1e-3, "{name}: gradient vanished");
         assert!(max_abs_diff(gm, gd) < 1e-5 * scale.max(1.0), "{name}");
     }
@@ -250,20 +266,28 @@ fn gradients_reach_router_noise_and_used_experts_and_match_finite_differences() 
         let an_norm = an.iter().map(|v| v * v).sum::<f64>().sqrt();
         assert!(an_norm > 1e-8, "gradient of {name} is zero");
         // Central finite differences, one element at a time.
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let eps = 1e-6;
         let mut fd = vec![0.0; base.len()];
         for i in 0..base.len() {
             let mut v = base.clone();
             v[i] += eps;
-            var.set(&Tensor::from_vec(v.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lp = probe_loss(&moe, &x, &probe).to_scalar::<f64>().unwrap();
             v[i] -= 2.0 * eps;
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let lm = probe_loss(&moe, &x, &probe).to_scalar::<f64>().unwrap();
             fd[i] = (lp - lm) / (2.0 * eps);
         }
-        var.set(&Tensor::from_vec(base, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(base, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
         let err = an
             .iter()
             .zip(&fd)
@@ -327,10 +351,17 @@ fn capacity_drops_overflow_in_token_order_and_dropped_tokens_get_zero() {
     let y = out.hidden_states.to_vec2::<f32>().unwrap();
     // Tokens 0 and 1 are expert 0's first two; tokens 2, 4, 5, 7 overflow and get zero.
     for t in [2usize, 4, 5, 7] {
-        assert!(y[t].iter().all(|v| *v == 0.0), "token {t} should be dropped: {:?}", y[t]);
+        assert!(
+            y[t].iter().all(|v| *v == 0.0),
+            "token {t} should be dropped: {:?}",
+            y[t]
+        );
     }
     for t in [0usize, 1, 3, 6] {
-        assert!(y[t].iter().any(|v| v.abs() > 1e-6), "token {t} should be kept");
+        assert!(
+            y[t].iter().any(|v| v.abs() > 1e-6),
+            "token {t} should be kept"
+        );
         for (a, b) in y[t].iter().zip(&r.y[t]) {
             assert!((*a as f64 - b).abs() < 1e-5);
         }
@@ -350,14 +381,53 @@ fn bad_config_and_bad_input_give_clear_errors() {
         ..Default::default()
     };
     let err = SparseMoe::new(&bad, vb.pp("a")).unwrap_err().to_string();
-    assert!(err.contains("top_k") && err.contains("num_experts"), "{err}");
+    assert!(
+        err.contains("top_k") && err.contains("num_experts"),
+        "{err}"
+    );
     for (cfg, field) in [
-        (MoeConfig { top_k: 0, ..Default::default() }, "top_k"),
-        (MoeConfig { capacity_factor: Some(0.0), ..Default::default() }, "capacity_factor"),
-        (MoeConfig { capacity_factor: Some(-1.0), ..Default::default() }, "capacity_factor"),
-        (MoeConfig { hidden_size: 0, ..Default::default() }, "hidden_size"),
-        (MoeConfig { intermediate_size: 0, ..Default::default() }, "intermediate_size"),
-        (MoeConfig { num_experts: 0, ..Default::default() }, "num_experts"),
+        (
+            MoeConfig {
+                top_k: 0,
+                ..Default::default()
+            },
+            "top_k",
+        ),
+        (
+            MoeConfig {
+                capacity_factor: Some(0.0),
+                ..Default::default()
+            },
+            "capacity_factor",
+        ),
+        (
+            MoeConfig {
+                capacity_factor: Some(-1.0),
+                ..Default::default()
+            },
+            "capacity_factor",
+        ),
+        (
+            MoeConfig {
+                hidden_size: 0,
+                ..Default::default()
+            },
+            "hidden_size",
+        ),
+        (
+            MoeConfig {
+                intermediate_size: 0,
+                ..Default::default()
+            },
+            "intermediate_size",
+        ),
+        (
+            MoeConfig {
+                num_experts: 0,
+                ..Default::default()
+            },
+            "num_experts",
+        ),
     ] {
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains(field), "{e} should name {field}");
@@ -371,11 +441,23 @@ fn bad_config_and_bad_input_give_clear_errors() {
     };
     let moe = SparseMoe::new(&cfg, vb.pp("b")).unwrap();
     let cases: Vec<(Tensor, &str)> = vec![
-        (Tensor::zeros((3, 7), DType::F32, &dev).unwrap(), "hidden size 7"),
+        (
+            Tensor::zeros((3, 7), DType::F32, &dev).unwrap(),
+            "hidden size 7",
+        ),
         (Tensor::zeros(8, DType::F32, &dev).unwrap(), "shape [8]"),
-        (Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap(), "shape [1, 2, 3, 8]"),
-        (Tensor::zeros((0, 5, 8), DType::F32, &dev).unwrap(), "empty input"),
-        (Tensor::zeros((0, 8), DType::F32, &dev).unwrap(), "empty input"),
+        (
+            Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap(),
+            "shape [1, 2, 3, 8]",
+        ),
+        (
+            Tensor::zeros((0, 5, 8), DType::F32, &dev).unwrap(),
+            "empty input",
+        ),
+        (
+            Tensor::zeros((0, 8), DType::F32, &dev).unwrap(),
+            "empty input",
+        ),
         (Tensor::zeros((2, 8), DType::U32, &dev).unwrap(), "float"),
     ];
     for (xs, needle) in cases {

@@ -28,13 +28,26 @@ fn data(rng: &mut Rng, maps: &[Vec<f64>], n: usize) -> (Tensor, Tensor) {
     }
     let dev = Device::Cpu;
     (
-        Tensor::from_vec(xs, (n, D), &dev).unwrap().to_dtype(DType::F32).unwrap(),
-        Tensor::from_vec(ys, (n, D), &dev).unwrap().to_dtype(DType::F32).unwrap(),
+        Tensor::from_vec(xs, (n, D), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
+        Tensor::from_vec(ys, (n, D), &dev)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap(),
     )
 }
 
 fn mse(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 struct Run {
@@ -61,14 +74,19 @@ fn train_moe(aux_coef: f64, steps: usize) -> Run {
     let (xv, yv) = data(&mut rng, &maps, 1024);
     let mut opt = AdamW::new(
         vm.all_vars(),
-        ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() },
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
     )
     .unwrap();
     for step in 0..steps {
         let i = (step * 256) % 2048;
         let (x, y) = (xt.narrow(0, i, 256).unwrap(), yt.narrow(0, i, 256).unwrap());
         let out = moe.forward_t(&x, true).unwrap();
-        let loss = (mse_t(&out.hidden_states, &y) + (out.load_balancing_loss * aux_coef).unwrap()).unwrap();
+        let loss = (mse_t(&out.hidden_states, &y) + (out.load_balancing_loss * aux_coef).unwrap())
+            .unwrap();
         opt.backward_step(&loss).unwrap();
     }
     let out = moe.forward(&xv).unwrap();
@@ -86,7 +104,13 @@ fn mse_t(a: &Tensor, b: &Tensor) -> Tensor {
 
 fn train_dense(steps: usize) -> f32 {
     let vm = VarMap::new();
-    let dense = Expert::new(D, 16, ExpertKind::Swiglu, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let dense = Expert::new(
+        D,
+        16,
+        ExpertKind::Swiglu,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     candle_moe::init::reseed_varmap(&vm, 1).unwrap();
     let mut rng = Rng::new(2);
     let maps: Vec<Vec<f64>> = (0..4).map(|_| rng.normals(D * D, 0.5)).collect();
@@ -94,20 +118,28 @@ fn train_dense(steps: usize) -> f32 {
     let (xv, yv) = data(&mut rng, &maps, 1024);
     let mut opt = AdamW::new(
         vm.all_vars(),
-        ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() },
+        ParamsAdamW {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
     )
     .unwrap();
     for step in 0..steps {
         let i = (step * 256) % 2048;
         let (x, y) = (xt.narrow(0, i, 256).unwrap(), yt.narrow(0, i, 256).unwrap());
-        opt.backward_step(&mse_t(&dense.forward(&x).unwrap(), &y)).unwrap();
+        opt.backward_step(&mse_t(&dense.forward(&x).unwrap(), &y))
+            .unwrap();
     }
     mse(&dense.forward(&xv).unwrap(), &yv)
 }
 
 #[test]
 fn moe_beats_dense_expert_of_same_active_size_and_stays_balanced() {
-    let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1500);
+    let steps: usize = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
     let dense = train_dense(steps);
     let balanced = train_moe(0.01, steps);
     let free = train_moe(0.0, steps);
@@ -115,6 +147,14 @@ fn moe_beats_dense_expert_of_same_active_size_and_stays_balanced() {
         "held-out MSE: dense {dense:.4}, MoE aux=0.01 {:.4} (load max/min {:.2}), MoE aux=0 {:.4} (load max/min {:.2})",
         balanced.test_mse, balanced.load_ratio, free.test_mse, free.load_ratio
     );
-    assert!(balanced.test_mse < 0.7 * dense, "MoE {} vs dense {dense}", balanced.test_mse);
-    assert!(balanced.load_ratio < 2.0, "load ratio {}", balanced.load_ratio);
+    assert!(
+        balanced.test_mse < 0.7 * dense,
+        "MoE {} vs dense {dense}",
+        balanced.test_mse
+    );
+    assert!(
+        balanced.load_ratio < 2.0,
+        "load ratio {}",
+        balanced.load_ratio
+    );
 }

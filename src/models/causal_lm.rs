@@ -41,7 +41,8 @@ impl CausalLm {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
-        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+        let embed =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed.embeddings().clone(), None)
         } else {
@@ -89,7 +90,11 @@ impl CausalLm {
     ///
     /// # Shapes
     /// - `input_ids`: `(b, t_new)` -> `logits` `(b, t_new, vocab)`
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut DecodeCache) -> Result<CausalLmOutput> {
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        cache: &mut DecodeCache,
+    ) -> Result<CausalLmOutput> {
         let out = self
             .trunk
             .forward(input_ids, None, None, None, Some(cache), false, 0)?;
@@ -112,7 +117,12 @@ impl CausalLm {
             Some(m) => Some(vec![m.flatten_all()?; out.router_logits.len()]),
             None => None,
         };
-        let (lb, z) = pool_aux(&self.cfg, &out.router_logits, row_masks.as_deref(), logits.device())?;
+        let (lb, z) = pool_aux(
+            &self.cfg,
+            &out.router_logits,
+            row_masks.as_deref(),
+            logits.device(),
+        )?;
         Ok(CausalLmOutput {
             logits,
             load_balancing_loss: lb,
@@ -139,7 +149,10 @@ impl CausalLm {
             }
             let logits = self.forward_cached(&next_input, &mut cache)?.logits;
             let t = logits.dim(1)?;
-            let last = logits.narrow(1, t - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?;
+            let last = logits
+                .narrow(1, t - 1, 1)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?;
             let tok = sampler.sample(&last)?;
             out.push(tok);
             if Some(tok) == cfg.eos_token_id {

@@ -40,7 +40,8 @@ impl SequenceClassifier {
         if cfg.num_labels == 0 {
             bail!("num_labels must be > 0")
         }
-        let embed = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
+        let embed =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
         let trunk = Trunk::new(cfg, cfg.num_layers, false, false, embed, vb.pp("model"))?;
         let head = candle_nn::linear(cfg.hidden_size, cfg.num_labels, vb.pp("classifier"))?;
         Ok(Self {
@@ -59,7 +60,11 @@ impl SequenceClassifier {
     ///
     /// # Shapes
     /// - `input_ids`, `attention_mask`: `(b, t)` -> `logits` `(b, num_labels)`
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<ClassifierOutput> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<ClassifierOutput> {
         self.forward_t(input_ids, None, attention_mask, false)
     }
 
@@ -71,9 +76,15 @@ impl SequenceClassifier {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>, Vec<LayerRouting>)> {
-        let out = self
-            .trunk
-            .forward(input_ids, token_type_ids, attention_mask, None, None, train, 0)?;
+        let out = self.trunk.forward(
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            None,
+            None,
+            train,
+            0,
+        )?;
         let pooled = match self.cfg.pooling {
             Pooling::First => out.hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => match attention_mask {
@@ -99,10 +110,14 @@ impl SequenceClassifier {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<ClassifierOutput> {
-        let (pooled, router_logits, routing) = self.encode(input_ids, token_type_ids, attention_mask, train)?;
+        let (pooled, router_logits, routing) =
+            self.encode(input_ids, token_type_ids, attention_mask, train)?;
         let logits = self.head.forward(&pooled)?;
         let masks = match attention_mask {
-            Some(m) => Some(vec![m.flatten_all()?.to_dtype(DType::F32)?; router_logits.len()]),
+            Some(m) => Some(vec![
+                m.flatten_all()?.to_dtype(DType::F32)?;
+                router_logits.len()
+            ]),
             None => None,
         };
         let (lb, z) = pool_aux(&self.cfg, &router_logits, masks.as_deref(), logits.device())?;

@@ -129,7 +129,10 @@ pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Resul
     let ids = ids.to_dtype(DType::U32)?;
     let max = ids.max_all()?.to_scalar::<u32>()?;
     if max as usize >= cfg.vocab_size {
-        bail!("token id {max} is out of range for vocab_size {}", cfg.vocab_size)
+        bail!(
+            "token id {max} is out of range for vocab_size {}",
+            cfg.vocab_size
+        )
     }
     Ok(ids)
 }
@@ -146,7 +149,11 @@ impl Trunk {
         let h = cfg.hidden_size;
         let (positions, rope) = match cfg.position {
             PositionKind::Learned => (
-                Some(candle_nn::embedding(cfg.max_position_embeddings, h, vb.pp("embed_positions"))?),
+                Some(candle_nn::embedding(
+                    cfg.max_position_embeddings,
+                    h,
+                    vb.pp("embed_positions"),
+                )?),
                 None,
             ),
             PositionKind::Rope => (
@@ -161,7 +168,11 @@ impl Trunk {
             ),
         };
         let token_types = if cfg.type_vocab_size > 0 {
-            Some(candle_nn::embedding(cfg.type_vocab_size, h, vb.pp("token_type_embeddings"))?)
+            Some(candle_nn::embedding(
+                cfg.type_vocab_size,
+                h,
+                vb.pp("token_type_embeddings"),
+            )?)
         } else {
             None
         };

@@ -50,14 +50,29 @@ impl Seq2Seq {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
-        let shared: Embedding = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("shared"))?;
+        let shared: Embedding =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("shared"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(shared.embeddings().clone(), None)
         } else {
             candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
-        let encoder = Trunk::new(cfg, cfg.num_layers, false, false, shared.clone(), vb.pp("encoder"))?;
-        let decoder = Trunk::new(cfg, cfg.num_decoder_layers, true, true, shared, vb.pp("decoder"))?;
+        let encoder = Trunk::new(
+            cfg,
+            cfg.num_layers,
+            false,
+            false,
+            shared.clone(),
+            vb.pp("encoder"),
+        )?;
+        let decoder = Trunk::new(
+            cfg,
+            cfg.num_decoder_layers,
+            true,
+            true,
+            shared,
+            vb.pp("decoder"),
+        )?;
         Ok(Self {
             encoder,
             decoder,
@@ -76,7 +91,9 @@ impl Seq2Seq {
     /// # Shapes
     /// - `src`, `src_mask`: `(b, s)` -> hidden `(b, s, h)`
     pub fn encode(&self, src: &Tensor, src_mask: Option<&Tensor>, train: bool) -> Result<Encoded> {
-        let out = self.encoder.forward(src, None, src_mask, None, None, train, 0)?;
+        let out = self
+            .encoder
+            .forward(src, None, src_mask, None, None, train, 0)?;
         Ok(Encoded {
             hidden: out.hidden,
             mask: src_mask.cloned(),
@@ -112,7 +129,8 @@ impl Seq2Seq {
         logits_all.extend(dec.router_logits.iter().cloned());
         let masks = if src_mask.is_some() || tgt_mask.is_some() {
             let dev = logits.device();
-            let ones = |t: &Tensor| -> Result<Tensor> { Tensor::ones(t.elem_count(), DType::F32, dev) };
+            let ones =
+                |t: &Tensor| -> Result<Tensor> { Tensor::ones(t.elem_count(), DType::F32, dev) };
             let sm = match src_mask {
                 Some(m) => m.flatten_all()?.to_dtype(DType::F32)?,
                 None => ones(src)?,
@@ -155,7 +173,12 @@ impl Seq2Seq {
     ///
     /// # Shapes
     /// - `tgt_new`: `(b, t_new)` -> logits `(b, t_new, vocab)`
-    pub fn decode_step(&self, enc: &Encoded, tgt_new: &Tensor, cache: &mut DecodeCache) -> Result<Tensor> {
+    pub fn decode_step(
+        &self,
+        enc: &Encoded,
+        tgt_new: &Tensor,
+        cache: &mut DecodeCache,
+    ) -> Result<Tensor> {
         let dec = self.decoder.forward(
             tgt_new,
             None,
@@ -218,7 +241,10 @@ impl Seq2Seq {
         alpha: f64,
     ) -> Result<Vec<u32>> {
         if src.dim(0)? != 1 {
-            bail!("beam_search: one source sentence at a time, got batch {}", src.dim(0)?)
+            bail!(
+                "beam_search: one source sentence at a time, got batch {}",
+                src.dim(0)?
+            )
         }
         let beam = beam.max(1);
         let dev: Device = src.device().clone();
@@ -236,10 +262,16 @@ impl Seq2Seq {
                 router_logits: vec![],
                 routing: vec![],
             };
-            let last: Vec<u32> = hyps.iter().map(|(t, _)| *t.last().unwrap_or(&bos)).collect();
+            let last: Vec<u32> = hyps
+                .iter()
+                .map(|(t, _)| *t.last().unwrap_or(&bos))
+                .collect();
             let inp = Tensor::from_vec(last, (n, 1), &dev)?;
             let logits = self.decode_step(&enc, &inp, &mut cache)?.squeeze(1)?; // (n, vocab)
-            let logp = logits.broadcast_sub(&crate::router::logsumexp_last(&logits.to_dtype(DType::F32)?)?.to_dtype(logits.dtype())?)?;
+            let logp = logits.broadcast_sub(
+                &crate::router::logsumexp_last(&logits.to_dtype(DType::F32)?)?
+                    .to_dtype(logits.dtype())?,
+            )?;
             let logp: Vec<Vec<f32>> = logp.to_dtype(DType::F32)?.to_vec2()?;
             let mut cands: Vec<(usize, u32, f64)> = Vec::new();
             for (i, row) in logp.iter().enumerate() {
@@ -270,10 +302,19 @@ impl Seq2Seq {
                 .iter()
                 .map(|(t, sc)| sc / ((t.len() + 1) as f64).powf(alpha))
                 .fold(f64::NEG_INFINITY, f64::max);
-            let best_done = finished.iter().map(|f| f.1).fold(f64::NEG_INFINITY, f64::max);
-            if next.is_empty() || (finished.len() >= beam && best_done >= best_open) || step + 1 == max_len {
+            let best_done = finished
+                .iter()
+                .map(|f| f.1)
+                .fold(f64::NEG_INFINITY, f64::max);
+            if next.is_empty()
+                || (finished.len() >= beam && best_done >= best_open)
+                || step + 1 == max_len
+            {
                 if finished.is_empty() {
-                    finished.extend(next.iter().map(|(t, sc)| (t.clone(), sc / ((t.len() + 1) as f64).powf(alpha))));
+                    finished.extend(
+                        next.iter()
+                            .map(|(t, sc)| (t.clone(), sc / ((t.len() + 1) as f64).powf(alpha))),
+                    );
                 }
                 break;
             }
