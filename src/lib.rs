@@ -43,6 +43,7 @@ pub mod block;
 pub mod checkpoint;
 pub mod classic;
 pub mod config;
+pub mod data;
 pub mod dispatch;
 pub mod error;
 pub mod experts;
@@ -52,6 +53,7 @@ pub mod losses;
 pub mod models;
 pub mod moe;
 pub mod router;
+pub mod tasks;
 pub mod train;
 
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
