@@ -60,6 +60,18 @@ impl Expert {
         }
     }
 
+    /// Whether the projections carry biases.
+    pub fn has_bias(&self) -> bool {
+        self.w1.bias().is_some()
+    }
+
+    /// Whether any weight is a trainable variable (gradients may be needed).
+    pub fn is_trainable(&self) -> bool {
+        self.w1.weight().is_variable()
+            || self.w2.weight().is_variable()
+            || self.w3.as_ref().is_some_and(|w| w.weight().is_variable())
+    }
+
     /// The weights `(w1, w3, w2)`.
     pub fn weights(&self) -> (&Tensor, Option<&Tensor>, &Tensor) {
         (

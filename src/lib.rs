@@ -49,6 +49,7 @@ pub mod error;
 pub mod experts;
 pub mod generate;
 pub mod init;
+pub mod kernels;
 pub mod losses;
 pub mod models;
 pub mod moe;

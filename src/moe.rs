@@ -4,7 +4,7 @@
 //! expert, each expert run once on its contiguous segment, and one weighted combine back
 //! (see [`crate::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use crate::config::MoeConfig;
 use crate::dispatch::{self, PlanTensors};
 use crate::experts::{Experts, SharedExpert};
+use crate::kernels::{self, FusedExperts};
 use crate::losses;
 use crate::router::{NoiseKind, Router};
 
@@ -42,6 +43,9 @@ pub struct SparseMoe {
     experts: Experts,
     shared: Option<SharedExpert>,
     rng: Mutex<rand::rngs::StdRng>,
+    /// Fused inference weights, built on the first fast-path forward (frozen weights only).
+    fused: OnceLock<Option<Arc<FusedExperts>>>,
+    trainable: bool,
 }
 
 impl SparseMoe {
@@ -73,12 +77,15 @@ impl SparseMoe {
         } else {
             None
         };
+        let trainable = experts.experts().iter().any(|e| e.is_trainable());
         Ok(Self {
             cfg: cfg.clone(),
             router,
             experts,
             shared,
             rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
+            fused: OnceLock::new(),
+            trainable,
         })
     }
 
@@ -158,12 +165,21 @@ impl SparseMoe {
             .capacity_factor
             .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
         let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
-        let idx = PlanTensors::new(&plan, x.device())?;
-
-        let gathered = dispatch::gather(&x, &idx)?; // (n_kept, h)
-        let expert_out = self.experts.forward_segments(&gathered, &plan.offsets)?; // (n_kept, h)
-        let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
-        let mut y = dispatch::combine(&expert_out, &w, &idx, n)?; // (n, h)
+        let mut y = match self.fast_path(&x, train)? {
+            Some(fused) => {
+                // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
+                let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
+                let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
+                kernels::moe_cpu_forward(&x, &fused, &plan, &gate)? // (n, h)
+            }
+            None => {
+                let idx = PlanTensors::new(&plan, x.device())?;
+                let gathered = dispatch::gather(&x, &idx)?; // (n_kept, h)
+                let expert_out = self.experts.forward_segments(&gathered, &plan.offsets)?; // (n_kept, h)
+                let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
+                dispatch::combine(&expert_out, &w, &idx, n)? // (n, h)
+            }
+        };
         if let Some(shared) = &self.shared {
             y = (y + shared.forward(&x)?)?;
         }
@@ -189,6 +205,25 @@ impl SparseMoe {
             expert_counts: plan.counts(),
             dropped: plan.dropped,
         })
+    }
+
+    /// The fused weights when the CPU fast path applies: inference mode, f32 on CPU, and
+    /// neither the input nor the expert weights track gradients.
+    fn fast_path(&self, x: &Tensor, train: bool) -> Result<Option<Arc<FusedExperts>>> {
+        if train
+            || self.trainable
+            || x.track_op()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || std::env::var_os("CANDLE_MOE_NO_FAST_PATH").is_some()
+        {
+            return Ok(None);
+        }
+        if let Some(f) = self.fused.get() {
+            return Ok(f.clone());
+        }
+        let f = FusedExperts::new(&self.experts)?.map(Arc::new);
+        Ok(self.fused.get_or_init(|| f).clone())
     }
 
     fn noise(&self, shape: &[usize], kind: NoiseKind, like: &Tensor) -> Result<Tensor> {

@@ -115,10 +115,29 @@ fn every_configuration_matches_the_per_token_reference() {
                             ..Default::default()
                         };
                         let seed = (e * 1000 + k * 100 + renorm as usize * 10 + shared) as u64;
-                        let (vm, moe) = build(&cfg, seed, DType::F32);
+                        let (vm, trainable) = build(&cfg, seed, DType::F32);
+                        // The same weights frozen (not variables): the CPU fast path.
+                        let frozen = SparseMoe::new(
+                            &cfg,
+                            VarBuilder::from_tensors(
+                                candle_moe::checkpoint::varmap_tensors(&vm)
+                                    .unwrap()
+                                    .into_iter()
+                                    .map(|(k, v)| (k, v.detach()))
+                                    .collect(),
+                                DType::F32,
+                                &Device::Cpu,
+                            ),
+                        )
+                        .unwrap();
                         let mut rng = Rng::new(seed + 7);
                         // Both (b, t, h) and (n, h) inputs.
-                        for shape in [vec![2, 7, h], vec![13, h]] {
+                        for (shape, moe) in [
+                            (vec![2, 7, h], &trainable),
+                            (vec![13, h], &trainable),
+                            (vec![2, 7, h], &frozen),
+                            (vec![13, h], &frozen),
+                        ] {
                             let xs = rng.tensor(&shape, 1.0, DType::F32);
                             let out = moe.forward(&xs).unwrap();
                             assert_eq!(out.hidden_states.dims(), xs.dims());
@@ -154,7 +173,7 @@ fn every_configuration_matches_the_per_token_reference() {
             }
         }
     }
-    assert_eq!(checked, 2 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
+    assert_eq!(checked, 4 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
 }
 
 #[test]
