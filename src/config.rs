@@ -208,6 +208,8 @@ pub struct ModelConfig {
     pub dense_intermediate_size: usize,
     /// Which blocks are sparse: every `sparse_step`-th block (1 = all, 0 = none).
     pub sparse_step: usize,
+    /// Blocks that stay dense whatever `sparse_step` says (Qwen2-MoE `mlp_only_layers`).
+    pub mlp_only_layers: Vec<usize>,
     /// The sparse layer's configuration (its `hidden_size` must equal the model's).
     pub moe: MoeConfig,
     /// Number of classes of a sequence classifier.
@@ -247,6 +249,7 @@ impl ModelConfig {
             type_vocab_size: 0,
             dense_intermediate_size: 128,
             sparse_step: 1,
+            mlp_only_layers: vec![],
             moe: MoeConfig {
                 hidden_size: 64,
                 intermediate_size: 64,
@@ -270,7 +273,9 @@ impl ModelConfig {
 
     /// Whether block `layer` (0-based) has a sparse feed-forward.
     pub fn is_sparse_layer(&self, layer: usize) -> bool {
-        self.sparse_step > 0 && (layer + 1).is_multiple_of(self.sparse_step)
+        self.sparse_step > 0
+            && (layer + 1).is_multiple_of(self.sparse_step)
+            && !self.mlp_only_layers.contains(&layer)
     }
 
     /// Checks the configuration; the error names the offending field.

@@ -48,6 +48,7 @@ pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod hf;
 pub mod init;
 pub mod kernels;
 pub mod losses;
@@ -60,6 +61,7 @@ pub mod train;
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};
 pub use generate::{Sampler, SamplingConfig};
+pub use hf::LoadOptions;
 pub use models::{
     CausalLm, CausalLmOutput, ClassifierOutput, DecodeCache, LayerRouting, Seq2Seq, Seq2SeqOutput,
     SequenceClassifier,
