@@ -134,6 +134,9 @@ ENCLITIC_RE = re.compile(r"(?:me|te|se|nos|os|lo|la|los|las|le|les)+", re.I)
 NOT_VERB = {"éste", "no", "josué", "como", "que", "os", "ellos", "cuánto", "dios", "y",
             "de", "gentes", "jehová", "estaban"}
 SPACE_PAIRS = {("vi", "las")}   # Apocalipsis 20:4 "vi las almas"
+USFM_RE = re.compile(r"\\\+?[a-z]+[0-9]*\*?")
+LEMMA_RE = re.compile(r'lemma="([^"]*)"')
+STRONG_RE = re.compile(r"[GH][0-9]+")
 KEY_RE = re.compile(r"^\$\$\$(.+) (\d+):(\d+)$")
 
 
@@ -151,9 +154,31 @@ def clean_verse(raw):
     s = INLINE_TAG_RE.sub("", s)              # word-level markup: keep text
     s = ANY_TAG_RE.sub(" ", s)                # structural markup (div, l, lg, lb, title,
                                               # milestone, chapter, ...): keep text, space
+    s = USFM_RE.sub("", s)                    # stray USFM markers in KJV ("\\nd ", "\\+nd*")
     s = html.unescape(s)
     s = s.replace("\u00b6", " ")              # KJV pilcrow paragraph marks
     return " ".join(s.split())
+
+
+def strongs(raw):
+    """Set of Strong's numbers (e.g. "H0430", "G2316") in the verse's lemma attributes."""
+    raw = NOTE_RE.sub("", raw)
+    return {n for lem in LEMMA_RE.findall(raw) for n in STRONG_RE.findall(lem)}
+
+
+def jaccard(a, b):
+    return len(a & b) / len(a | b) if (a or b) else 0.0
+
+
+# Misalignment filter: in a few chapters the RV1909 module's verse numbers are
+# shifted against KJV versification (e.g. Numbers 13, Jonah 2, Job 39-40).
+# A pair is dropped if both verses carry Strong's numbers, the Jaccard overlap of
+# the two Strong's sets is < ALIGN_MAX_OWN, and some other KJV verse of the same
+# book at most ALIGN_WINDOW verses away (in file order) overlaps the Spanish
+# verse by more than own + ALIGN_MARGIN.
+ALIGN_WINDOW = 8
+ALIGN_MAX_OWN = 0.3
+ALIGN_MARGIN = 0.15
 
 
 def parse_imp(text):
@@ -202,19 +227,36 @@ def bible_split(book):
 
 
 def build_bible(kjv_imp, sparv_imp):
-    en = {}
+    en, en_sn = {}, {}
     order = []
     for book, c, v, raw in parse_imp(export_module(KJV_MODULE, kjv_imp)):
         en[(book, c, v)] = clean_verse(raw)
+        en_sn[(book, c, v)] = strongs(raw)
         order.append((book, c, v))
-    es = {}
+    es, es_sn = {}, {}
     for book, c, v, raw in parse_imp(export_module(SPARV_MODULE, sparv_imp)):
         es[(book, c, v)] = clean_verse(raw)
+        es_sn[(book, c, v)] = strongs(raw)
+
+    def misaligned(i):
+        k = order[i]
+        a, b = en_sn[k], es_sn.get(k, set())
+        if not a or not b:
+            return False
+        own = jaccard(a, b)
+        if own >= ALIGN_MAX_OWN:
+            return False
+        for t in range(max(0, i - ALIGN_WINDOW), min(len(order), i + ALIGN_WINDOW + 1)):
+            if t != i and order[t][0] == k[0] and jaccard(en_sn[order[t]], b) > own + ALIGN_MARGIN:
+                return True
+        return False
     rows = ["book\tchapter\tverse\ten\tes\n"]
     books = []
     stats = {"pairs": 0, "train": 0, "valid": 0, "test": 0,
-             "en_only_empty": 0, "es_only_empty": 0, "both_empty": 0, "missing_es": 0}
-    for k in order:
+             "en_only_empty": 0, "es_only_empty": 0, "both_empty": 0, "missing_es": 0,
+             "misaligned_dropped": 0}
+    dropped = []
+    for i, k in enumerate(order):
         e = en[k]
         s = es.get(k)
         if s is None:
@@ -224,6 +266,10 @@ def build_bible(kjv_imp, sparv_imp):
             stats["both_empty" if not e and not s else
                   ("en_only_empty" if not e else "es_only_empty")] += 1
             continue
+        if misaligned(i):
+            stats["misaligned_dropped"] += 1
+            dropped.append(k)
+            continue
         book, c, v = k
         if not books or books[-1] != book:
             books.append(book)
@@ -231,6 +277,7 @@ def build_bible(kjv_imp, sparv_imp):
         stats["pairs"] += 1
         stats[bible_split(book)] += 1
     stats["books"] = books
+    stats["dropped"] = dropped
     for b in BIBLE_TEST + BIBLE_VALID:
         assert b in books, b
     return "".join(rows), stats
@@ -310,9 +357,13 @@ def main():
         text, st = build_bible(a.kjv_imp, a.sparv_imp)
         write_gz(os.path.join(a.out, "bible_en_es.tsv.gz"), text)
         for k, v in st.items():
-            if k != "books":
+            if k not in ("books", "dropped"):
                 print(f"  bible {k}: {v}")
         print(f"  bible books ({len(st['books'])}): {'; '.join(st['books'])}")
+        per_ch = {}
+        for b, c, v in st["dropped"]:
+            per_ch[f"{b} {c}"] = per_ch.get(f"{b} {c}", 0) + 1
+        print("  bible misaligned dropped per chapter: " + "; ".join(f"{k}: {n}" for k, n in per_ch.items()))
     if "sentiment" in todo:
         text, st = build_sentiment(a.vader_sdist)
         write_gz(os.path.join(a.out, "sentiment.tsv.gz"), text)

@@ -131,12 +131,15 @@ pub fn resolve(source: &str, opts: &LoadOptions) -> Result<Resolved> {
 }
 
 #[cfg(feature = "hub")]
+type Fetch = dyn Fn(&str) -> Result<Option<PathBuf>>;
+
+#[cfg(feature = "hub")]
 fn resolve_hub(id: &str, opts: &LoadOptions) -> Result<Resolved> {
     use hf_hub::{Repo, RepoType};
     let rev = opts.revision.clone().unwrap_or_else(|| "main".to_string());
     let repo = Repo::with_revision(id.to_string(), RepoType::Model, rev.clone());
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
-    let fetch: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline {
+    let fetch: Box<Fetch> = if offline {
         let cache = hf_hub::Cache::from_env().repo(repo);
         Box::new(move |f: &str| Ok(cache.get(f)))
     } else {

@@ -60,7 +60,7 @@ pub fn load_balancing_loss(
         bail!("load_balancing_loss: top_k = {top_k} must be in 1..={num_experts}")
     }
     let probs = softmax_last(&logits)?;
-    let ids = probs
+    let ids = logits
         .arg_sort_last_dim(false)?
         .narrow(1, 0, top_k)?
         .contiguous()?;

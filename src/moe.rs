@@ -187,7 +187,7 @@ impl SparseMoe {
         let lb_ids = if train && self.cfg.noisy_gating {
             // The loss counts the clean top-k choices, as transformers does.
             routed
-                .probs
+                .logits
                 .arg_sort_last_dim(false)?
                 .narrow(1, 0, self.cfg.top_k)?
                 .contiguous()?

@@ -135,17 +135,19 @@ impl Router {
         let w = self.gate.weight().to_dtype(dt)?;
         let logits = x.matmul(&w.t()?)?; // (n, E)
         let probs = softmax_last(&logits)?;
-        let scores = match (&self.noise, train) {
+        // Rank by the (noisy) logits, not the probabilities: they order the same, and the
+        // logits cannot tie where the softmax underflows to zero.
+        let (scores, order_by) = match (&self.noise, train) {
             (Some(noise_proj), true) => {
                 let wn = noise_proj.weight().to_dtype(dt)?;
                 let std = softplus(&x.matmul(&wn.t()?)?)?; // (n, E)
                 let eps = noise(std.dims(), NoiseKind::Normal)?.to_dtype(dt)?;
                 let h = (&logits + (std * eps)?)?;
-                softmax_last(&h)?
+                (softmax_last(&h)?, h)
             }
-            _ => probs.clone(),
+            _ => (probs.clone(), logits.clone()),
         };
-        let (weights, experts) = self.top_k(&scores)?;
+        let (weights, experts) = self.top_k(&scores, &order_by)?;
         Ok(RouterOutput {
             logits,
             probs,
@@ -154,9 +156,9 @@ impl Router {
         })
     }
 
-    /// Picks the top-k of `scores` `(n, E)`: weights `(n, k)` (renormalised if configured) and
+    /// Picks the top-k of `scores` `(n, E)` (ranked by `order_by`, the matching logits): weights `(n, k)` (renormalised if configured) and
     /// expert ids `(n, k)`.
-    fn top_k(&self, scores: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn top_k(&self, scores: &Tensor, order_by: &Tensor) -> Result<(Tensor, Tensor)> {
         let (weights, experts) = if self.top_k == self.num_experts {
             // Dense gating: every expert, in id order (no sort needed).
             let n = scores.dim(0)?;
@@ -166,7 +168,7 @@ impl Router {
                 .contiguous()?;
             (scores.clone(), ids)
         } else {
-            let order = scores.arg_sort_last_dim(false)?; // (n, E) descending
+            let order = order_by.arg_sort_last_dim(false)?; // (n, E) descending
             let ids = order.narrow(1, 0, self.top_k)?.contiguous()?; // (n, k)
             (scores.gather(&ids, 1)?, ids)
         };

@@ -298,7 +298,7 @@ pub(crate) fn pool_aux(
         Tensor::cat(logits, 0)?
     };
     let probs = crate::router::softmax_last(&all)?;
-    let ids = probs
+    let ids = all
         .arg_sort_last_dim(false)?
         .narrow(1, 0, cfg.moe.top_k)?
         .contiguous()?;
