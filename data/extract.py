@@ -171,14 +171,72 @@ def jaccard(a, b):
 
 
 # Misalignment filter: in a few chapters the RV1909 module's verse numbers are
-# shifted against KJV versification (e.g. Numbers 13, Jonah 2, Job 39-40).
-# A pair is dropped if both verses carry Strong's numbers, the Jaccard overlap of
-# the two Strong's sets is < ALIGN_MAX_OWN, and some other KJV verse of the same
-# book at most ALIGN_WINDOW verses away (in file order) overlaps the Spanish
-# verse by more than own + ALIGN_MARGIN.
-ALIGN_WINDOW = 8
-ALIGN_MAX_OWN = 0.3
-ALIGN_MARGIN = 0.15
+# shifted against KJV versification (e.g. Numbers 13, Jonah 2, Job 39-40), so
+# joining on the key would pair different verses. Both modules tag words with
+# Strong's numbers, so per book we compute a monotone alignment (banded
+# Needleman-Wunsch / dynamic programming) between the KJV verse sequence and the
+# RV1909 verse sequence (both in file order):
+#   match score(i, j) = Jaccard(Strong's(en_i), Strong's(es_j))   if both sets non-empty
+#                     = ALIGN_NEUTRAL                              if a set is empty but both texts are not
+#                     = 0                                          if either text is empty
+#   gap (skip one verse on either side) = -ALIGN_GAP;  band |i - j| <= ALIGN_BAND
+# Ties are broken in the order match, skip-en, skip-es. A pair (key k) is kept
+# only if the optimal alignment matches the KJV verse k with the RV1909 verse k.
+ALIGN_GAP = 0.2
+ALIGN_BAND = 12
+ALIGN_NEUTRAL = 0.3
+
+
+def aligned_same_key(keys, en_sn, es_sn, en_tx, es_tx):
+    """Return the set of keys whose verses the alignment pairs with themselves."""
+    kept = set()
+    books = []
+    for k in keys:
+        if not books or books[-1][0] != k[0]:
+            books.append((k[0], []))
+        books[-1][1].append(k)
+    for _, ks in books:
+        n = len(ks)
+
+        def score(i, j):
+            if not en_tx[ks[i]] or not es_tx.get(ks[j]):
+                return 0.0
+            a, b = en_sn[ks[i]], es_sn.get(ks[j], set())
+            if not a or not b:
+                return ALIGN_NEUTRAL
+            return jaccard(a, b)
+
+        dp = {(0, 0): 0.0}
+        back = {}
+        for i in range(n + 1):
+            for j in range(max(0, i - ALIGN_BAND), min(n, i + ALIGN_BAND) + 1):
+                if i == 0 and j == 0:
+                    continue
+                best, arg = None, None
+                if i > 0 and j > 0 and (i - 1, j - 1) in dp:
+                    best, arg = dp[(i - 1, j - 1)] + score(i - 1, j - 1), "m"
+                if i > 0 and (i - 1, j) in dp:
+                    v = dp[(i - 1, j)] - ALIGN_GAP
+                    if best is None or v > best:
+                        best, arg = v, "e"
+                if j > 0 and (i, j - 1) in dp:
+                    v = dp[(i, j - 1)] - ALIGN_GAP
+                    if best is None or v > best:
+                        best, arg = v, "s"
+                dp[(i, j)] = best
+                back[(i, j)] = arg
+        i = j = n
+        while i > 0 or j > 0:
+            arg = back[(i, j)]
+            if arg == "m":
+                if i == j:
+                    kept.add(ks[i - 1])
+                i, j = i - 1, j - 1
+            elif arg == "e":
+                i -= 1
+            else:
+                j -= 1
+    return kept
 
 
 def parse_imp(text):
@@ -238,18 +296,8 @@ def build_bible(kjv_imp, sparv_imp):
         es[(book, c, v)] = clean_verse(raw)
         es_sn[(book, c, v)] = strongs(raw)
 
-    def misaligned(i):
-        k = order[i]
-        a, b = en_sn[k], es_sn.get(k, set())
-        if not a or not b:
-            return False
-        own = jaccard(a, b)
-        if own >= ALIGN_MAX_OWN:
-            return False
-        for t in range(max(0, i - ALIGN_WINDOW), min(len(order), i + ALIGN_WINDOW + 1)):
-            if t != i and order[t][0] == k[0] and jaccard(en_sn[order[t]], b) > own + ALIGN_MARGIN:
-                return True
-        return False
+    same = aligned_same_key(order, en_sn, es_sn, en, es)
+
     rows = ["book\tchapter\tverse\ten\tes\n"]
     books = []
     stats = {"pairs": 0, "train": 0, "valid": 0, "test": 0,
@@ -266,7 +314,7 @@ def build_bible(kjv_imp, sparv_imp):
             stats["both_empty" if not e and not s else
                   ("en_only_empty" if not e else "es_only_empty")] += 1
             continue
-        if misaligned(i):
+        if k not in same:
             stats["misaligned_dropped"] += 1
             dropped.append(k)
             continue
