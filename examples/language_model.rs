@@ -32,7 +32,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 800)]
     steps: usize,
     /// Seed (init, batches, sampling).
     #[arg(long, default_value_t = 42)]
@@ -77,7 +77,7 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     expert_ffn: usize,
     /// BPE vocabulary size.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 1024)]
     vocab: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]

@@ -67,6 +67,12 @@ struct Args {
     vocab: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Start from a dense BERT-family checkpoint (local folder or hub id), e.g. all-MiniLM-L6-v2.
+    #[arg(long)]
+    init: Option<String>,
+    /// With --init: sparse-upcycle every feed-forward into this many experts (0 = dense fine-tune).
+    #[arg(long, default_value_t = 0)]
+    upcycle_experts: usize,
 }
 
 fn main() {
@@ -99,7 +105,10 @@ fn run() -> Result<()> {
         let rows = sentiment::load_eval_tsv(file)?;
         let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         let gold: Vec<u32> = rows.iter().map(|r| r.1).collect();
-        let pad = tokenizer::special_id(&tok, "<pad>")?;
+        let pad = match tok.token_to_id("[PAD]") {
+            Some(p) => p,
+            None => tokenizer::special_id(&tok, "<pad>")?,
+        };
         let pred = classify::predict(&model, &encode_all(&tok, &texts)?, 64, a.max_len, pad, &dev)?;
         let (acc, f1) = classify::accuracy_f1(&pred, &gold);
         println!("examples: {}", rows.len());
@@ -127,16 +136,60 @@ fn run() -> Result<()> {
         !train.is_empty() && !test.is_empty(),
         "need train and test examples"
     );
-    let tok = match (&a.tokenizer, &a.resume) {
-        (Some(p), _) => tokenizer::load(p)?,
-        (None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
-        (None, None) => tokenizer::train_bpe(train.iter().map(|e| e.text.as_str()), a.vocab)?,
+    let mut bert_tok = None;
+    let mut init_model = None;
+    if let Some(src) = &a.init {
+        let dense = candle_moe::upcycle::load_bert(
+            src,
+            2,
+            &candle_moe::LoadOptions {
+                device: dev.clone(),
+                ..Default::default()
+            },
+        )?;
+        let tok = dense
+            .tokenizer
+            .clone()
+            .context("the --init checkpoint has no tokenizer.json")?;
+        bert_tok = Some(tok);
+        init_model = Some(if a.upcycle_experts > 0 {
+            let (m, vm, cfg) =
+                candle_moe::upcycle::upcycle(&dense, a.upcycle_experts, a.top_k, 0.01, a.seed)?;
+            println!(
+                "upcycled {src}: {} experts (top-{}) per layer, copies of the dense FFN",
+                a.upcycle_experts, a.top_k
+            );
+            (m, vm, cfg)
+        } else {
+            println!("fine-tuning the dense {src}");
+            (dense.model, dense.varmap, dense.config)
+        });
+    }
+    let specials = bert_tok.is_some();
+    let tok = match (&bert_tok, &a.tokenizer, &a.resume) {
+        (Some(t), _, _) => t.clone(),
+        (None, Some(p), _) => tokenizer::load(p)?,
+        (None, None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
+        (None, None, None) => tokenizer::train_bpe(train.iter().map(|e| e.text.as_str()), a.vocab)?,
     };
-    let pad = tokenizer::special_id(&tok, "<pad>")?;
+    let pad = if specials {
+        tok.token_to_id("[PAD]").unwrap_or(0)
+    } else {
+        tokenizer::special_id(&tok, "<pad>")?
+    };
+    let encode = |t: &str| -> Result<Vec<u32>> {
+        if specials {
+            Ok(tok
+                .encode(t, true)
+                .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?
+                .get_ids()
+                .to_vec())
+        } else {
+            Ok(tokenizer::encode(&tok, t)?)
+        }
+    };
     let ids = |xs: &[&sentiment::Example]| -> Result<Vec<(Vec<u32>, u32)>> {
-        xs.iter()
-            .map(|e| Ok((tokenizer::encode(&tok, &e.text)?, e.label)))
-            .collect()
+        xs.iter().map(|e| Ok((encode(&e.text)?, e.label))).collect()
     };
     let (train_ids, valid_ids, test_ids) = (ids(&train)?, ids(&valid)?, ids(&test)?);
     println!(
@@ -146,9 +199,14 @@ fn run() -> Result<()> {
         test_ids.len(),
         tok.get_vocab_size(true)
     );
-    let cfg = match &a.resume {
-        Some(r) => ModelConfig::from_file(r.join("config.json"))?,
-        None => {
+    let (model, vm, cfg) = match (init_model, &a.resume) {
+        (Some(m), _) => m,
+        (None, Some(r)) => {
+            let cfg = ModelConfig::from_file(r.join("config.json"))?;
+            let (m, vm) = SequenceClassifier::load(r, DType::F32, &dev)?;
+            (m, vm, cfg)
+        }
+        (None, None) => {
             let mut c = ModelConfig::tiny(tok.get_vocab_size(true));
             c.hidden_size = a.hidden;
             c.num_layers = a.layers;
@@ -163,16 +221,10 @@ fn run() -> Result<()> {
             c.sparse_step = if a.dense { 0 } else { 1 };
             c.num_labels = 2;
             c.pad_token_id = Some(pad);
-            c
-        }
-    };
-    let (model, vm) = match &a.resume {
-        Some(r) => SequenceClassifier::load(r, DType::F32, &dev)?,
-        None => {
             let vm = VarMap::new();
-            let m = SequenceClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+            let m = SequenceClassifier::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
             candle_moe::init::reseed_varmap(&vm, a.seed)?;
-            (m, vm)
+            (m, vm, c)
         }
     };
     let mut trainer = Trainer::new(

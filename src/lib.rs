@@ -57,6 +57,7 @@ pub mod moe;
 pub mod router;
 pub mod tasks;
 pub mod train;
+pub mod upcycle;
 
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};

@@ -68,6 +68,30 @@ impl SequenceClassifier {
         self.forward_t(input_ids, None, attention_mask, false)
     }
 
+    /// The encoder's last hidden states `(b, t, h)` (BERT's `last_hidden_state`).
+    ///
+    /// # Shapes
+    /// - `input_ids`, `token_type_ids`, `attention_mask`: `(b, t)` -> `(b, t, h)`
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .trunk
+            .forward(
+                input_ids,
+                token_type_ids,
+                attention_mask,
+                None,
+                None,
+                false,
+                0,
+            )?
+            .hidden)
+    }
+
     /// The pooled encoder states `(b, h)` (before the head).
     pub fn encode(
         &self,
