@@ -148,6 +148,13 @@ pub fn cross_entropy(
             targets.dims1()?
         )
     }
+    let max_t = targets
+        .to_dtype(DType::U32)?
+        .max_all()?
+        .to_scalar::<u32>()?;
+    if (max_t as usize) >= c && ignore_index.is_none_or(|ig| max_t != ig) {
+        bail!("cross_entropy: target id {max_t} is out of range for {c} classes")
+    }
     let log_probs = logits.broadcast_sub(&logsumexp_last(&logits)?)?;
     match ignore_index {
         None => {

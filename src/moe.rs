@@ -159,6 +159,16 @@ impl SparseMoe {
         let mut noise = |shape: &[usize], kind: NoiseKind| self.noise(shape, kind, xs);
         let routed = self.router.forward_t(&x, train, &mut noise)?;
 
+        // One scalar read: NaN or Inf anywhere in the input shows up in the router logits.
+        let peak = routed
+            .logits
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        if !peak.is_finite() {
+            bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
+        }
         let ids = routed.experts.flatten_all()?.to_vec1::<u32>()?;
         let cap = self
             .cfg

@@ -435,6 +435,13 @@ impl Trainer {
             {
                 let v = eval()?;
                 self.state.evals.push((at, v));
+                if pb.as_ref().is_some_and(|p| p.is_hidden()) {
+                    // No terminal for the bar: keep a plain log line per evaluation.
+                    eprintln!(
+                        "step {at}/{}: train loss {:.4}, eval {v:.4}, lb {:.3}, balance {:.2}",
+                        self.cfg.steps, s.task, s.load_balancing, s.imbalance
+                    );
+                }
             }
             if !s.skipped
                 && self.cfg.checkpoint_every > 0

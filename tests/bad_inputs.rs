@@ -1,0 +1,426 @@
+//! A table of bad inputs across the public API and the example CLIs: each gives an error that
+//! names the cause (the CLIs exit non-zero with a one-line message), never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use candle_moe::{checkpoint, CausalLm, LoadOptions, ModelConfig, MoeConfig, SparseMoe};
+use candle_nn::{VarBuilder, VarMap};
+
+fn tiny() -> ModelConfig {
+    let mut c = ModelConfig::tiny(40);
+    c.hidden_size = 16;
+    c.moe.hidden_size = 16;
+    c.moe.intermediate_size = 16;
+    c.dense_intermediate_size = 16;
+    c.num_layers = 1;
+    c.max_position_embeddings = 16;
+    c
+}
+
+fn saved() -> (tempfile::TempDir, ModelConfig) {
+    let cfg = tiny();
+    let vm = VarMap::new();
+    CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    checkpoint::save(d.path(), &cfg, &vm, None).unwrap();
+    (d, cfg)
+}
+
+fn load_err(d: &Path) -> String {
+    match CausalLm::load(d, DType::F32, &Device::Cpu) {
+        Ok(_) => "loaded without error".into(),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn with_tensors(d: &Path, edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>)) {
+    let p = d.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    edit(&mut t);
+    candle_core::safetensors::save(&t, &p).unwrap();
+}
+
+fn model() -> CausalLm {
+    let vm = VarMap::new();
+    CausalLm::new(
+        &tiny(),
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap()
+}
+
+fn moe() -> SparseMoe {
+    let cfg = MoeConfig {
+        hidden_size: 8,
+        intermediate_size: 8,
+        num_experts: 4,
+        top_k: 2,
+        ..Default::default()
+    };
+    let vm = VarMap::new();
+    SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap()
+}
+
+fn example(name: &str) -> PathBuf {
+    // tests run from target/<profile>/deps; cargo test builds the examples beside them.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+/// Runs an example; returns (exit code, stderr).
+fn cli(name: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(example(name)).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_table() {
+    let d = &Device::Cpu;
+    let mut cases: Vec<(&str, String, &str)> = vec![];
+
+    // --- checkpoints ---
+    let (dir, _) = saved();
+    let w = dir.path().join("model.safetensors");
+    let good = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &good[..good.len() - 100]).unwrap();
+    cases.push((
+        "truncated safetensors",
+        load_err(dir.path()),
+        "model.safetensors",
+    ));
+    let mut bad = good.clone();
+    bad[8..40].fill(b'!');
+    std::fs::write(&w, &bad).unwrap();
+    cases.push((
+        "corrupted safetensors header",
+        load_err(dir.path()),
+        "not a valid safetensors",
+    ));
+    std::fs::write(&w, &good).unwrap();
+    with_tensors(dir.path(), |t| {
+        let k = "model.norm.weight".to_string();
+        let v = t[&k].to_dtype(DType::U8).unwrap();
+        t.insert(k, v);
+    });
+    cases.push((
+        "wrong-dtype tensor",
+        load_err(dir.path()),
+        "`model.norm.weight` has dtype U8",
+    ));
+    std::fs::write(&w, &good).unwrap();
+    with_tensors(dir.path(), |t| {
+        t.insert(
+            "model.norm.weight".into(),
+            Tensor::zeros(7, DType::F32, d).unwrap(),
+        );
+    });
+    cases.push((
+        "wrong-shape tensor",
+        load_err(dir.path()),
+        "`model.norm.weight` has shape [7]",
+    ));
+    std::fs::write(&w, &good).unwrap();
+    with_tensors(dir.path(), |t| {
+        t.remove("model.embed_tokens.weight");
+    });
+    cases.push((
+        "missing tensor",
+        load_err(dir.path()),
+        "missing tensor `model.embed_tokens.weight`",
+    ));
+    std::fs::write(&w, &good).unwrap();
+
+    // --- configs ---
+    let cfgp = dir.path().join("config.json");
+    let good_cfg = std::fs::read_to_string(&cfgp).unwrap();
+    std::fs::write(&cfgp, "{\"vocab_size\": 40,").unwrap();
+    cases.push((
+        "malformed config.json",
+        load_err(dir.path()),
+        "malformed JSON in",
+    ));
+    std::fs::write(
+        &cfgp,
+        good_cfg.replace("\"num_kv_heads\": 2", "\"num_kv_heads\": 3"),
+    )
+    .unwrap();
+    cases.push((
+        "contradictory config (heads)",
+        load_err(dir.path()),
+        "num_kv_heads",
+    ));
+    std::fs::write(&cfgp, good_cfg.replace("\"top_k\": 2", "\"top_k\": 9")).unwrap();
+    cases.push((
+        "config top_k > experts",
+        load_err(dir.path()),
+        "top_k (9) must be <= num_experts (4)",
+    ));
+    std::fs::write(&cfgp, &good_cfg).unwrap();
+    let e = MoeConfig {
+        top_k: 9,
+        num_experts: 8,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    cases.push(("MoeConfig top_k > experts", e, "top_k"));
+    let hf = dir.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(hf.join("config.json"), "{\"model_type\": \"gpt2\"}").unwrap();
+    std::fs::write(hf.join("model.safetensors"), &good).unwrap();
+    let e = CausalLm::from_pretrained(hf.to_str().unwrap(), &LoadOptions::default())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    cases.push(("unknown HF model_type", e, "unknown model_type `gpt2`"));
+
+    // --- tokenizer ---
+    let tp = dir.path().join("tokenizer.json");
+    std::fs::write(&tp, "{ not json").unwrap();
+    let e = candle_moe::data::tokenizer::load(&tp)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    cases.push(("malformed tokenizer.json", e, "tokenizer.json"));
+
+    // --- model inputs ---
+    let m = model();
+    let err = |x: Tensor| {
+        m.forward(&x)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    cases.push((
+        "token id >= vocab",
+        err(Tensor::new(&[[1u32, 40]], d).unwrap()),
+        "token id 40 is out of range for vocab_size 40",
+    ));
+    cases.push((
+        "empty batch",
+        err(Tensor::zeros((0, 4), DType::U32, d).unwrap()),
+        "empty batch",
+    ));
+    cases.push((
+        "empty sequence",
+        err(Tensor::zeros((2, 0), DType::U32, d).unwrap()),
+        "empty batch",
+    ));
+    cases.push((
+        "sequence too long",
+        err(Tensor::zeros((1, 17), DType::U32, d).unwrap()),
+        "exceeds the model's max_position_embeddings 16",
+    ));
+    cases.push((
+        "float token ids",
+        err(Tensor::zeros((1, 3), DType::F32, d).unwrap()),
+        "integer token ids",
+    ));
+    cases.push((
+        "rank-3 token ids",
+        err(Tensor::zeros((1, 3, 1), DType::U32, d).unwrap()),
+        "(batch, seq)",
+    ));
+
+    // --- layer inputs ---
+    let l = moe();
+    let lerr = |x: Tensor| {
+        l.forward(&x)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let nan = Tensor::new(&[[1f32, f32::NAN, 0., 0., 0., 0., 0., 0.]], d).unwrap();
+    cases.push((
+        "NaN in layer input",
+        lerr(nan),
+        "non-finite values (NaN or Inf)",
+    ));
+    let inf = Tensor::new(&[[1f32, f32::INFINITY, 0., 0., 0., 0., 0., 0.]], d).unwrap();
+    cases.push((
+        "Inf in layer input",
+        lerr(inf),
+        "non-finite values (NaN or Inf)",
+    ));
+    cases.push((
+        "wrong hidden size",
+        lerr(Tensor::zeros((2, 5), DType::F32, d).unwrap()),
+        "hidden size 5",
+    ));
+    cases.push((
+        "rank-1 layer input",
+        lerr(Tensor::zeros(8, DType::F32, d).unwrap()),
+        "shape [8]",
+    ));
+
+    // --- losses ---
+    let e = candle_moe::losses::cross_entropy(
+        &Tensor::zeros((2, 3), DType::F32, d).unwrap(),
+        &Tensor::new(&[0u32, 5], d).unwrap(),
+        None,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    cases.push((
+        "target id out of range",
+        e,
+        "target id 5 is out of range for 3 classes",
+    ));
+
+    // --- data files ---
+    let bad_tsv = dir.path().join("bad.tsv");
+    std::fs::write(&bad_tsv, "some text without a label\n").unwrap();
+    let e = candle_moe::data::sentiment::load_eval_tsv(&bad_tsv)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    cases.push((
+        "data file with a malformed line",
+        e,
+        "bad.tsv, line 1: expected `text<TAB>label`",
+    ));
+
+    // --- output directory that cannot be written ---
+    let blocker = dir.path().join("a_file");
+    std::fs::write(&blocker, "x").unwrap();
+    let vm = VarMap::new();
+    CausalLm::new(&tiny(), VarBuilder::from_varmap(&vm, DType::F32, d)).unwrap();
+    let e = checkpoint::save(&blocker.join("sub"), &tiny(), &vm, None)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    cases.push(("unwritable output directory", e, "a_file/sub"));
+
+    for (name, msg, needle) in &cases {
+        assert!(
+            msg.contains(needle),
+            "case `{name}`: error `{msg}` should contain `{needle}`"
+        );
+    }
+    assert!(cases.len() >= 20, "{} cases", cases.len());
+}
+
+#[test]
+fn example_clis_fail_with_one_line_and_no_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let bad_tsv = tmp.path().join("eval.tsv");
+    std::fs::write(&bad_tsv, "good movie\t1\nbad line without label\n").unwrap();
+    let bad_corpus = tmp.path().join("corpus.txt");
+    std::fs::write(&bad_corpus, "text before any header\n").unwrap();
+    // A classifier directory whose tokenizer.json has another vocabulary size than the model.
+    let d = tempfile::tempdir().unwrap();
+    let mut ccfg = tiny();
+    ccfg.num_labels = 2;
+    let vm = VarMap::new();
+    candle_moe::SequenceClassifier::new(
+        &ccfg,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(50);
+    let tok = candle_moe::data::tokenizer::train_bpe(std::iter::once(text.as_str()), 300).unwrap();
+    let tj = candle_moe::data::tokenizer::to_json(&tok).unwrap();
+    checkpoint::save(d.path(), &ccfg, &vm, Some(&tj)).unwrap();
+    let runs: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "language_model",
+            vec!["--device".into(), "tpu".into()],
+            "unknown device `tpu`",
+        ),
+        (
+            "language_model",
+            vec![
+                "--data".into(),
+                bad_corpus.display().to_string(),
+                "--out".into(),
+                tmp.path().join("o1").display().to_string(),
+            ],
+            "line 1",
+        ),
+        (
+            "language_model",
+            vec!["--out".into(), blocker.join("sub").display().to_string()],
+            "cannot create output directory",
+        ),
+        (
+            "language_model",
+            vec![
+                "--generate".into(),
+                "hi".into(),
+                "--out".into(),
+                tmp.path().join("nothing").display().to_string(),
+            ],
+            "config.json",
+        ),
+        (
+            "sentiment",
+            vec![
+                "--model".into(),
+                tmp.path().join("missing").display().to_string(),
+                "--eval-file".into(),
+                bad_tsv.display().to_string(),
+            ],
+            "config.json",
+        ),
+        (
+            "sentiment",
+            vec![
+                "--model".into(),
+                d.path().display().to_string(),
+                "--eval-file".into(),
+                bad_tsv.display().to_string(),
+            ],
+            "but the model's vocab_size is 40",
+        ),
+        (
+            "translation",
+            vec![
+                "--data".into(),
+                bad_tsv.display().to_string(),
+                "--out".into(),
+                tmp.path().join("o2").display().to_string(),
+            ],
+            "line 1",
+        ),
+    ];
+    for (ex, args, needle) in runs {
+        if !example(ex).exists() {
+            panic!(
+                "example binary {} not built (run cargo test, which builds examples)",
+                example(ex).display()
+            );
+        }
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (code, stderr) = cli(ex, &args);
+        assert_ne!(code, 0, "{ex} {args:?} should fail");
+        assert!(
+            !stderr.contains("panicked"),
+            "{ex} {args:?} panicked: {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{ex} {args:?}: expected one line, got {stderr}"
+        );
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(needle),
+            "{ex} {args:?}: `{}` should contain `{needle}`",
+            lines[0]
+        );
+    }
+}
