@@ -27,7 +27,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 1200)]
     steps: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
