@@ -227,21 +227,33 @@ pub struct StepStats {
     /// Step index (1-based after the update).
     pub step: usize,
     /// Total loss.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub loss: f64,
     /// Task loss.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub task: f64,
     /// Load-balancing loss (unscaled).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub load_balancing: f64,
     /// Router z-loss (unscaled).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub z_loss: f64,
     /// Learning rate used.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub lr: f64,
     /// Global gradient norm before clipping.
+    #[serde(deserialize_with = "f64_or_nan")]
     pub grad_norm: f64,
     /// Mean over sparse layers of max/min expert load (1 = perfectly balanced).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub imbalance: f64,
     /// Whether the update was skipped (non-finite loss or gradient).
     pub skipped: bool,
+}
+
+/// Non-finite values are written as JSON `null`; read them back as NaN.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Saved between runs to resume exactly.
@@ -351,8 +363,9 @@ impl Trainer {
                 self.nonfinite_in_row += 1;
                 self.state.skipped_total += 1;
                 if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row {
+                    self.state.history.push(stats.clone());
                     return Err(Error::Config(format!(
-                        "training stopped: {} non-finite steps in a row (loss {loss}, grad norm {}) at step {}",
+                        "training stopped: {} non-finite steps in a row (loss {loss}, grad norm {}) at step {}; the last checkpoint is untouched",
                         self.nonfinite_in_row, stats.grad_norm, self.state.step
                     )));
                 }
