@@ -320,8 +320,8 @@ fn run() -> Result<()> {
     )];
     if !a.dense {
         panels.push((
-            "expert load balance (mean over layers of max/min expert load per batch)",
-            "max/min",
+            "expert load balance (mean over layers of max/mean expert load per batch)",
+            "max/mean",
             vec![Series {
                 name: "imbalance".into(),
                 points: smooth(&|s| s.imbalance.min(50.0)),

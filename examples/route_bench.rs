@@ -7,6 +7,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -17,8 +19,48 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use common::{main_wrapper, print_table};
 
+/// mimalloc with a byte counter, to measure the peak memory of one forward.
+struct Counting;
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: forwards to mimalloc with the caller's layout.
+        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        if !p.is_null() {
+            let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: `p` came from `alloc` above with this layout.
+        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: forwards to mimalloc; `p` came from this allocator with layout `l`.
+        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        if !q.is_null() {
+            CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
+            let now = CURRENT.fetch_add(new, Ordering::Relaxed) + new;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        q
+    }
+}
+
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Counting = Counting;
+
+/// Extra bytes allocated at the peak of `f` (above what was live before it).
+fn peak_bytes(f: impl FnOnce() -> Result<()>) -> Result<usize> {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    f()?;
+    Ok(PEAK.load(Ordering::Relaxed) - base)
+}
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -46,6 +88,10 @@ struct Args {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also compare a 1-layer Mixtral-shaped `CausalLm` prefill with candle-transformers'
+    /// `mixtral::Model` on the same weights.
+    #[arg(long)]
+    model: bool,
 }
 
 fn sync(dev: &Device) -> Result<()> {
@@ -185,6 +231,14 @@ fn run() -> Result<()> {
             format!("{:.2}", max / min.max(1.0)),
             format!("{:.2}-{:.2}x", m.1 / d.2, m.2 / d.1),
         ];
+        let mem_m = peak_bytes(|| Ok(moe.forward(&xs).map(|_| ())?))?;
+        let mem_d = peak_bytes(|| Ok(dense.forward(&xs_dense).map(|_| ())?))?;
+        row.push(format!(
+            "{:.1}/{:.1} MB ({:.2}x)",
+            mem_m as f64 / 1e6,
+            mem_d as f64 / 1e6,
+            mem_m as f64 / mem_d as f64
+        ));
         if a.backward {
             let mvm = VarMap::new();
             let mt = SparseMoe::new(&cfg, VarBuilder::from_varmap(&mvm, dtype, &dev))?;
@@ -231,11 +285,93 @@ fn run() -> Result<()> {
             "router share",
             "load max/min",
             "MoE/dense range",
+            "peak mem MoE/dense",
         ];
         if a.backward {
             header.push("fwd+bwd MoE/dense");
         }
         print_table(&header, &rows);
     }
+    if a.model {
+        whole_model(&a, &dev)?;
+    }
+    Ok(())
+}
+
+/// 1-layer Mixtral-shaped prefill: `CausalLm` against candle-transformers' `mixtral::Model`.
+fn whole_model(a: &Args, dev: &Device) -> Result<()> {
+    use candle_moe::{CausalLm, ModelConfig};
+    let vocab = 1000;
+    let mut cfg = ModelConfig::tiny(vocab);
+    cfg.hidden_size = a.hidden;
+    cfg.num_layers = 1;
+    cfg.num_heads = 8;
+    cfg.num_kv_heads = 2;
+    cfg.max_position_embeddings = 4096;
+    cfg.rope_theta = 1e6;
+    cfg.tie_word_embeddings = false;
+    cfg.moe.hidden_size = a.hidden;
+    cfg.moe.intermediate_size = a.ffn;
+    cfg.moe.num_experts = a.experts;
+    cfg.moe.top_k = a.top_k;
+    let vm = VarMap::new();
+    let _ = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    candle_moe::init::reseed_varmap(&vm, 3)?;
+    let ts: std::collections::HashMap<String, Tensor> =
+        candle_moe::checkpoint::varmap_tensors(&vm)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(dev)?.detach())))
+            .collect::<Result<_>>()?;
+    let ours = CausalLm::new(&cfg, VarBuilder::from_tensors(ts.clone(), DType::F32, dev))?;
+    let ct_cfg: candle_transformers::models::mixtral::Config = serde_json::from_value(
+        serde_json::json!({
+            "vocab_size": vocab, "hidden_size": a.hidden, "intermediate_size": a.ffn, "num_hidden_layers": 1,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": 1e6, "sliding_window": 4096, "num_experts_per_tok": a.top_k,
+            "num_local_experts": a.experts, "use_flash_attn": false
+        }),
+    )?;
+    let mut rows = vec![];
+    for t in [128usize, 512, 2048] {
+        let ids: Vec<u32> = (0..t).map(|i| ((i * 7919) % vocab) as u32).collect();
+        let x = Tensor::from_vec(ids, (1, t), dev)?;
+        let ours_t = time(a.reps.min(5), dev, || {
+            Ok(ours.last_logits(&x, None).map(|_| ())?)
+        })?;
+        let theirs_t = time(a.reps.min(5), dev, || {
+            // A fresh model per prefill: candle-transformers keeps its KV cache inside.
+            let mut m = candle_transformers::models::mixtral::Model::new(
+                &ct_cfg,
+                VarBuilder::from_tensors(ts.clone(), DType::F32, dev),
+            )?;
+            m.forward(&x, 0)?;
+            Ok(())
+        })?;
+        let mut m = candle_transformers::models::mixtral::Model::new(
+            &ct_cfg,
+            VarBuilder::from_tensors(ts.clone(), DType::F32, dev),
+        )?;
+        let theirs_l = m.forward(&x, 0)?.flatten_all()?;
+        let ours_l = ours.last_logits(&x, None)?.flatten_all()?;
+        let diff = (theirs_l - ours_l)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        rows.push(vec![
+            t.to_string(),
+            format!("{:.1} ms", ours_t.0 * 1e3),
+            format!("{:.1} ms", theirs_t.0 * 1e3),
+            format!("{:.2}x", theirs_t.0 / ours_t.0),
+            format!("{diff:.1e}"),
+        ]);
+    }
+    println!("\n1-layer Mixtral-shaped prefill (d={} f={} E={} k={}, 8 heads / 2 kv heads, vocab {vocab}), medians", a.hidden, a.ffn, a.experts, a.top_k);
+    print_table(
+        &[
+            "T",
+            "CausalLm",
+            "candle-transformers Mixtral",
+            "speed-up",
+            "max |Δ logits|",
+        ],
+        &rows,
+    );
     Ok(())
 }

@@ -56,7 +56,12 @@ impl Rope {
         }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        candle_nn::rotary_emb::rope_slow(&xs.contiguous()?, &cos, &sin)
+        if xs.track_op() {
+            candle_nn::rotary_emb::rope_slow(&xs.contiguous()?, &cos, &sin)
+        } else {
+            // Inference: the fused kernel (no backward pass).
+            candle_nn::rotary_emb::rope(&xs.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
+        }
     }
 }
 
@@ -298,7 +303,12 @@ impl Attention {
         if let Some(bias) = attention_bias(b, t, t_k, offset, causal, key_mask, xs.device())? {
             scores = scores.broadcast_add(&bias)?;
         }
-        let probs = softmax_last(&scores)?.to_dtype(dtype)?;
+        let probs = if scores.track_op() {
+            softmax_last(&scores)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
+        }
+        .to_dtype(dtype)?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out
             .transpose(1, 2)?

@@ -45,6 +45,14 @@ impl Module for Norm {
     /// # Shapes
     /// - `xs`: `(..., size)` -> same
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // Inference on frozen weights: candle's fused kernels (they have no backward pass).
+        if !xs.track_op() && !self.weight.track_op() && xs.dtype() != DType::F64 {
+            let x = xs.contiguous()?;
+            return match &self.bias {
+                None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32),
+                Some(b) => candle_nn::ops::layer_norm(&x, &self.weight, b, self.eps as f32),
+            };
+        }
         let dtype = xs.dtype();
         let x = if dtype == DType::F64 {
             xs.clone()

@@ -244,7 +244,7 @@ pub struct StepStats {
     /// Global gradient norm before clipping.
     #[serde(deserialize_with = "f64_or_nan")]
     pub grad_norm: f64,
-    /// Mean over sparse layers of max/min expert load (1 = perfectly balanced).
+    /// Mean over sparse layers of max/mean expert load (1 = perfectly balanced).
     #[serde(deserialize_with = "f64_or_nan")]
     pub imbalance: f64,
     /// Whether the update was skipped (non-finite loss or gradient).
@@ -286,7 +286,7 @@ fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
     if routing.is_empty() {
         return 1.0;
     }
-    routing.iter().map(|r| r.imbalance().min(1e6)).sum::<f64>() / routing.len() as f64
+    routing.iter().map(|r| r.imbalance()).sum::<f64>() / routing.len() as f64
 }
 
 impl Trainer {

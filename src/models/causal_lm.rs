@@ -101,6 +101,24 @@ impl CausalLm {
         self.finish(out, None)
     }
 
+    /// Logits of the last position only, `(b, vocab)`, optionally extending `cache`: what
+    /// prefill and sampling need, without the `(b, t, vocab)` head over every position.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `(b, t)` -> `(b, vocab)`
+    pub fn last_logits(
+        &self,
+        input_ids: &Tensor,
+        cache: Option<&mut DecodeCache>,
+    ) -> Result<Tensor> {
+        let out = self
+            .trunk
+            .forward(input_ids, None, None, None, cache, false, 0)?;
+        let t = out.hidden.dim(1)?;
+        let last = out.hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, h)
+        self.lm_head.forward(&last)
+    }
+
     /// A cache sized for this model.
     pub fn new_cache(&self) -> DecodeCache {
         DecodeCache::new(self.trunk.num_layers())

@@ -40,14 +40,16 @@ pub struct LayerRouting {
 }
 
 impl LayerRouting {
-    /// Largest over smallest expert load (∞ when an expert got nothing).
+    /// Largest expert load over the mean load (1 = perfectly balanced, `E` = every assignment
+    /// on one expert).
     pub fn imbalance(&self) -> f64 {
+        let n = self.expert_counts.len().max(1) as f64;
+        let total: usize = self.expert_counts.iter().sum();
         let max = self.expert_counts.iter().copied().max().unwrap_or(0) as f64;
-        let min = self.expert_counts.iter().copied().min().unwrap_or(0) as f64;
-        if min == 0.0 {
-            f64::INFINITY
+        if total == 0 {
+            1.0
         } else {
-            max / min
+            max * n / total as f64
         }
     }
 }
