@@ -129,6 +129,47 @@ impl Experts {
     /// # Shapes
     /// - `xs`: `(n_kept, h)` sorted by expert -> `(n_kept, h)`
     pub fn forward_segments(&self, xs: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+        if let Some(y) = self.grouped_swiglu(xs, offsets)? {
+            return Ok(y);
+        }
+        self.forward_segments_loop(xs, offsets)
+    }
+
+    /// SwiGLU on every segment with three grouped matmuls (f32 on CPU, bias-free experts);
+    /// `None` when it does not apply. Differentiable (see [`crate::grouped`]).
+    fn grouped_swiglu(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
+        if !xs.device().is_cpu()
+            || xs.dtype() != candle_core::DType::F32
+            || self.experts.iter().any(|e| e.has_bias() || e.w3.is_none())
+        {
+            return Ok(None);
+        }
+        let stack = |f: &dyn Fn(&Expert) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+            let ws: Option<Vec<&Tensor>> = self.experts.iter().map(f).collect();
+            match ws {
+                Some(ws) => Ok(Some(Tensor::stack(&ws, 0)?)),
+                None => Ok(None),
+            }
+        };
+        let (Some(w1), Some(w3), Some(w2)) = (
+            stack(&|e| Some(e.w1.weight()))?,               // (E, f, h)
+            stack(&|e| e.w3.as_ref().map(|l| l.weight()))?, // (E, f, h)
+            stack(&|e| Some(e.w2.weight()))?,               // (E, h, f)
+        ) else {
+            return Ok(None);
+        };
+        let g = crate::grouped::grouped_matmul(xs, &w1, offsets)?; // (n, f)
+        let u = crate::grouped::grouped_matmul(xs, &w3, offsets)?; // (n, f)
+        let h = (g.silu()? * u)?;
+        Ok(Some(crate::grouped::grouped_matmul(&h, &w2, offsets)?)) // (n, h)
+    }
+
+    /// The plain loop: each expert's three matmuls on its segment, one expert after another
+    /// (any dtype, device or expert kind; the reference the grouped path is tested against).
+    ///
+    /// # Shapes
+    /// - `xs`: `(n_kept, h)` sorted by expert -> `(n_kept, h)`
+    pub fn forward_segments_loop(&self, xs: &Tensor, offsets: &[usize]) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(self.experts.len());
         for (e, expert) in self.experts.iter().enumerate() {
             let (start, end) = (offsets[e], offsets[e + 1]);

@@ -48,6 +48,7 @@ pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod generate;
+pub mod grouped;
 pub mod hf;
 pub mod init;
 pub mod kernels;

@@ -484,3 +484,72 @@ fn bad_config_and_bad_input_give_clear_errors() {
         assert!(e.contains(needle), "error `{e}` should mention `{needle}`");
     }
 }
+
+#[test]
+fn grouped_expert_path_equals_the_loop_in_outputs_and_gradients() {
+    let cfg = MoeConfig {
+        hidden_size: 12,
+        intermediate_size: 20,
+        num_experts: 5,
+        top_k: 2,
+        ..Default::default()
+    };
+    let (vm, moe) = build(&cfg, 21, DType::F32);
+    let mut rng = Rng::new(22);
+    // Segments of uneven length, one empty, one larger than a task chunk.
+    let offsets = [0usize, 3, 3, 130, 131, 140];
+    let x = Var::from_tensor(&rng.tensor(&[140, 12], 1.0, DType::F32)).unwrap();
+    let probe = rng.tensor(&[140, 12], 1.0, DType::F32);
+    let grouped = moe
+        .experts()
+        .forward_segments(x.as_tensor(), &offsets)
+        .unwrap();
+    let looped = moe
+        .experts()
+        .forward_segments_loop(x.as_tensor(), &offsets)
+        .unwrap();
+    assert!(max_abs_diff(&grouped, &looped) < 1e-5);
+    let gg = (grouped * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gl = (looped * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = max_abs_diff(
+        gg.get(x.as_tensor()).unwrap(),
+        gl.get(x.as_tensor()).unwrap(),
+    );
+    assert!(dx < 1e-4, "input grads differ by {dx}");
+    let data = vm.data().lock().unwrap();
+    let mut checked = 0;
+    for (name, v) in data.iter().filter(|(n, _)| n.starts_with("experts.")) {
+        match (gg.get(v.as_tensor()), gl.get(v.as_tensor())) {
+            (Some(a), Some(b)) => {
+                let d = max_abs_diff(a, b);
+                assert!(d < 1e-4, "{name}: grads differ by {d}");
+                checked += 1;
+            }
+            // Expert 1 has an empty segment: the loop gives no gradient, grouped gives zeros.
+            (Some(a), None) => {
+                assert!(name.starts_with("experts.1."), "{name}");
+                assert_eq!(
+                    a.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                    0.0
+                );
+            }
+            (None, _) => panic!("{name}: no gradient on the grouped path"),
+        }
+    }
+    assert_eq!(checked, 4 * 3);
+}
