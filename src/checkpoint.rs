@@ -57,10 +57,7 @@ pub fn to_safetensors_bytes(tensors: &HashMap<String, Tensor>, path: &Path) -> R
 
 /// The variables of a `VarMap` as a name -> tensor map.
 pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("varmap lock poisoned".into()))?;
+    let data = lock(varmap)?;
     Ok(data
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
@@ -86,6 +83,32 @@ pub fn save(
     if let Some(t) = tokenizer_json {
         write_atomic(&dir.join(TOKENIZER), t.as_bytes())?;
     }
+    Ok(())
+}
+
+/// Locks a `VarMap`'s variables.
+pub fn lock(
+    varmap: &VarMap,
+) -> Result<std::sync::MutexGuard<'_, HashMap<String, candle_core::Var>>> {
+    varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Config("varmap lock poisoned".into()))
+}
+
+/// Sets `var` from `t` after checking the shape; the error names `what` (the tensor) and `path`.
+pub fn set_checked(var: &candle_core::Var, t: &Tensor, what: &str, path: &Path) -> Result<()> {
+    if t.dims() != var.dims() {
+        return Err(Error::checkpoint(
+            path,
+            format!(
+                "tensor `{what}` has shape {:?}, expected {:?} from the config",
+                t.dims(),
+                var.dims()
+            ),
+        ));
+    }
+    var.set(&t.to_dtype(var.dtype())?)?;
     Ok(())
 }
 
@@ -138,10 +161,7 @@ pub fn parse_safetensors(
 /// shape and float dtype; unexpected extra tensors are an error too (the config disagrees with
 /// the weights).
 pub fn fill_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::Config("varmap lock poisoned".into()))?;
+    let data = lock(varmap)?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -161,17 +181,7 @@ pub fn fill_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pa
                 ),
             ));
         }
-        if t.dims() != var.dims() {
-            return Err(Error::checkpoint(
-                path,
-                format!(
-                    "tensor `{name}` has shape {:?}, expected {:?} from the config",
-                    t.dims(),
-                    var.dims()
-                ),
-            ));
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        set_checked(var, t, name, path)?;
     }
     let mut extra: Vec<&String> = tensors.keys().filter(|k| !data.contains_key(*k)).collect();
     extra.sort();

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 /// `c (m × n) = a · b` where `a[i, p] = a_buf[i·a_rs + p·a_cs]`, `b[p, j] = b_buf[p·b_rs + j·b_cs]`,
 /// `c` row-major; bounds are checked before the single-threaded GEMM runs.
 #[allow(clippy::too_many_arguments)]
-fn gemm_strided(
+pub(crate) fn gemm_strided(
     c: &mut [f32],
     a: &[f32],
     a_rs: usize,

@@ -51,43 +51,7 @@ impl FusedExperts {
 
 /// `c (m × n) = a (m × k) · bᵀ` with `b` `(n × k)`, all row-major, single-threaded.
 fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> Result<()> {
-    if a.len() != m * k || b.len() != n * k || c.len() != m * n {
-        bail!(
-            "matmul_bt: bad buffer sizes {} {} {} for {m}x{k}x{n}",
-            a.len(),
-            b.len(),
-            c.len()
-        )
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    // SAFETY: the three buffers hold exactly m·k, n·k and m·n elements (checked above) and the
-    // strides below address only inside them: a[i·k + p], b[j·k + p], c[i·n + j].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            0f32,
-            1f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    Ok(())
+    crate::grouped::gemm_strided(c, a, k, 1, b, 1, k, m, n, k)
 }
 
 /// One chunk of work: rows `start..start + len` of expert `e`'s segment.

@@ -110,10 +110,7 @@ pub struct AdamW {
 impl AdamW {
     /// Optimises every variable of `varmap` (float vars only).
     pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Config("varmap lock poisoned".into()))?;
+        let data = crate::checkpoint::lock(varmap)?;
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         let mut vars = Vec::new();
@@ -190,17 +187,7 @@ impl AdamW {
                 let x = t.get(&key).ok_or_else(|| {
                     Error::checkpoint(path, format!("missing optimizer tensor `{key}`"))
                 })?;
-                if x.dims() != var.dims() {
-                    return Err(Error::checkpoint(
-                        path,
-                        format!(
-                            "optimizer tensor `{key}` has shape {:?}, expected {:?}",
-                            x.dims(),
-                            var.dims()
-                        ),
-                    ));
-                }
-                var.set(&x.to_dtype(var.dtype())?)?;
+                crate::checkpoint::set_checked(var, x, &key, path)?;
             }
         }
         self.step_t = step_t;

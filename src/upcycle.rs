@@ -169,10 +169,7 @@ pub fn load_bert(source: &str, num_labels: usize, opts: &LoadOptions) -> Result<
     )?;
     let mut tensors = HashMap::new();
     {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Config("varmap lock poisoned".into()))?;
+        let data = crate::checkpoint::lock(&varmap)?;
         for (name, var) in data.iter() {
             let Some(theirs) = bert_name(name) else {
                 continue;
@@ -183,17 +180,7 @@ pub fn load_bert(source: &str, num_labels: usize, opts: &LoadOptions) -> Result<
                 .ok_or_else(|| {
                     Error::checkpoint(&wpath, format!("missing tensor `{theirs}` (for `{name}`)"))
                 })?;
-            if t.dims() != var.dims() {
-                return Err(Error::checkpoint(
-                    &wpath,
-                    format!(
-                        "tensor `{theirs}` has shape {:?}, config expects {:?}",
-                        t.dims(),
-                        var.dims()
-                    ),
-                ));
-            }
-            var.set(&t.to_dtype(var.dtype())?)?;
+            crate::checkpoint::set_checked(var, t, &theirs, &wpath)?;
             tensors.insert(name.clone(), t.clone());
         }
     }
@@ -245,10 +232,7 @@ pub fn upcycle(
     let src = crate::checkpoint::varmap_tensors(&dense.varmap)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Config("varmap lock poisoned".into()))?;
+        let data = crate::checkpoint::lock(&varmap)?;
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         for name in names {
