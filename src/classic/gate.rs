@@ -40,7 +40,10 @@ impl SoftmaxGate {
     pub fn from_weight(weight: &Tensor) -> Result<Self> {
         let (p, n_out) = weight.dims2()?;
         if p == 0 || n_out == 0 {
-            bail!("SoftmaxGate::from_weight: weight must be (in_dim + 1, n_out), got {:?}", weight.shape())
+            bail!(
+                "SoftmaxGate::from_weight: weight must be (in_dim + 1, n_out), got {:?}",
+                weight.shape()
+            )
         }
         Ok(Self {
             weight: Var::from_tensor(&weight.to_dtype(DType::F64)?.copy()?)?,
@@ -80,10 +83,19 @@ impl SoftmaxGate {
     ///
     /// # Shapes
     /// - `xs`: `(n, in_dim)`
-    pub fn randomize<R: Rng + ?Sized>(&mut self, xs: &Tensor, scale: f64, rng: &mut R) -> Result<()> {
+    pub fn randomize<R: Rng + ?Sized>(
+        &mut self,
+        xs: &Tensor,
+        scale: f64,
+        rng: &mut R,
+    ) -> Result<()> {
         let (n, d) = xs.dims2()?;
         if d != self.in_dim || n == 0 {
-            bail!("SoftmaxGate::randomize: xs must be (n > 0, {}), got {:?}", self.in_dim, xs.shape())
+            bail!(
+                "SoftmaxGate::randomize: xs must be (n > 0, {}), got {:?}",
+                self.in_dim,
+                xs.shape()
+            )
         }
         let x = tensor_to_host(xs)?;
         let k = self.n_out;
@@ -92,7 +104,10 @@ impl SoftmaxGate {
         let mut sd = vec![0.0; d];
         for j in 0..d {
             mean[j] = (0..n).map(|i| x[i * d + j]).sum::<f64>() / n as f64;
-            sd[j] = ((0..n).map(|i| (x[i * d + j] - mean[j]).powi(2)).sum::<f64>() / n as f64)
+            sd[j] = ((0..n)
+                .map(|i| (x[i * d + j] - mean[j]).powi(2))
+                .sum::<f64>()
+                / n as f64)
                 .sqrt()
                 .max(1e-12);
         }

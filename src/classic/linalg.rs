@@ -47,7 +47,7 @@ fn cholesky(a: &[f64], p: usize, lambda: f64) -> Option<Vec<f64>> {
                 s -= l[i * p + k] * l[j * p + k];
             }
             if i == j {
-                if !(s > 0.0) || !s.is_finite() {
+                if !(s.is_finite() && s > 0.0) {
                     return None;
                 }
                 l[i * p + i] = s.sqrt();
@@ -96,7 +96,7 @@ pub(crate) fn logsumexp(v: &[f64]) -> f64 {
 /// `x` is `n × p`, `r` is `n × k` (non-negative soft targets; rows need not sum to one), `w` is
 /// `p × k`, all row-major.
 pub(crate) fn multinomial_objective(x: &[f64], r: &[f64], w: &[f64], p: usize, k: usize) -> f64 {
-    let n = if p == 0 { 0 } else { x.len() / p };
+    let n = x.len().checked_div(p).unwrap_or(0);
     let mut z = vec![0.0; k];
     let mut f = 0.0;
     for i in 0..n {
@@ -134,9 +134,14 @@ pub(crate) fn multinomial_ascent(
     k: usize,
     steps: usize,
 ) -> Result<f64> {
-    let n = if p == 0 { 0 } else { x.len() / p };
+    let n = x.len().checked_div(p).unwrap_or(0);
     if x.len() != n * p || r.len() != n * k || w.len() != p * k {
-        bail!("multinomial_ascent: inconsistent sizes (x {}, r {}, w {}, p {p}, k {k})", x.len(), r.len(), w.len())
+        bail!(
+            "multinomial_ascent: inconsistent sizes (x {}, r {}, w {}, p {p}, k {k})",
+            x.len(),
+            r.len(),
+            w.len()
+        )
     }
     let mut f = multinomial_objective(x, r, w, p, k);
     if k < 2 || n == 0 {
@@ -187,7 +192,7 @@ pub(crate) fn multinomial_ascent(
             }
         }
         let gnorm2: f64 = grad.iter().map(|v| v * v).sum();
-        if !(gnorm2 > 0.0) || !gnorm2.is_finite() {
+        if !(gnorm2.is_finite() && gnorm2 > 0.0) {
             break;
         }
         let dir: Vec<f64> = if newton {
@@ -211,7 +216,7 @@ pub(crate) fn multinomial_ascent(
         };
         // dir[c * p + j] -> w[j * k + c]
         let slope: f64 = grad.iter().zip(&dir).map(|(a, b)| a * b).sum();
-        if !(slope > 0.0) {
+        if slope.is_nan() || slope <= 0.0 {
             break;
         }
         let mut t = 1.0;
