@@ -292,6 +292,21 @@ impl ModelConfig {
                 return bad(format!("{name} must be > 0"));
             }
         }
+        const MAX_LAYERS: usize = 4096;
+        for (name, v) in [
+            ("num_layers", self.num_layers),
+            ("num_decoder_layers", self.num_decoder_layers),
+        ] {
+            if v > MAX_LAYERS {
+                return bad(format!("{name} ({v}) is larger than {MAX_LAYERS}"));
+            }
+        }
+        if self.mlp_only_layers.len() > MAX_LAYERS {
+            return bad(format!(
+                "mlp_only_layers lists {} layers, more than {MAX_LAYERS}",
+                self.mlp_only_layers.len()
+            ));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",

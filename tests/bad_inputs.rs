@@ -424,3 +424,40 @@ fn example_clis_fail_with_one_line_and_no_panic() {
         );
     }
 }
+
+/// The inputs fuzzing found (`fuzz/regressions/`): each is an error now, quickly, not a hang or a
+/// panic.
+#[test]
+fn fuzz_regressions_are_errors() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root.join("config_json")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let t = std::time::Instant::now();
+        if let Ok(cfg) = serde_json::from_slice::<ModelConfig>(&bytes) {
+            assert!(cfg.validate().is_err());
+        }
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            assert!(candle_moe::hf::config_from_hf(&v, Path::new("config.json")).is_err());
+        }
+        assert!(t.elapsed().as_secs() < 5);
+        seen += 1;
+    }
+    for entry in std::fs::read_dir(root.join("tokenizer_json")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        let p = Path::new("fuzzed/tokenizer.json");
+        match candle_moe::data::tokenizer::from_json(&text, p) {
+            Err(e) => assert!(e.to_string().contains("fuzzed/tokenizer.json"), "{e}"),
+            Ok(tok) => {
+                // Loads: encoding and decoding must not panic either.
+                if let Ok(ids) = candle_moe::data::tokenizer::encode(&tok, "hello world") {
+                    let _ = candle_moe::data::tokenizer::decode(&tok, &ids);
+                }
+                let _ = candle_moe::data::tokenizer::decode(&tok, &[0, 1, 2, 3]);
+            }
+        }
+        seen += 1;
+    }
+    assert!(seen >= 9);
+}

@@ -49,20 +49,36 @@ pub fn train_bpe<S: AsRef<str> + Send>(
     Ok(Tokenizer::from(tk))
 }
 
+/// Runs `f`, turning a panic inside the `tokenizers` crate (fuzzing found some on malformed
+/// `tokenizer.json` files) into an error naming `path`.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(tok_err(path, format!("malformed tokenizer ({msg})")))
+        }
+    }
+}
+
 /// Loads a `tokenizer.json`, naming the file on error; padding and truncation are disabled.
 pub fn load(path: &Path) -> Result<Tokenizer> {
-    let mut t = Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
-    t.with_padding(None);
-    t.with_truncation(None).map_err(|e| tok_err(path, e))?;
-    Ok(t)
+    let json = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    from_json(&json, path)
 }
 
 /// Parses a tokenizer from its JSON text.
 pub fn from_json(json: &str, path: &Path) -> Result<Tokenizer> {
-    let mut t: Tokenizer = json.parse().map_err(|e| tok_err(path, e))?;
-    t.with_padding(None);
-    t.with_truncation(None).map_err(|e| tok_err(path, e))?;
-    Ok(t)
+    guarded(path, || {
+        let mut t: Tokenizer = json.parse().map_err(|e| tok_err(path, e))?;
+        t.with_padding(None);
+        t.with_truncation(None).map_err(|e| tok_err(path, e))?;
+        Ok(t)
+    })
 }
 
 /// The tokenizer as JSON (what `tokenizer.json` holds).
@@ -73,16 +89,19 @@ pub fn to_json(t: &Tokenizer) -> Result<String> {
 
 /// Token ids of `text` (no special tokens added).
 pub fn encode(t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    Ok(t.encode(text, false)
-        .map_err(|e| tok_err(Path::new("<memory>"), e))?
-        .get_ids()
-        .to_vec())
+    let mem = Path::new("<memory>");
+    guarded(mem, || {
+        Ok(t.encode(text, false)
+            .map_err(|e| tok_err(mem, e))?
+            .get_ids()
+            .to_vec())
+    })
 }
 
 /// Text of `ids`, skipping special tokens.
 pub fn decode(t: &Tokenizer, ids: &[u32]) -> Result<String> {
-    t.decode(ids, true)
-        .map_err(|e| tok_err(Path::new("<memory>"), e))
+    let mem = Path::new("<memory>");
+    guarded(mem, || t.decode(ids, true).map_err(|e| tok_err(mem, e)))
 }
 
 /// The id of a special token.
