@@ -28,33 +28,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Train a small MoE language model on Shakespeare")]
 struct Args {
-    /// cpu or cuda
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device, seed, output and data options shared by the examples.
+    #[command(flatten)]
+    run: common::RunArgs,
     /// Optimizer steps.
     #[arg(long, default_value_t = 800)]
     steps: usize,
-    /// Seed (init, batches, sampling).
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// Output directory (model dir + plot).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Train the dense baseline (same active parameters) instead of the MoE.
-    #[arg(long)]
-    dense: bool,
-    /// Resume training from this directory.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Use this tokenizer.json instead of training one.
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
     /// Load the model in --out (or --resume) and sample from this prompt.
     #[arg(long)]
     generate: Option<String>,
-    /// Corpus file.
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Batch size.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -105,7 +87,7 @@ fn model_config(a: &Args, vocab: usize) -> ModelConfig {
     c.moe.router_z_loss_coef = 0.001;
     // The dense baseline runs k experts' worth of FFN per token: the same active parameters.
     c.dense_intermediate_size = a.expert_ffn * a.top_k;
-    c.sparse_step = if a.dense { 0 } else { 1 };
+    c.sparse_step = if a.run.dense { 0 } else { 1 };
     c
 }
 
@@ -115,22 +97,23 @@ fn main() {
 
 fn run() -> Result<()> {
     let a = Args::parse();
-    let dev = common::device(&a.device)?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(if a.dense {
+    let dev = common::device(&a.run.device)?;
+    let out = a.run.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.run.dense {
             "runs/language_model_dense"
         } else {
             "runs/language_model"
         })
     });
     if let Some(prompt) = &a.generate {
-        let dir = a.resume.clone().unwrap_or(out);
-        return generate(&dir, prompt, &dev, a.seed);
+        let dir = a.run.resume.clone().unwrap_or(out);
+        return generate(&dir, prompt, &dev, a.run.seed);
     }
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let t0 = Instant::now();
     let path = a
+        .run
         .data
         .clone()
         .unwrap_or_else(|| data::data_dir().join("shakespeare.txt.gz"));
@@ -142,7 +125,7 @@ fn run() -> Result<()> {
     );
     let train_text: Vec<&str> = train_w.iter().map(|w| w.text.as_str()).collect();
 
-    let tok = match (&a.tokenizer, &a.resume) {
+    let tok = match (&a.run.tokenizer, &a.run.resume) {
         (Some(p), _) => tokenizer::load(p)?,
         (None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
         (None, None) => {
@@ -171,16 +154,16 @@ fn run() -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
 
-    let cfg = match &a.resume {
+    let cfg = match &a.run.resume {
         Some(r) => ModelConfig::from_file(r.join("config.json"))?,
         None => model_config(&a, vocab),
     };
-    let (model, vm) = match &a.resume {
+    let (model, vm) = match &a.run.resume {
         Some(r) => CausalLm::load(r, DType::F32, &dev)?,
         None => {
             let vm = VarMap::new();
             let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.seed)?;
+            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
             (m, vm)
         }
     };
@@ -196,11 +179,11 @@ fn run() -> Result<()> {
         checkpoint_every: 500,
         aux_loss_coef: cfg.moe.router_aux_loss_coef,
         z_loss_coef: cfg.moe.router_z_loss_coef,
-        seed: a.seed,
+        seed: a.run.seed,
         ..Default::default()
     };
     let mut trainer = Trainer::new(&vm, tcfg)?;
-    if let Some(r) = &a.resume {
+    if let Some(r) = &a.run.resume {
         trainer.load_state(r)?;
         println!(
             "resumed from {} at step {}",
@@ -210,7 +193,7 @@ fn run() -> Result<()> {
     }
     println!(
         "model: {} ({} layers, width {}, {} experts top-{} of width {}), {:.2}M parameters",
-        if a.dense { "dense" } else { "MoE" },
+        if a.run.dense { "dense" } else { "MoE" },
         cfg.num_layers,
         cfg.hidden_size,
         cfg.moe.num_experts,
@@ -281,7 +264,7 @@ fn run() -> Result<()> {
         .iter()
         .enumerate()
     {
-        let s = sample(&model, &tok, prompt, a.seed + i as u64, 60)?;
+        let s = sample(&model, &tok, prompt, a.run.seed + i as u64, 60)?;
         println!("--- {prompt}{s}");
     }
 
@@ -318,7 +301,7 @@ fn run() -> Result<()> {
             },
         ],
     )];
-    if !a.dense {
+    if !a.run.dense {
         panels.push((
             "expert load balance (mean over layers of max/mean expert load per batch)",
             "max/mean",
@@ -337,7 +320,7 @@ fn run() -> Result<()> {
     }
     println!();
     print_table(
-        &["metric", if a.dense { "dense" } else { "MoE" }],
+        &["metric", if a.run.dense { "dense" } else { "MoE" }],
         &[
             vec![
                 "validation perplexity".into(),

@@ -26,23 +26,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "Binary sentiment classification with a MoE encoder")]
 struct Args {
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device, seed, output and data options shared by the examples.
+    #[command(flatten)]
+    run: common::RunArgs,
     #[arg(long, default_value_t = 800)]
     steps: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Dense baseline with the same active parameters.
-    #[arg(long)]
-    dense: bool,
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Score `--eval-file` with the model directory `--model` and exit.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -88,7 +76,7 @@ fn encode_all(tok: &tokenizers::Tokenizer, texts: &[&str]) -> Result<Vec<Vec<u32
 
 fn run() -> Result<()> {
     let a = Args::parse();
-    let dev = common::device(&a.device)?;
+    let dev = common::device(&a.run.device)?;
     if let Some(model_dir) = &a.model {
         let file = a
             .eval_file
@@ -116,8 +104,8 @@ fn run() -> Result<()> {
         println!("accuracy: {acc:.4}");
         return Ok(());
     }
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(if a.dense {
+    let out = a.run.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.run.dense {
             "runs/sentiment_dense"
         } else {
             "runs/sentiment"
@@ -126,6 +114,7 @@ fn run() -> Result<()> {
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let path = a
+        .run
         .data
         .clone()
         .unwrap_or_else(|| data::data_dir().join("sentiment.tsv.gz"));
@@ -154,7 +143,7 @@ fn run() -> Result<()> {
         bert_tok = Some(tok);
         init_model = Some(if a.upcycle_experts > 0 {
             let (m, vm, cfg) =
-                candle_moe::upcycle::upcycle(&dense, a.upcycle_experts, a.top_k, 0.01, a.seed)?;
+                candle_moe::upcycle::upcycle(&dense, a.upcycle_experts, a.top_k, 0.01, a.run.seed)?;
             println!(
                 "upcycled {src}: {} experts (top-{}) per layer, copies of the dense FFN",
                 a.upcycle_experts, a.top_k
@@ -166,7 +155,7 @@ fn run() -> Result<()> {
         });
     }
     let specials = bert_tok.is_some();
-    let tok = match (&bert_tok, &a.tokenizer, &a.resume) {
+    let tok = match (&bert_tok, &a.run.tokenizer, &a.run.resume) {
         (Some(t), _, _) => t.clone(),
         (None, Some(p), _) => tokenizer::load(p)?,
         (None, None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
@@ -199,7 +188,7 @@ fn run() -> Result<()> {
         test_ids.len(),
         tok.get_vocab_size(true)
     );
-    let (model, vm, cfg) = match (init_model, &a.resume) {
+    let (model, vm, cfg) = match (init_model, &a.run.resume) {
         (Some(m), _) => m,
         (None, Some(r)) => {
             let cfg = ModelConfig::from_file(r.join("config.json"))?;
@@ -218,12 +207,12 @@ fn run() -> Result<()> {
             c.moe.top_k = a.top_k;
             c.moe.intermediate_size = a.expert_ffn;
             c.dense_intermediate_size = a.expert_ffn * a.top_k;
-            c.sparse_step = if a.dense { 0 } else { 1 };
+            c.sparse_step = if a.run.dense { 0 } else { 1 };
             c.num_labels = 2;
             c.pad_token_id = Some(pad);
             let vm = VarMap::new();
             let m = SequenceClassifier::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.seed)?;
+            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
             (m, vm, c)
         }
     };
@@ -237,11 +226,11 @@ fn run() -> Result<()> {
             eval_every: 100,
             aux_loss_coef: cfg.moe.router_aux_loss_coef,
             z_loss_coef: cfg.moe.router_z_loss_coef,
-            seed: a.seed,
+            seed: a.run.seed,
             ..Default::default()
         },
     )?;
-    if let Some(r) = &a.resume {
+    if let Some(r) = &a.run.resume {
         trainer.load_state(r)?;
     }
     let valid_x: Vec<Vec<u32>> = valid_ids.iter().map(|v| v.0.clone()).collect();
@@ -279,7 +268,7 @@ fn run() -> Result<()> {
     println!("\ntest accuracy {acc:.4}, F1 {f1:.4} (majority class {:.4}); best validation accuracy {:.4} at step {}", majority.max(1.0 - majority), best.0, best.1);
     println!();
     print_table(
-        &["metric", if a.dense { "dense" } else { "MoE" }],
+        &["metric", if a.run.dense { "dense" } else { "MoE" }],
         &[
             vec!["test accuracy".into(), format!("{acc:.4}")],
             vec!["test F1".into(), format!("{f1:.4}")],

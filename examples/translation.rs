@@ -25,23 +25,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(about = "English -> Spanish MoE translation on the Bible")]
 struct Args {
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Device, seed, output and data options shared by the examples.
+    #[command(flatten)]
+    run: common::RunArgs,
     #[arg(long, default_value_t = 1200)]
     steps: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Dense baseline with the same active parameters.
-    #[arg(long)]
-    dense: bool,
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Beam width for the test set (1 = greedy).
     #[arg(long, default_value_t = 1)]
     beam: usize,
@@ -74,9 +62,9 @@ fn main() {
 
 fn run() -> Result<()> {
     let a = Args::parse();
-    let dev = common::device(&a.device)?;
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(if a.dense {
+    let dev = common::device(&a.run.device)?;
+    let out = a.run.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if a.run.dense {
             "runs/translation_dense"
         } else {
             "runs/translation"
@@ -85,6 +73,7 @@ fn run() -> Result<()> {
     std::fs::create_dir_all(&out)
         .with_context(|| format!("cannot create output directory {}", out.display()))?;
     let path = a
+        .run
         .data
         .clone()
         .unwrap_or_else(|| data::data_dir().join("bible_en_es.tsv.gz"));
@@ -93,7 +82,7 @@ fn run() -> Result<()> {
         !train.is_empty() && !test.is_empty(),
         "need training and test verses"
     );
-    let tok = match (&a.tokenizer, &a.resume) {
+    let tok = match (&a.run.tokenizer, &a.run.resume) {
         (Some(p), _) => tokenizer::load(p)?,
         (None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
         (None, None) => tokenizer::train_bpe(
@@ -130,7 +119,7 @@ fn run() -> Result<()> {
         test.len(),
         tok.get_vocab_size(true)
     );
-    let cfg = match &a.resume {
+    let cfg = match &a.run.resume {
         Some(r) => ModelConfig::from_file(r.join("config.json"))?,
         None => {
             let mut c = ModelConfig::tiny(tok.get_vocab_size(true));
@@ -145,17 +134,17 @@ fn run() -> Result<()> {
             c.moe.top_k = a.top_k;
             c.moe.intermediate_size = a.expert_ffn;
             c.dense_intermediate_size = a.expert_ffn * a.top_k;
-            c.sparse_step = if a.dense { 0 } else { 1 };
+            c.sparse_step = if a.run.dense { 0 } else { 1 };
             c.pad_token_id = Some(sp.pad);
             c
         }
     };
-    let (model, vm) = match &a.resume {
+    let (model, vm) = match &a.run.resume {
         Some(r) => Seq2Seq::load(r, DType::F32, &dev)?,
         None => {
             let vm = VarMap::new();
             let m = Seq2Seq::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.seed)?;
+            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
             (m, vm)
         }
     };
@@ -169,11 +158,11 @@ fn run() -> Result<()> {
             checkpoint_every: 500,
             aux_loss_coef: cfg.moe.router_aux_loss_coef,
             z_loss_coef: cfg.moe.router_z_loss_coef,
-            seed: a.seed,
+            seed: a.run.seed,
             ..Default::default()
         },
     )?;
-    if let Some(r) = &a.resume {
+    if let Some(r) = &a.run.resume {
         trainer.load_state(r)?;
     }
     let tok_json = tokenizer::to_json(&tok)?;
@@ -265,7 +254,7 @@ fn run() -> Result<()> {
     }
     println!();
     print_table(
-        &["metric", if a.dense { "dense" } else { "MoE" }],
+        &["metric", if a.run.dense { "dense" } else { "MoE" }],
         &[
             vec!["test BLEU".into(), format!("{bleu:.2}")],
             vec![

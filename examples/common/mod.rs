@@ -7,6 +7,32 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use plotters::prelude::*;
 
+/// Options every training example takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// cpu or cuda
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed (init, batches, sampling).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output directory (model directory and plots).
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Train the dense baseline with the same active parameters instead of the MoE.
+    #[arg(long)]
+    pub dense: bool,
+    /// Resume training from this model directory.
+    #[arg(long)]
+    pub resume: Option<std::path::PathBuf>,
+    /// Use this tokenizer.json instead of training one.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Corpus file (default: the one the repo ships in data/).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+}
+
 /// `cpu` or `cuda` (the latter needs `--features cuda`).
 pub fn device(name: &str) -> Result<Device> {
     match name {
