@@ -147,14 +147,14 @@ impl Experts {
         let stack = |f: &dyn Fn(&Expert) -> Option<&Tensor>| -> Result<Option<Tensor>> {
             let ws: Option<Vec<&Tensor>> = self.experts.iter().map(f).collect();
             match ws {
-                Some(ws) => Ok(Some(Tensor::stack(&ws, 0)?)),
+                Some(ws) => Ok(Some(Tensor::cat(&ws, 0)?)),
                 None => Ok(None),
             }
         };
         let (Some(w1), Some(w3), Some(w2)) = (
-            stack(&|e| Some(e.w1.weight()))?,               // (E, f, h)
-            stack(&|e| e.w3.as_ref().map(|l| l.weight()))?, // (E, f, h)
-            stack(&|e| Some(e.w2.weight()))?,               // (E, h, f)
+            stack(&|e| Some(e.w1.weight()))?,               // (E·f, h)
+            stack(&|e| e.w3.as_ref().map(|l| l.weight()))?, // (E·f, h)
+            stack(&|e| Some(e.w2.weight()))?,               // (E·h, f)
         ) else {
             return Ok(None);
         };

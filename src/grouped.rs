@@ -3,14 +3,18 @@
 //!
 //! For tokens sorted by expert (`x` rows `offsets[e]..offsets[e + 1]` belong to expert `e`) and
 //! stacked expert weights `w` `(E, N, K)`, `y[seg_e] = x[seg_e] · w[e]ᵀ`. All segments run in
-//! parallel on rayon's pool with single-threaded GEMMs, instead of `3·E` small multi-threaded
-//! matmuls one after another. The backward pass is the same kind of op:
+//! parallel on candle's CPU worker pool with single-threaded GEMMs, instead of `3·E` small
+//! multi-threaded matmuls one after another. The backward pass is the same kind of op:
 //! `dx[seg_e] = dy[seg_e] · w[e]` and `dw[e] = dy[seg_e]ᵀ · x[seg_e]`.
+//!
+//! The forward product is computed with a column-major output, which lets the GEMM read each
+//! `(N, K)` weight in place instead of repacking it for every segment (weights are the large
+//! operand: `E/k` times the dense FFN's), and is transposed back afterwards.
 
 use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// `c (m × n) = a · b` where `a[i, p] = a_buf[i·a_rs + p·a_cs]`, `b[p, j] = b_buf[p·b_rs + j·b_cs]`,
 /// `c` row-major; bounds are checked before the single-threaded GEMM runs.
@@ -27,8 +31,52 @@ pub(crate) fn gemm_strided(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    gemm_any(c, n, 1, a, a_rs, a_cs, b, b_rs, b_cs, m, n, k)
+}
+
+/// `c = a · b` with `c (m × n)` stored column-major (`c[i, j] = c_buf[i + j·m]`, i.e. `cᵀ`
+/// row-major), operands as in [`gemm_strided`].
+///
+/// With a column-major output the GEMM keeps its own orientation: the rows of `a` (tokens) run
+/// down the micro-kernel and `b` is read in place when `b_rs == 1` (an `(n, k)` row-major weight
+/// used as `bᵀ`), so the expert weights are never repacked; only the small token block is.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_col_major_out(
+    c: &mut [f32],
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    gemm_any(c, 1, m, a, a_rs, a_cs, b, b_rs, b_cs, m, n, k)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_any(
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
     if m == 0 || n == 0 {
         return Ok(());
+    }
+    let c_last = (m - 1) * c_rs + (n - 1) * c_cs;
+    if c_last >= c.len() {
+        bail!("grouped gemm: output buffer too small for {m}x{n}")
     }
     if k == 0 {
         c.iter_mut().for_each(|v| *v = 0.0);
@@ -36,19 +84,19 @@ pub(crate) fn gemm_strided(
     }
     let a_last = (m - 1) * a_rs + (k - 1) * a_cs;
     let b_last = (k - 1) * b_rs + (n - 1) * b_cs;
-    if c.len() < m * n || a_last >= a.len() || b_last >= b.len() {
+    if a_last >= a.len() || b_last >= b.len() {
         bail!("grouped gemm: buffers too small for {m}x{k}x{n}")
     }
     // SAFETY: every index the GEMM reads or writes is bounded by the checks above:
-    // a[i·a_rs + p·a_cs] ≤ a_last, b[p·b_rs + j·b_cs] ≤ b_last, c[i·n + j] < m·n.
+    // a[i·a_rs + p·a_cs] ≤ a_last, b[p·b_rs + j·b_cs] ≤ b_last, c[i·c_rs + j·c_cs] ≤ c_last.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            c_cs as isize,
+            c_rs as isize,
             false,
             a.as_ptr(),
             a_cs as isize,
@@ -65,6 +113,21 @@ pub(crate) fn gemm_strided(
         );
     }
     Ok(())
+}
+
+/// `dst (cols × rows)` = `srcᵀ` for `src` `(rows × cols)`, both row-major, in cache-sized tiles.
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &src[r * cols..(r + 1) * cols];
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = row[c];
+                }
+            }
+        }
+    }
 }
 
 /// Which product the op computes.
@@ -92,7 +155,69 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
     }
 }
 
-const CHUNK: usize = 96;
+/// Runs `f(i, parts[i])` for every part on candle's CPU worker pool, the pool candle's own
+/// element-wise ops run on (a second pool would leave candle's workers spinning for cores while
+/// ours compute); parts are handed out one at a time, so uneven parts balance. Returns the first
+/// error.
+pub(crate) fn par_each<T: Send>(
+    parts: Vec<T>,
+    f: impl Fn(usize, T) -> Result<()> + Sync,
+) -> Result<()> {
+    let n = parts.len();
+    let slots: Vec<Mutex<Option<T>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
+    let first_err: Mutex<Option<candle_core::Error>> = Mutex::new(None);
+    let run = |i: usize| {
+        let part = match slots[i].lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(part) = part {
+            if let Err(e) = f(i, part) {
+                let mut g = match first_err.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                g.get_or_insert(e);
+            }
+        }
+    };
+    if n <= 1 {
+        (0..n).for_each(run);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(run));
+    }
+    let err = match first_err.into_inner() {
+        Ok(e) => e,
+        Err(p) => p.into_inner(),
+    };
+    err.map_or(Ok(()), Err)
+}
+
+/// Cuts expert segments into `(expert, start, len)` tasks for the worker pool. Every GEMM call
+/// streams (and packs) its expert's whole weight matrix, so a segment stays in one task unless it
+/// holds more than a core's fair share of the rows; then it is cut into equal parts, so that a hot
+/// expert still spreads over the cores.
+pub(crate) fn segment_tasks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
+    let total = offsets.last().copied().unwrap_or(0);
+    let max_rows = total
+        .div_ceil(candle_core::utils::get_num_threads().max(1))
+        .max(64);
+    let mut tasks = vec![];
+    for (e, w) in offsets.windows(2).enumerate() {
+        let len = w[1].saturating_sub(w[0]);
+        if len == 0 {
+            continue;
+        }
+        let parts = len.div_ceil(max_rows);
+        let mut at = w[0];
+        for p in 0..parts {
+            let rows = len / parts + usize::from(p < len % parts);
+            tasks.push((e, at, rows));
+            at += rows;
+        }
+    }
+    tasks
+}
 
 impl CustomOp2 for GroupedMatmul {
     fn name(&self) -> &'static str {
@@ -109,14 +234,16 @@ impl CustomOp2 for GroupedMatmul {
         let a = f32_slice(s1, l1, "lhs")?;
         let b = f32_slice(s2, l2, "rhs")?;
         let offs = &self.offsets;
-        let e_count = offs.len() - 1;
+        let e_count = offs.len().saturating_sub(1).max(1);
         let rows = offs[e_count];
         match self.mode {
             Mode::Forward | Mode::InputGrad => {
                 let (n_rows, a_cols) = l1.shape().dims2()?;
-                let (e, nw, kw) = l2.shape().dims3()?;
-                if n_rows != rows || e != e_count {
-                    bail!("grouped matmul: {n_rows} rows / {e} experts vs plan {rows} / {e_count}")
+                // The weights arrive as (E·N, K): expert e owns rows e·N..(e + 1)·N.
+                let (en, kw) = l2.shape().dims2()?;
+                let nw = en / e_count.max(1);
+                if n_rows != rows || nw * e_count != en {
+                    bail!("grouped matmul: {n_rows} rows / {en} weight rows vs plan {rows} rows / {e_count} experts")
                 }
                 let (inner, out_cols) = match self.mode {
                     Mode::Forward => (kw, nw),
@@ -126,15 +253,7 @@ impl CustomOp2 for GroupedMatmul {
                     bail!("grouped matmul: lhs has {a_cols} columns, expected {inner}")
                 }
                 let mut out = vec![0f32; rows * out_cols];
-                let mut tasks = vec![];
-                for ex in 0..e_count {
-                    let mut at = offs[ex];
-                    while at < offs[ex + 1] {
-                        let len = (offs[ex + 1] - at).min(CHUNK);
-                        tasks.push((ex, at, len));
-                        at += len;
-                    }
-                }
+                let tasks = segment_tasks(offs);
                 let mut slices = Vec::with_capacity(tasks.len());
                 let mut rest: &mut [f32] = &mut out;
                 for t in &tasks {
@@ -142,14 +261,21 @@ impl CustomOp2 for GroupedMatmul {
                     slices.push(h);
                     rest = r;
                 }
-                tasks.par_iter().zip(slices.into_par_iter()).try_for_each(
-                    |(&(ex, start, len), c)| {
+                par_each(
+                    tasks.iter().copied().zip(slices).collect(),
+                    |_, ((ex, start, len), c)| {
                         let a_seg = &a[start * inner..(start + len) * inner];
                         let w = &b[ex * nw * kw..(ex + 1) * nw * kw];
                         match self.mode {
-                            // w[e] is (N, K): bᵀ[p, j] = w[j, p] -> b_rs = 1, b_cs = K.
+                            // w[e] is (N, K): bᵀ[p, j] = w[j, p] -> b_rs = 1, b_cs = K; computed
+                            // column-major so the weights are read in place, then transposed.
                             Mode::Forward => {
-                                gemm_strided(c, a_seg, inner, 1, w, 1, kw, len, out_cols, inner)
+                                let mut ct = vec![0f32; len * out_cols];
+                                gemm_col_major_out(
+                                    &mut ct, a_seg, inner, 1, w, 1, kw, len, out_cols, inner,
+                                )?;
+                                transpose_into(&ct, out_cols, len, c);
+                                Ok(())
                             }
                             // w[e] as (N, K) row-major: b[p, j] = w[p, j] -> b_rs = K, b_cs = 1.
                             _ => gemm_strided(c, a_seg, inner, 1, w, kw, 1, len, out_cols, inner),
@@ -165,19 +291,17 @@ impl CustomOp2 for GroupedMatmul {
                     bail!("grouped matmul: weight grad with {n1}/{n2} rows vs plan {rows}")
                 }
                 let mut out = vec![0f32; e_count * nn * kk];
-                out.par_chunks_mut((nn * kk).max(1))
-                    .enumerate()
-                    .try_for_each(|(ex, c)| {
-                        let (s, t) = (offs[ex], offs[ex + 1]);
-                        if t == s {
-                            return Ok(());
-                        }
-                        let dy = &a[s * nn..t * nn];
-                        let x = &b[s * kk..t * kk];
-                        // dyᵀ[i, p] = dy[p, i] -> a_rs = 1, a_cs = N; x[p, j] -> b_rs = K, b_cs = 1.
-                        gemm_strided(c, dy, 1, nn, x, kk, 1, nn, kk, t - s)
-                    })?;
-                Ok((CpuStorage::F32(out), Shape::from((e_count, nn, kk))))
+                par_each(out.chunks_mut((nn * kk).max(1)).collect(), |ex, c| {
+                    let (s, t) = (offs[ex], offs[ex + 1]);
+                    if t == s {
+                        return Ok(());
+                    }
+                    let dy = &a[s * nn..t * nn];
+                    let x = &b[s * kk..t * kk];
+                    // dyᵀ[i, p] = dy[p, i] -> a_rs = 1, a_cs = N; x[p, j] -> b_rs = K, b_cs = 1.
+                    gemm_strided(c, dy, 1, nn, x, kk, 1, nn, kk, t - s)
+                })?;
+                Ok((CpuStorage::F32(out), Shape::from((e_count * nn, kk))))
             }
         }
     }
@@ -205,9 +329,22 @@ impl CustomOp2 for GroupedMatmul {
 
 /// `y[seg_e] = x[seg_e] · w[e]ᵀ` with gradients for `x` and `w`.
 ///
+/// `w` is either `(E, N, K)` or the experts' `(N, K)` weights concatenated along rows,
+/// `(E·N, K)` (what `Tensor::cat(&ws, 0)` gives: one copy, and one gradient accumulation per
+/// weight in the backward pass, against two for `Tensor::stack`).
+///
 /// # Shapes
-/// - `x`: `(n, K)` f32 CPU, rows sorted by expert; `w`: `(E, N, K)`; `offsets`: `E + 1` -> `(n, N)`
+/// - `x`: `(n, K)` f32 CPU, rows sorted by expert; `w`: `(E, N, K)` or `(E·N, K)`;
+///   `offsets`: `E + 1` -> `(n, N)`
 pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tensor> {
+    let w = match w.dims() {
+        [e, n, k] => w.reshape((e * n, *k))?,
+        [_, _] => w.clone(),
+        d => bail!("grouped matmul: weights must be (E, N, K) or (E·N, K), got {d:?}"),
+    };
+    if offsets.len() < 2 {
+        bail!("grouped matmul: offsets need E + 1 >= 2 entries")
+    }
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
         GroupedMatmul {

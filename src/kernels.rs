@@ -1,15 +1,16 @@
 //! CPU fast path for inference: all experts of a layer in one pass, in parallel across cores.
 //!
-//! The candle-ops path (used whenever gradients may be needed) runs each expert's three
-//! matmuls one after another, each a small multi-threaded GEMM far below the machine's peak.
-//! Here, for f32 on CPU with no gradient tracking, the kept assignments are cut into row chunks
-//! (per expert), the chunks run in parallel on rayon's pool, each with single-threaded GEMMs on
-//! a fused `[w1; w3]` weight (one `(2f, h)` matmul instead of two), and one pass sums every
-//! token's weighted expert outputs. The fused weights are built once per layer, not per forward.
-//! The result equals the candle-ops path (checked against the per-token reference in tests).
+//! For f32 on CPU with no gradient tracking, each expert's kept assignments form one task (cut
+//! into equal parts only when an expert holds more than a core's share of the rows); the tasks
+//! run on candle's CPU worker pool, each with single-threaded GEMMs on a fused `[w1; w3]` weight
+//! (one `(2f, h)` product instead of two). The products are computed with a column-major output
+//! so that the GEMM reads the weights in place rather than repacking them per call (the weights
+//! are the large operand), then transposed back with the gate weight applied; one pass sums
+//! every token's weighted expert outputs. The fused weights are built once per layer, not per
+//! forward. The result equals the candle-ops path (checked against the per-token reference in
+//! tests).
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::dispatch::DispatchPlan;
 use crate::experts::Experts;
@@ -49,9 +50,20 @@ impl FusedExperts {
     }
 }
 
-/// `c (m × n) = a (m × k) · bᵀ` with `b` `(n × k)`, all row-major, single-threaded.
-fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize) -> Result<()> {
-    crate::grouped::gemm_strided(c, a, k, 1, b, 1, k, m, n, k)
+/// `cᵀ (n × m, row-major) = (a · wᵀ)ᵀ` for `a` `(m × k)` row-major (`a_rs`, `a_cs` strides) and
+/// `w` `(n × k)` row-major, single-threaded; the weights are read in place, not repacked.
+#[allow(clippy::too_many_arguments)]
+fn matmul_wt_t(
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    w: &[f32],
+    ct: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    crate::grouped::gemm_col_major_out(ct, a, a_rs, a_cs, w, 1, k, m, n, k)
 }
 
 /// One chunk of work: rows `start..start + len` of expert `e`'s segment.
@@ -95,18 +107,10 @@ impl CustomOp1 for MoeCpuOp<'_> {
                 self.gate.len()
             )
         }
-        // Chunks of at most CHUNK rows so that a hot expert spreads over the cores.
-        const CHUNK: usize = 96;
-        let mut tasks = vec![];
-        for e in 0..plan.offsets.len() - 1 {
-            let (s, t) = (plan.offsets[e], plan.offsets[e + 1]);
-            let mut at = s;
-            while at < t {
-                let len = (t - at).min(CHUNK);
-                tasks.push(Task { e, start: at, len });
-                at += len;
-            }
-        }
+        let tasks: Vec<Task> = crate::grouped::segment_tasks(&plan.offsets)
+            .into_iter()
+            .map(|(e, start, len)| Task { e, start, len })
+            .collect();
         // Per-assignment outputs, expert-sorted: disjoint slices, one per task.
         let mut ys = vec![0f32; kept * h];
         let mut slices = Vec::with_capacity(tasks.len());
@@ -117,39 +121,54 @@ impl CustomOp1 for MoeCpuOp<'_> {
             rest = b;
         }
         let (w13, w2) = (&self.fused.w13, &self.fused.w2);
-        tasks
-            .par_iter()
-            .zip(slices.into_par_iter())
-            .try_for_each(|(t, out)| -> Result<()> {
+        crate::grouped::par_each(
+            tasks.iter().zip(slices).collect(),
+            |_, (t, out)| -> Result<()> {
                 let mut xe = Vec::with_capacity(t.len * h);
                 for r in t.start..t.start + t.len {
                     let tok = plan.token_idx[r] as usize;
                     xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
                 }
-                let mut g = vec![0f32; t.len * 2 * f];
-                matmul_bt(
+                let m = t.len;
+                // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
+                let mut gt = vec![0f32; 2 * f * m];
+                matmul_wt_t(
                     &xe,
+                    h,
+                    1,
                     &w13[t.e * 2 * f * h..(t.e + 1) * 2 * f * h],
-                    &mut g,
-                    t.len,
+                    &mut gt,
+                    m,
                     h,
                     2 * f,
                 )?;
-                let mut act = vec![0f32; t.len * f];
-                for r in 0..t.len {
-                    let row = &g[r * 2 * f..(r + 1) * 2 * f];
-                    let (a, b) = row.split_at(f);
-                    for ((o, &a), &b) in act[r * f..(r + 1) * f].iter_mut().zip(a).zip(b) {
-                        *o = a / (1.0 + (-a).exp()) * b;
-                    }
-                }
-                matmul_bt(&act, &w2[t.e * h * f..(t.e + 1) * h * f], out, t.len, f, h)?;
-                for r in 0..t.len {
+                let (g1, g3) = gt.split_at(f * m);
+                let act: Vec<f32> = g1
+                    .iter()
+                    .zip(g3)
+                    .map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)
+                    .collect(); // actᵀ (f × m)
+                                // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
+                let mut yt = vec![0f32; h * m];
+                matmul_wt_t(
+                    &act,
+                    1,
+                    m,
+                    &w2[t.e * h * f..(t.e + 1) * h * f],
+                    &mut yt,
+                    m,
+                    f,
+                    h,
+                )?;
+                // Back to row-major (m × h), gate-weighted.
+                crate::grouped::transpose_into(&yt, h, m, out);
+                for (r, row) in out.chunks_mut(h).enumerate() {
                     let w = self.gate[t.start + r];
-                    out[r * h..(r + 1) * h].iter_mut().for_each(|v| *v *= w);
+                    row.iter_mut().for_each(|v| *v *= w);
                 }
                 Ok(())
-            })?;
+            },
+        )?;
         // Combine: every token sums its kept assignments (inverse of the plan's permutation).
         let mut first = vec![usize::MAX; n];
         let mut next = vec![usize::MAX; kept];
@@ -159,15 +178,21 @@ impl CustomOp1 for MoeCpuOp<'_> {
             first[tok] = r;
         }
         let mut out = vec![0f32; n * h];
-        out.par_chunks_mut(h).enumerate().for_each(|(tok, row)| {
-            let mut r = first[tok];
-            while r != usize::MAX {
-                for (o, v) in row.iter_mut().zip(&ys[r * h..(r + 1) * h]) {
-                    *o += v;
+        let per_part = n
+            .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
+            .max(16);
+        crate::grouped::par_each(out.chunks_mut(per_part * h).collect(), |p, rows| {
+            for (i, row) in rows.chunks_mut(h).enumerate() {
+                let mut r = first[p * per_part + i];
+                while r != usize::MAX {
+                    for (o, v) in row.iter_mut().zip(&ys[r * h..(r + 1) * h]) {
+                        *o += v;
+                    }
+                    r = next[r];
                 }
-                r = next[r];
             }
-        });
+            Ok(())
+        })?;
         Ok((CpuStorage::F32(out), Shape::from((n, h))))
     }
 }

@@ -176,6 +176,62 @@ fn every_configuration_matches_the_per_token_reference() {
     assert_eq!(checked, 4 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
 }
 
+/// Many tokens: expert segments longer than a core's share are cut into parts, segment lengths
+/// are not multiples of the GEMM micro-kernel's tile, and the weights are wider than the tokens.
+#[test]
+fn long_and_hot_segments_match_the_per_token_reference() {
+    let h = 24;
+    for &(e, k, n) in &[
+        (1usize, 1usize, 301usize),
+        (2, 1, 203),
+        (4, 2, 157),
+        (3, 3, 97),
+    ] {
+        let cfg = MoeConfig {
+            hidden_size: h,
+            intermediate_size: 40,
+            num_experts: e,
+            top_k: k,
+            ..Default::default()
+        };
+        let (vm, trainable) = build(&cfg, 500 + e as u64, DType::F32);
+        let frozen = SparseMoe::new(
+            &cfg,
+            VarBuilder::from_tensors(
+                candle_moe::checkpoint::varmap_tensors(&vm)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.detach()))
+                    .collect(),
+                DType::F32,
+                &Device::Cpu,
+            ),
+        )
+        .unwrap();
+        let xs = Rng::new(600 + n as u64).tensor(&[n, h], 1.0, DType::F32);
+        let rows = xs.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+        let r = reference(&cfg, &vm, &rows);
+        for (path, moe) in [("grouped", &trainable), ("fused", &frozen)] {
+            let out = moe.forward(&xs).unwrap();
+            let got = out
+                .hidden_states
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
+            for (gr, rr) in got.iter().zip(&r.y) {
+                for (g, want) in gr.iter().zip(rr) {
+                    assert!(
+                        (g - want).abs() <= 5e-5 * want.abs().max(1.0),
+                        "{path} E={e} k={k} n={n}: {g} vs {want}"
+                    );
+                }
+            }
+            assert_eq!(out.expert_counts, r.counts, "{path} E={e} k={k}");
+        }
+    }
+}
+
 #[test]
 fn one_expert_equals_dense_swiglu_outputs_and_gradients() {
     let cfg = MoeConfig {
