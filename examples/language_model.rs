@@ -70,6 +70,12 @@ struct Args {
     /// Evaluate every this many steps.
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
+    /// Coefficient of the load-balancing loss.
+    #[arg(long, default_value_t = 0.01)]
+    aux_loss_coef: f64,
+    /// Coefficient of the router z-loss.
+    #[arg(long, default_value_t = 0.001)]
+    z_loss_coef: f64,
 }
 
 fn model_config(a: &Args, vocab: usize) -> ModelConfig {
@@ -83,8 +89,8 @@ fn model_config(a: &Args, vocab: usize) -> ModelConfig {
     c.moe.num_experts = a.experts;
     c.moe.top_k = a.top_k;
     c.moe.intermediate_size = a.expert_ffn;
-    c.moe.router_aux_loss_coef = 0.01;
-    c.moe.router_z_loss_coef = 0.001;
+    c.moe.router_aux_loss_coef = a.aux_loss_coef;
+    c.moe.router_z_loss_coef = a.z_loss_coef;
     // The dense baseline runs k experts' worth of FFN per token: the same active parameters.
     c.dense_intermediate_size = a.expert_ffn * a.top_k;
     c.sparse_step = if a.run.dense { 0 } else { 1 };
@@ -251,11 +257,13 @@ fn run() -> Result<()> {
         for (l, s) in ev.expert_share.iter().enumerate() {
             let cells: Vec<String> = s.iter().map(|x| format!("{:.3}", x)).collect();
             let max = s.iter().cloned().fold(0.0, f64::max);
-            let min = s.iter().cloned().fold(1.0, f64::min);
+            let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
+            // An expert that gets under 1% of its fair share counts as unused.
+            let unused = s.iter().filter(|&&x| x < 0.01 * mean).count();
             println!(
-                "  layer {l}: [{}]  max/min {:.2}",
+                "  layer {l}: [{}]  max/mean {:.2}, unused experts {unused}",
                 cells.join(", "),
-                max / min.max(1e-9)
+                max / mean.max(1e-12)
             );
         }
     }

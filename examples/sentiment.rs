@@ -55,6 +55,9 @@ struct Args {
     vocab: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Dropout on embeddings and block outputs while training (models trained from scratch).
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
     /// Start from a dense BERT-family checkpoint (local folder or hub id), e.g. all-MiniLM-L6-v2.
     #[arg(long)]
     init: Option<String>,
@@ -210,6 +213,7 @@ fn run() -> Result<()> {
             c.sparse_step = if a.run.dense { 0 } else { 1 };
             c.num_labels = 2;
             c.pad_token_id = Some(pad);
+            c.hidden_dropout = a.dropout;
             let vm = VarMap::new();
             let m = SequenceClassifier::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
             candle_moe::init::reseed_varmap(&vm, a.run.seed)?;

@@ -5,6 +5,8 @@
 //! The `(b, heads, t_q, t_k)` score tensor is the only quadratic intermediate; masks are built
 //! once per forward as `(b, 1, t_q, t_k)` additive biases (or not at all when nothing is
 //! masked). Softmax runs in f32 (it has a backward, unlike `candle_nn::ops::softmax_last_dim`).
+//! In inference on CPU without a padding mask, scaling, the causal mask and the softmax are one
+//! pass over the scores that skips the masked keys.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -125,6 +127,68 @@ pub fn attention_bias(
         });
     }
     Ok(bias)
+}
+
+/// `softmax(scale · s)` over the last dimension of `(b, heads, t_q, t_k)` f32 scores, with keys
+/// `j > offset + i` of query row `i` masked out when `causal` (they get probability 0, as with
+/// an additive `-inf` bias). Inference only (no backward pass).
+#[derive(Debug, Clone, Copy)]
+struct ScaledCausalSoftmax {
+    scale: f32,
+    causal: bool,
+    offset: usize,
+}
+
+impl candle_core::CustomOp1 for ScaledCausalSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-causal-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let s = match (storage, layout.contiguous_offsets()) {
+            (candle_core::CpuStorage::F32(v), Some((a, z))) => &v[a..z],
+            _ => bail!("scaled-causal-softmax: needs contiguous f32 scores"),
+        };
+        let dims = layout.shape().dims();
+        let (t_q, t_k) = match dims {
+            [.., q, k] if *k > 0 => (*q, *k),
+            _ => bail!("scaled-causal-softmax: bad score shape {dims:?}"),
+        };
+        let rows = s.len() / t_k;
+        let mut out = vec![0f32; s.len()];
+        let per_part = rows.div_ceil(8 * candle_core::utils::get_num_threads().max(1)).max(1);
+        let (scale, causal, offset) = (self.scale, self.causal, self.offset);
+        crate::grouped::par_each(out.chunks_mut(per_part * t_k).collect(), |p, chunk| {
+            for (r, o) in chunk.chunks_mut(t_k).enumerate() {
+                let row = p * per_part + r;
+                let i = row % t_q.max(1);
+                let len = if causal {
+                    (offset + i + 1).min(t_k)
+                } else {
+                    t_k
+                };
+                let x = &s[row * t_k..row * t_k + len];
+                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+                let mut sum = 0f32;
+                for (o, &v) in o[..len].iter_mut().zip(x) {
+                    let e = (v * scale - m).exp();
+                    *o = e;
+                    sum += e;
+                }
+                let inv = 1.0 / sum;
+                o[..len].iter_mut().for_each(|v| *v *= inv);
+            }
+            Ok(())
+        })?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            layout.shape().clone(),
+        ))
+    }
 }
 
 /// Multi-head / grouped-query attention, self or cross.
@@ -298,7 +362,26 @@ impl Attention {
         let t_k = k.dim(2)?;
         let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?; // (b, nh, t, tk)
+        let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // (b, nh, t, tk)
+        if key_mask.is_none()
+            && !raw.track_op()
+            && raw.dtype() == DType::F32
+            && raw.device().is_cpu()
+        {
+            // Inference without padding: scale, causal mask and softmax in one pass over the
+            // scores, skipping the masked keys (no bias tensor, no extra passes).
+            let probs = raw.apply_op1_no_bwd(&ScaledCausalSoftmax {
+                scale: scale as f32,
+                causal,
+                offset,
+            })?;
+            let out = probs.matmul(&v)?; // (b, nh, t, d)
+            let out = out
+                .transpose(1, 2)?
+                .reshape((b, t, self.num_heads * self.head_dim))?;
+            return self.o_proj.forward(&out);
+        }
+        let scores = (raw * scale)?;
         let mut scores = scores.to_dtype(DType::F32)?;
         if let Some(bias) = attention_bias(b, t, t_k, offset, causal, key_mask, xs.device())? {
             scores = scores.broadcast_add(&bias)?;

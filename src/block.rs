@@ -6,8 +6,11 @@
 //! Which blocks are sparse is `ModelConfig::sparse_step` (every layer, or every n-th as in
 //! Switch/GShard).
 
+use std::sync::Mutex;
+
 use candle_core::{bail, DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::attention::{Attention, KvCache, Rope};
 use crate::config::{ModelConfig, NormKind};
@@ -99,6 +102,65 @@ pub struct LayerCache {
     pub cross_attn: KvCache,
 }
 
+/// Inverted dropout (Srivastava et al. 2014) with its own seeded generator, so that training
+/// runs are reproducible from their seed (candle's `ops::dropout` draws from the thread RNG).
+#[derive(Debug)]
+pub struct Dropout {
+    p: f64,
+    rng: Mutex<StdRng>,
+}
+
+impl Dropout {
+    /// Drops with probability `p` in `[0, 1)`; the mask generator starts from `seed`.
+    pub fn new(p: f64, seed: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            bail!("dropout probability must be in [0, 1), got {p}")
+        }
+        Ok(Self {
+            p,
+            rng: Mutex::new(StdRng::seed_from_u64(seed)),
+        })
+    }
+
+    /// The drop probability.
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Restarts the mask generator from `seed`.
+    pub fn set_seed(&self, seed: u64) {
+        let mut g = match self.rng.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = StdRng::seed_from_u64(seed);
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` when
+    /// `train`; the identity otherwise.
+    ///
+    /// # Shapes
+    /// - `xs`: any -> same shape
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(xs.clone());
+        }
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let p = self.p as f32;
+        let mask: Vec<f32> = {
+            let mut g = match self.rng.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            (0..xs.elem_count())
+                .map(|_| if g.random::<f32>() < p { 0.0 } else { keep })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
+        xs * mask
+    }
+}
+
 /// What a block's forward needs besides its input.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockCtx<'a> {
@@ -110,8 +172,10 @@ pub struct BlockCtx<'a> {
     pub key_mask: Option<&'a Tensor>,
     /// Encoder memory `(b, s, h)` and its padding mask `(b, s)`, for decoder blocks.
     pub memory: Option<(&'a Tensor, Option<&'a Tensor>)>,
-    /// Training mode (router noise on).
+    /// Training mode (router noise and dropout on).
     pub train: bool,
+    /// Dropout on the attention and feed-forward outputs (training only).
+    pub dropout: Option<&'a Dropout>,
 }
 
 /// One transformer block.
@@ -180,11 +244,15 @@ impl TransformerBlock {
             Some(c) => (Some(&mut c.self_attn), Some(&mut c.cross_attn)),
             None => (None, None),
         };
+        let drop = |t: Tensor| match ctx.dropout {
+            Some(d) => d.forward_t(&t, ctx.train),
+            None => Ok(t),
+        };
         let mut x = if self.post_norm {
             let a = self
                 .attn
                 .forward_self(xs, ctx.rope, ctx.causal, ctx.key_mask, self_cache)?;
-            self.input_norm.forward(&(xs + a)?)?
+            self.input_norm.forward(&(xs + drop(a)?)?)?
         } else {
             let a = self.attn.forward_self(
                 &self.input_norm.forward(xs)?,
@@ -193,7 +261,7 @@ impl TransformerBlock {
                 ctx.key_mask,
                 self_cache,
             )?;
-            (xs + a)?
+            (xs + drop(a)?)?
         };
         if let Some((norm, cross)) = &self.cross {
             let Some((mem, mem_mask)) = ctx.memory else {
@@ -201,10 +269,10 @@ impl TransformerBlock {
             };
             x = if self.post_norm {
                 let a = cross.forward_cross(&x, mem, mem_mask, cross_cache)?;
-                norm.forward(&(x + a)?)?
+                norm.forward(&(x + drop(a)?)?)?
             } else {
                 let a = cross.forward_cross(&norm.forward(&x)?, mem, mem_mask, cross_cache)?;
-                (x + a)?
+                (x + drop(a)?)?
             };
         }
         let ffn_in = if self.post_norm {
@@ -219,6 +287,7 @@ impl TransformerBlock {
                 (o.hidden_states.clone(), Some(o))
             }
         };
+        let f = drop(f)?;
         let out = if self.post_norm {
             self.post_attn_norm.forward(&(x + f)?)?
         } else {

@@ -218,6 +218,10 @@ pub struct ModelConfig {
     pub pooling: Pooling,
     /// Padding token id, if any.
     pub pad_token_id: Option<u32>,
+    /// Dropout probability on the embeddings and on every attention and feed-forward output
+    /// before its residual add, in training only (BERT's `hidden_dropout_prob`); 0 = off.
+    #[serde(alias = "hidden_dropout_prob")]
+    pub hidden_dropout: f64,
 }
 
 impl Default for ModelConfig {
@@ -262,6 +266,7 @@ impl ModelConfig {
             num_labels: 2,
             pooling: Pooling::Mean,
             pad_token_id: None,
+            hidden_dropout: 0.0,
         }
     }
 
@@ -291,6 +296,12 @@ impl ModelConfig {
             if v == 0 {
                 return bad(format!("{name} must be > 0"));
             }
+        }
+        if !(0.0..1.0).contains(&self.hidden_dropout) {
+            return bad(format!(
+                "hidden_dropout must be in [0, 1), got {}",
+                self.hidden_dropout
+            ));
         }
         const MAX_LAYERS: usize = 4096;
         for (name, v) in [

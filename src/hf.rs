@@ -351,6 +351,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         num_labels: 0,
         pooling: Default::default(),
         pad_token_id: None,
+        hidden_dropout: 0.0,
     };
     cfg.validate()
         .map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;

@@ -282,3 +282,43 @@ fn resume_is_bit_for_bit() {
     let w = "model.layers.0.block_sparse_moe.gate.weight";
     assert!(max_abs_diff(&init[w], &straight[w]) > 1e-4);
 }
+
+#[test]
+fn dropout_is_training_only_reproducible_and_scaled() {
+    let mut cfg = tiny();
+    cfg.hidden_dropout = 0.3;
+    let (m, vm) = lm(&cfg, 71);
+    let plain = {
+        let mut c = cfg.clone();
+        c.hidden_dropout = 0.0;
+        let ts = checkpoint::varmap_tensors(&vm).unwrap();
+        CausalLm::new(&c, VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu)).unwrap()
+    };
+    let x = ids(&[1, 5, 9, 2, 7, 3, 4, 8, 6, 1, 2, 3], 2);
+    // Inference: dropout is the identity.
+    let a = m.forward(&x).unwrap().logits;
+    let b = plain.forward(&x).unwrap().logits;
+    assert!(max_abs_diff(&a, &b) == 0.0);
+    // Training: masks differ from the identity, and the same seed gives the same masks.
+    let t1 = m.forward_t(&x, None, true).unwrap().logits;
+    assert!(max_abs_diff(&t1, &b) > 1e-3);
+    let (m2, _) = lm(&cfg, 71);
+    let t2 = m2.forward_t(&x, None, true).unwrap().logits;
+    assert!(max_abs_diff(&t1, &t2) == 0.0);
+    // The mask keeps about 1 - p of the elements, scaled by 1 / (1 - p) (mean preserved).
+    let d = candle_moe::block::Dropout::new(0.3, 5).unwrap();
+    let ones = Tensor::ones((200, 100), DType::F32, &Device::Cpu).unwrap();
+    let y = d.forward_t(&ones, true).unwrap().flatten_all().unwrap();
+    let v = y.to_vec1::<f32>().unwrap();
+    let kept = v.iter().filter(|&&e| e != 0.0).count() as f64 / v.len() as f64;
+    assert!((kept - 0.7).abs() < 0.02, "kept {kept}");
+    assert!(v.iter().all(|&e| e == 0.0 || (e - 1.0 / 0.7).abs() < 1e-6));
+    assert!(candle_moe::block::Dropout::new(1.0, 0).is_err());
+    let mut bad = tiny();
+    bad.hidden_dropout = 1.5;
+    let e = CausalLm::new(&bad, VarBuilder::zeros(DType::F32, &Device::Cpu))
+        .err()
+        .expect("hidden_dropout 1.5 accepted")
+        .to_string();
+    assert!(e.contains("hidden_dropout"), "{e}");
+}

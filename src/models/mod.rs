@@ -16,7 +16,7 @@ use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::Rope;
-use crate::block::{BlockCtx, LayerCache, Norm, TransformerBlock};
+use crate::block::{BlockCtx, Dropout, LayerCache, Norm, TransformerBlock};
 use crate::config::{ModelConfig, PositionKind};
 use crate::losses;
 
@@ -106,6 +106,7 @@ pub(crate) struct Trunk {
     rope: Option<Rope>,
     cfg: ModelConfig,
     causal: bool,
+    dropout: Option<Dropout>,
 }
 
 /// Checks token ids: `(b, t)` integers, non-empty, below the vocabulary, within the maximum
@@ -196,6 +197,12 @@ impl Trunk {
             rope,
             cfg: cfg.clone(),
             causal,
+            // Encoder and decoder trunks draw different masks.
+            dropout: if cfg.hidden_dropout > 0.0 {
+                Some(Dropout::new(cfg.hidden_dropout, 0xd0_u64 + cross as u64)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -239,6 +246,9 @@ impl Trunk {
         if let Some(n) = &self.embed_norm {
             x = n.forward(&x)?;
         }
+        if let Some(d) = &self.dropout {
+            x = d.forward_t(&x, train)?;
+        }
         if let Some(c) = cache.as_deref_mut() {
             if c.layers.len() != self.layers.len() {
                 *c = DecodeCache::new(self.layers.len());
@@ -250,6 +260,7 @@ impl Trunk {
             key_mask,
             memory,
             train,
+            dropout: self.dropout.as_ref(),
         };
         let mut router_logits = Vec::new();
         let mut routing = Vec::new();
