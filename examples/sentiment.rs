@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use candle_moe::data::{self, sentiment, tokenizer};
 use candle_moe::tasks::classify;
 use candle_moe::train::{TrainConfig, Trainer};
@@ -58,6 +58,10 @@ struct Args {
     /// Dropout on embeddings and block outputs while training (models trained from scratch).
     #[arg(long, default_value_t = 0.1)]
     dropout: f64,
+    /// Keep the weights of the evaluation with the best validation accuracy (model selection
+    /// on the validation split; the test split is scored once, at the end).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    keep_best: bool,
     /// Start from a dense BERT-family checkpoint (local folder or hub id), e.g. all-MiniLM-L6-v2.
     #[arg(long)]
     init: Option<String>,
@@ -242,6 +246,8 @@ fn run() -> Result<()> {
     let t0 = Instant::now();
     let mut best = (0.0f64, 0usize);
     let tok_json = tokenizer::to_json(&tok)?;
+    // Model selection on validation: a copy of the weights at the best validation accuracy.
+    let mut best_weights: Option<(f64, Vec<(String, Tensor)>)> = None;
     trainer.run(
         |rng| {
             let (x, m, y) = classify::batch(&train_ids, a.batch, a.max_len, pad, rng, &dev)?;
@@ -249,7 +255,19 @@ fn run() -> Result<()> {
         },
         || {
             let pred = classify::predict(&model, &valid_x, 64, a.max_len, pad, &dev)?;
-            Ok(classify::accuracy_f1(&pred, &valid_y).0)
+            let acc = classify::accuracy_f1(&pred, &valid_y).0;
+            if a.keep_best && best_weights.as_ref().is_none_or(|b| acc > b.0) {
+                let data = vm
+                    .data()
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+                let copy = data
+                    .iter()
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                best_weights = Some((acc, copy));
+            }
+            Ok(acc)
         },
         |tr| {
             checkpoint::save(&out, &cfg, &vm, Some(&tok_json))?;
@@ -260,6 +278,24 @@ fn run() -> Result<()> {
     for (s, v) in &trainer.state.evals {
         if *v > best.0 {
             best = (*v, *s);
+        }
+    }
+    let final_acc = trainer.state.evals.last().map(|e| e.1);
+    if let (Some((acc, weights)), Some(last)) = (best_weights, final_acc) {
+        if acc > last {
+            let data = vm
+                .data()
+                .lock()
+                .map_err(|_| anyhow::anyhow!("varmap lock"))?;
+            for (n, w) in &weights {
+                if let Some(v) = data.get(n) {
+                    v.set(w)?;
+                }
+            }
+            println!(
+                "kept the weights of step {} (validation accuracy {acc:.4}; final step {last:.4})",
+                best.1
+            );
         }
     }
     checkpoint::save(&out, &cfg, &vm, Some(&tok_json))?;

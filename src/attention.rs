@@ -160,7 +160,9 @@ impl candle_core::CustomOp1 for ScaledCausalSoftmax {
         };
         let rows = s.len() / t_k;
         let mut out = vec![0f32; s.len()];
-        let per_part = rows.div_ceil(8 * candle_core::utils::get_num_threads().max(1)).max(1);
+        let per_part = rows
+            .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
+            .max(1);
         let (scale, causal, offset) = (self.scale, self.causal, self.offset);
         crate::grouped::par_each(out.chunks_mut(per_part * t_k).collect(), |p, chunk| {
             for (r, o) in chunk.chunks_mut(t_k).enumerate() {
@@ -184,10 +186,7 @@ impl candle_core::CustomOp1 for ScaledCausalSoftmax {
             }
             Ok(())
         })?;
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            layout.shape().clone(),
-        ))
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 

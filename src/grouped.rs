@@ -193,6 +193,23 @@ pub(crate) fn par_each<T: Send>(
     err.map_or(Ok(()), Err)
 }
 
+thread_local! {
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 4]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// Runs `f` with four scratch buffers owned by the current thread (their contents are
+/// unspecified; they keep their capacity between calls, so the per-task temporaries of the
+/// expert GEMMs are not freshly mapped and page-faulted on every forward). A nested call on
+/// the same thread gets fresh buffers.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [Vec<f32>; 4]) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut bufs) => f(&mut bufs),
+        Err(_) => f(&mut [Vec::new(), Vec::new(), Vec::new(), Vec::new()]),
+    })
+}
+
 /// Cuts expert segments into `(expert, start, len)` tasks for the worker pool. Every GEMM call
 /// streams (and packs) its expert's whole weight matrix, so a segment stays in one task unless it
 /// holds more than a core's fair share of the rows; then it is cut into equal parts, so that a hot
@@ -269,14 +286,15 @@ impl CustomOp2 for GroupedMatmul {
                         match self.mode {
                             // w[e] is (N, K): bᵀ[p, j] = w[j, p] -> b_rs = 1, b_cs = K; computed
                             // column-major so the weights are read in place, then transposed.
-                            Mode::Forward => {
-                                let mut ct = vec![0f32; len * out_cols];
+                            Mode::Forward => with_scratch(|[ct, ..]| {
+                                ct.resize(len * out_cols, 0.0);
+                                let ct = &mut ct[..len * out_cols];
                                 gemm_col_major_out(
-                                    &mut ct, a_seg, inner, 1, w, 1, kw, len, out_cols, inner,
+                                    ct, a_seg, inner, 1, w, 1, kw, len, out_cols, inner,
                                 )?;
-                                transpose_into(&ct, out_cols, len, c);
+                                transpose_into(ct, out_cols, len, c);
                                 Ok(())
-                            }
+                            }),
                             // w[e] as (N, K) row-major: b[p, j] = w[p, j] -> b_rs = K, b_cs = 1.
                             _ => gemm_strided(c, a_seg, inner, 1, w, kw, 1, len, out_cols, inner),
                         }

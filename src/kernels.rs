@@ -124,49 +124,48 @@ impl CustomOp1 for MoeCpuOp<'_> {
         crate::grouped::par_each(
             tasks.iter().zip(slices).collect(),
             |_, (t, out)| -> Result<()> {
-                let mut xe = Vec::with_capacity(t.len * h);
-                for r in t.start..t.start + t.len {
-                    let tok = plan.token_idx[r] as usize;
-                    xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
-                }
-                let m = t.len;
-                // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
-                let mut gt = vec![0f32; 2 * f * m];
-                matmul_wt_t(
-                    &xe,
-                    h,
-                    1,
-                    &w13[t.e * 2 * f * h..(t.e + 1) * 2 * f * h],
-                    &mut gt,
-                    m,
-                    h,
-                    2 * f,
-                )?;
-                let (g1, g3) = gt.split_at(f * m);
-                let act: Vec<f32> = g1
-                    .iter()
-                    .zip(g3)
-                    .map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)
-                    .collect(); // actᵀ (f × m)
-                                // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
-                let mut yt = vec![0f32; h * m];
-                matmul_wt_t(
-                    &act,
-                    1,
-                    m,
-                    &w2[t.e * h * f..(t.e + 1) * h * f],
-                    &mut yt,
-                    m,
-                    f,
-                    h,
-                )?;
-                // Back to row-major (m × h), gate-weighted.
-                crate::grouped::transpose_into(&yt, h, m, out);
-                for (r, row) in out.chunks_mut(h).enumerate() {
-                    let w = self.gate[t.start + r];
-                    row.iter_mut().for_each(|v| *v *= w);
-                }
-                Ok(())
+                crate::grouped::with_scratch(|[xe, gt, act, yt]| {
+                    let m = t.len;
+                    xe.clear();
+                    for r in t.start..t.start + m {
+                        let tok = plan.token_idx[r] as usize;
+                        xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
+                    }
+                    // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
+                    gt.resize(2 * f * m, 0.0);
+                    matmul_wt_t(
+                        xe,
+                        h,
+                        1,
+                        &w13[t.e * 2 * f * h..(t.e + 1) * 2 * f * h],
+                        &mut gt[..2 * f * m],
+                        m,
+                        h,
+                        2 * f,
+                    )?;
+                    let (g1, g3) = gt[..2 * f * m].split_at(f * m);
+                    act.clear();
+                    act.extend(g1.iter().zip(g3).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)); // actᵀ (f × m)
+                                                                                              // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
+                    yt.resize(h * m, 0.0);
+                    matmul_wt_t(
+                        act,
+                        1,
+                        m,
+                        &w2[t.e * h * f..(t.e + 1) * h * f],
+                        &mut yt[..h * m],
+                        m,
+                        f,
+                        h,
+                    )?;
+                    // Back to row-major (m × h), gate-weighted.
+                    crate::grouped::transpose_into(&yt[..h * m], h, m, out);
+                    for (r, row) in out.chunks_mut(h).enumerate() {
+                        let w = self.gate[t.start + r];
+                        row.iter_mut().for_each(|v| *v *= w);
+                    }
+                    Ok(())
+                })
             },
         )?;
         // Combine: every token sums its kept assignments (inverse of the plan's permutation).
