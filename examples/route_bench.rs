@@ -99,12 +99,15 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+/// Median, minimum and maximum of a set of timings.
+type Stats = (f64, f64, f64);
+
+fn median(mut v: Vec<f64>) -> Stats {
     v.sort_by(|a, b| a.total_cmp(b));
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn time(reps: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+fn time(reps: usize, dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<Stats> {
     for _ in 0..2 {
         f()?;
     }
@@ -127,7 +130,7 @@ fn time_pair(
     dev: &Device,
     mut f: impl FnMut() -> Result<()>,
     mut g: impl FnMut() -> Result<()>,
-) -> Result<((f64, f64, f64), (f64, f64, f64), f64)> {
+) -> Result<(Stats, Stats, f64)> {
     for _ in 0..2 {
         f()?;
         g()?;

@@ -140,28 +140,27 @@ impl Experts {
     fn grouped_swiglu(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
         if !xs.device().is_cpu()
             || xs.dtype() != candle_core::DType::F32
-            || self.experts.iter().any(|e| e.has_bias() || e.w3.is_none())
+            || self.experts.iter().any(|e| {
+                e.has_bias()
+                    || e.w3.is_none()
+                    || e.w1.weight().dtype() != candle_core::DType::F32
+                    || !e.w1.weight().device().is_cpu()
+            })
         {
             return Ok(None);
         }
-        let stack = |f: &dyn Fn(&Expert) -> Option<&Tensor>| -> Result<Option<Tensor>> {
-            let ws: Option<Vec<&Tensor>> = self.experts.iter().map(f).collect();
-            match ws {
-                Some(ws) => Ok(Some(Tensor::cat(&ws, 0)?)),
-                None => Ok(None),
-            }
-        };
-        let (Some(w1), Some(w3), Some(w2)) = (
-            stack(&|e| Some(e.w1.weight()))?,               // (E·f, h)
-            stack(&|e| e.w3.as_ref().map(|l| l.weight()))?, // (E·f, h)
-            stack(&|e| Some(e.w2.weight()))?,               // (E·h, f)
-        ) else {
-            return Ok(None);
-        };
-        let g = crate::grouped::grouped_matmul(xs, &w1, offsets)?; // (n, f)
-        let u = crate::grouped::grouped_matmul(xs, &w3, offsets)?; // (n, f)
+        let w1: Vec<&Tensor> = self.experts.iter().map(|e| e.w1.weight()).collect();
+        let w3: Option<Vec<&Tensor>> = self
+            .experts
+            .iter()
+            .map(|e| e.w3.as_ref().map(|l| l.weight()))
+            .collect();
+        let Some(w3) = w3 else { return Ok(None) };
+        let w2: Vec<&Tensor> = self.experts.iter().map(|e| e.w2.weight()).collect();
+        let g = crate::grouped::expert_matmul(xs, &w1, offsets)?; // (n, f)
+        let u = crate::grouped::expert_matmul(xs, &w3, offsets)?; // (n, f)
         let h = (g.silu()? * u)?;
-        Ok(Some(crate::grouped::grouped_matmul(&h, &w2, offsets)?)) // (n, h)
+        Ok(Some(crate::grouped::expert_matmul(&h, &w2, offsets)?)) // (n, h)
     }
 
     /// The plain loop: each expert's three matmuls on its segment, one expert after another
