@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
     /// Coefficient of the load-balancing loss.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.05)]
     aux_loss_coef: f64,
     /// Coefficient of the router z-loss.
     #[arg(long, default_value_t = 0.001)]
@@ -197,14 +197,19 @@ fn run() -> Result<()> {
             trainer.state.step
         );
     }
+    let ffn = if a.run.dense {
+        format!("a dense FFN of width {}", cfg.dense_intermediate_size)
+    } else {
+        format!(
+            "{} experts top-{} of width {}",
+            cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.intermediate_size
+        )
+    };
     println!(
-        "model: {} ({} layers, width {}, {} experts top-{} of width {}), {:.2}M parameters",
+        "model: {} ({} layers, width {}, {ffn}), {:.2}M parameters",
         if a.run.dense { "dense" } else { "MoE" },
         cfg.num_layers,
         cfg.hidden_size,
-        cfg.moe.num_experts,
-        cfg.moe.top_k,
-        cfg.moe.intermediate_size,
         n_params as f64 / 1e6
     );
     let tok_json = tokenizer::to_json(&tok)?;

@@ -8,6 +8,7 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use candle_moe::experts::Expert;
 use candle_moe::{ExpertKind, MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
-use common::{main_wrapper, print_table};
+use common::{main_wrapper, plot_panels_x, print_table, Series};
 
 /// mimalloc with a byte counter, to measure the peak memory of one forward.
 struct Counting;
@@ -64,10 +65,12 @@ fn peak_bytes(f: impl FnOnce() -> Result<()>) -> Result<usize> {
 
 #[derive(Parser, Debug)]
 struct Args {
-    #[arg(long, default_value_t = 8)]
-    experts: usize,
-    #[arg(long, default_value_t = 2)]
-    top_k: usize,
+    /// Experts per layer; a comma-separated list sweeps them.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    experts: Vec<usize>,
+    /// Experts per token; a comma-separated list sweeps them.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    top_k: Vec<usize>,
     #[arg(long, default_value_t = 512)]
     hidden: usize,
     #[arg(long, default_value_t = 1024)]
@@ -92,7 +95,13 @@ struct Args {
     /// `mixtral::Model` on the same weights.
     #[arg(long)]
     model: bool,
+    /// PNG plot of tokens/s against the swept tokens, experts or top-k.
+    #[arg(long, default_value = "runs/route_bench.png")]
+    plot: PathBuf,
 }
+
+/// One measured point: experts, top-k, tokens, MoE tokens/s, dense tokens/s.
+type Point = (usize, usize, usize, f64, f64);
 
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
@@ -203,11 +212,103 @@ fn run() -> Result<()> {
         "f16" => DType::F16,
         d => anyhow::bail!("unknown dtype {d}"),
     };
+    let mut points: Vec<Point> = vec![];
+    for &e in &a.experts {
+        for &k in &a.top_k {
+            bench_shape(&a, e, k, &dev, dtype, &mut points)?;
+        }
+    }
+    plot(&a, &points)?;
+    if a.model {
+        whole_model(&a, &dev)?;
+    }
+    Ok(())
+}
+
+/// Draws tokens/s of the layer and of the dense FFN against whichever of tokens, experts and
+/// top-k was swept (tokens when several are given).
+fn plot(a: &Args, points: &[Point]) -> Result<()> {
+    let distinct = |f: &dyn Fn(&Point) -> usize| {
+        let mut v: Vec<usize> = points.iter().map(f).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    let (xname, x): (&str, Box<dyn Fn(&Point) -> usize>) = if distinct(&|p| p.2) > 1 {
+        ("tokens", Box::new(|p: &Point| p.2))
+    } else if distinct(&|p| p.0) > 1 {
+        ("experts", Box::new(|p: &Point| p.0))
+    } else {
+        ("top-k", Box::new(|p: &Point| p.1))
+    };
+    let mut series: Vec<Series> = vec![];
+    let push = |series: &mut Vec<Series>, name: String, pt: (f64, f64)| match series
+        .iter_mut()
+        .find(|s| s.name == name)
+    {
+        Some(s) if !s.points.iter().any(|q| q.0 == pt.0) => s.points.push(pt),
+        Some(_) => {}
+        None => series.push(Series {
+            name,
+            points: vec![pt],
+        }),
+    };
+    for p in points {
+        let xv = x(p) as f64;
+        let tag = match xname {
+            "tokens" => format!("E={} k={}", p.0, p.1),
+            "experts" => format!("k={} T={}", p.1, p.2),
+            _ => format!("E={} T={}", p.0, p.2),
+        };
+        push(&mut series, format!("MoE {tag}"), (xv, p.3));
+        // The dense FFN depends on k and T only: one line per k (first measurement per x).
+        let dense_tag = match xname {
+            "top-k" => format!("T={}", p.2),
+            "experts" => format!("k={} T={}", p.1, p.2),
+            _ => format!("k={}", p.1),
+        };
+        push(
+            &mut series,
+            format!("dense, same active FLOPs ({dense_tag})"),
+            (xv, p.4),
+        );
+    }
+    if let Some(dir) = a.plot.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    plot_panels_x(
+        &a.plot,
+        &format!(
+            "route_bench: d={} f={} {} {}",
+            a.hidden, a.ffn, a.dtype, a.device
+        ),
+        xname,
+        &[(
+            format!("tokens/s against {xname}").as_str(),
+            "tokens/s",
+            series,
+        )],
+    )?;
+    println!("wrote {}", a.plot.display());
+    Ok(())
+}
+
+fn bench_shape(
+    a: &Args,
+    experts: usize,
+    top_k: usize,
+    dev: &Device,
+    dtype: DType,
+    points: &mut Vec<Point>,
+) -> Result<()> {
+    let dev = dev.clone();
     let cfg = MoeConfig {
         hidden_size: a.hidden,
         intermediate_size: a.ffn,
-        num_experts: a.experts,
-        top_k: a.top_k,
+        num_experts: experts,
+        top_k,
         ..Default::default()
     };
     // Inference weights (not variables), as a loaded checkpoint has them.
@@ -239,14 +340,14 @@ fn run() -> Result<()> {
     for t in a.tokens.split(',').map(|s| s.trim().parse::<usize>()) {
         let t = t?;
         let xs = Tensor::randn(0f32, 1.0, (t, a.hidden), &dev)?.to_dtype(dtype)?;
-        let xs_dense = Tensor::randn(0f32, 1.0, (t * a.top_k, a.hidden), &dev)?.to_dtype(dtype)?;
+        let xs_dense = Tensor::randn(0f32, 1.0, (t * top_k, a.hidden), &dev)?.to_dtype(dtype)?;
         let (m, d, ratio) = time_pair(
             a.reps,
             &dev,
             || Ok(moe.forward(&xs).map(|_| ())?),
             || Ok(dense.forward(&xs_dense).map(|_| ())?),
         )?;
-        let n = time(a.reps, &dev, || naive(&moe, &xs, a.top_k).map(|_| ()))?;
+        let n = time(a.reps, &dev, || naive(&moe, &xs, top_k).map(|_| ()))?;
         // Routing share: the router alone.
         let r = time(a.reps, &dev, || {
             let l = moe.router().forward(&xs)?;
@@ -256,7 +357,7 @@ fn run() -> Result<()> {
         let out = moe.forward(&xs)?;
         let max = *out.expert_counts.iter().max().unwrap_or(&0) as f64;
         let min = *out.expert_counts.iter().min().unwrap_or(&0) as f64;
-        let flops = 2.0 * 3.0 * (t * a.top_k) as f64 * a.hidden as f64 * a.ffn as f64;
+        let flops = 2.0 * 3.0 * (t * top_k) as f64 * a.hidden as f64 * a.ffn as f64;
         let mut row = vec![
             t.to_string(),
             format!("{:.0}", t as f64 / m.0),
@@ -309,12 +410,13 @@ fn run() -> Result<()> {
                 m.0, d.0, n.0, ratio, m.0 / n.0
             );
         }
+        points.push((experts, top_k, t, t as f64 / m.0, t as f64 / d.0));
         rows.push(row);
     }
     if !a.json {
         println!(
             "shape d={} f={} E={} k={} dtype={} device={} (medians of {} runs)",
-            a.hidden, a.ffn, a.experts, a.top_k, a.dtype, a.device, a.reps
+            a.hidden, a.ffn, experts, top_k, a.dtype, a.device, a.reps
         );
         let mut header = vec![
             "T",
@@ -334,9 +436,6 @@ fn run() -> Result<()> {
         }
         print_table(&header, &rows);
     }
-    if a.model {
-        whole_model(&a, &dev)?;
-    }
     Ok(())
 }
 
@@ -354,8 +453,8 @@ fn whole_model(a: &Args, dev: &Device) -> Result<()> {
     cfg.tie_word_embeddings = false;
     cfg.moe.hidden_size = a.hidden;
     cfg.moe.intermediate_size = a.ffn;
-    cfg.moe.num_experts = a.experts;
-    cfg.moe.top_k = a.top_k;
+    cfg.moe.num_experts = a.experts[0];
+    cfg.moe.top_k = a.top_k[0];
     let vm = VarMap::new();
     let _ = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     candle_moe::init::reseed_varmap(&vm, 3)?;
@@ -369,8 +468,8 @@ fn whole_model(a: &Args, dev: &Device) -> Result<()> {
         serde_json::json!({
             "vocab_size": vocab, "hidden_size": a.hidden, "intermediate_size": a.ffn, "num_hidden_layers": 1,
             "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 4096,
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": 1e6, "sliding_window": 4096, "num_experts_per_tok": a.top_k,
-            "num_local_experts": a.experts, "use_flash_attn": false
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": 1e6, "sliding_window": 4096, "num_experts_per_tok": a.top_k[0],
+            "num_local_experts": a.experts[0], "use_flash_attn": false
         }),
     )?;
     let mut rows = vec![];
@@ -406,7 +505,7 @@ fn whole_model(a: &Args, dev: &Device) -> Result<()> {
             format!("{diff:.1e}"),
         ]);
     }
-    println!("\n1-layer Mixtral-shaped prefill (d={} f={} E={} k={}, 8 heads / 2 kv heads, vocab {vocab}), medians", a.hidden, a.ffn, a.experts, a.top_k);
+    println!("\n1-layer Mixtral-shaped prefill (d={} f={} E={} k={}, 8 heads / 2 kv heads, vocab {vocab}), medians", a.hidden, a.ffn, a.experts[0], a.top_k[0]);
     print_table(
         &[
             "T",

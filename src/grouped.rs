@@ -1,15 +1,24 @@
 //! Grouped matrix multiplication over expert segments, with a backward pass (the training-path
 //! counterpart of [`crate::kernels`]; MegaBlocks' grouped GEMM, Gale et al. 2023, on CPU).
 //!
-//! For tokens sorted by expert (`x` rows `offsets[e]..offsets[e + 1]` belong to expert `e`) and
-//! stacked expert weights `w` `(E, N, K)`, `y[seg_e] = x[seg_e] · w[e]ᵀ`. All segments run in
-//! parallel on candle's CPU worker pool with single-threaded GEMMs, instead of `3·E` small
-//! multi-threaded matmuls one after another. The backward pass is the same kind of op:
-//! `dx[seg_e] = dy[seg_e] · w[e]` and `dw[e] = dy[seg_e]ᵀ · x[seg_e]`.
+//! For tokens sorted by expert (`x` rows `offsets[e]..offsets[e + 1]` belong to expert `e`),
+//! `y[seg_e] = x[seg_e] · w[e]ᵀ`. All segments run in parallel on candle's CPU worker pool with
+//! single-threaded GEMMs, instead of `3·E` small multi-threaded matmuls one after another. The
+//! backward pass is the same kind of op: `dx[seg_e] = dy[seg_e] · w[e]` and
+//! `dw[e] = dy[seg_e]ᵀ · x[seg_e]`.
 //!
 //! The forward product is computed with a column-major output, which lets the GEMM read each
 //! `(N, K)` weight in place instead of repacking it for every segment (weights are the large
 //! operand: `E/k` times the dense FFN's), and is transposed back afterwards.
+//!
+//! [`expert_matmul`] (what the layer uses) takes the experts' own weight tensors (the
+//! Mixtral-named `Var`s). Stacking them for a single-tensor op would copy every weight on every
+//! forward and make candle accumulate every weight gradient twice (once for the stacked tensor,
+//! once per slice), which for `E/k` times the dense FFN's parameters is most of the training
+//! step's overhead. Instead the op reads the weights where they live, and each weight's gradient
+//! enters candle's graph through a tap: a tiny op on that weight whose scalar output feeds the
+//! grouped op, so candle runs its backward after the grouped op's, which leaves the per-expert
+//! weight gradients in a shared stash. [`grouped_matmul`] is the single-tensor form.
 
 use std::sync::Arc;
 

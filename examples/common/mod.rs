@@ -62,8 +62,19 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Draws one or more panels of line plots into a PNG.
+/// Draws one or more panels of line plots against training steps into a PNG.
+#[allow(dead_code)]
 pub fn plot_panels(path: &Path, title: &str, panels: &[(&str, &str, Vec<Series>)]) -> Result<()> {
+    plot_panels_x(path, title, "step", panels)
+}
+
+/// Draws one or more panels of line plots into a PNG, with `x_label` on the x axes.
+pub fn plot_panels_x(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    panels: &[(&str, &str, Vec<Series>)],
+) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 380 * panels.len() as u32)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 22))?;
@@ -91,7 +102,7 @@ pub fn plot_panels(path: &Path, title: &str, panels: &[(&str, &str, Vec<Series>)
             .build_cartesian_2d(x0..x1.max(x0 + 1e-9), (y0 - pad)..(y1 + pad))?;
         chart
             .configure_mesh()
-            .x_desc("step")
+            .x_desc(x_label)
             .y_desc(*ylabel)
             .draw()?;
         for (i, s) in series.iter().enumerate() {
