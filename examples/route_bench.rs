@@ -234,12 +234,12 @@ fn plot(a: &Args, points: &[Point]) -> Result<()> {
         v.dedup();
         v.len()
     };
-    let (xname, x): (&str, Box<dyn Fn(&Point) -> usize>) = if distinct(&|p| p.2) > 1 {
-        ("tokens", Box::new(|p: &Point| p.2))
+    let (xname, x): (&str, fn(&Point) -> usize) = if distinct(&|p| p.2) > 1 {
+        ("tokens", |p| p.2)
     } else if distinct(&|p| p.0) > 1 {
-        ("experts", Box::new(|p: &Point| p.0))
+        ("experts", |p| p.0)
     } else {
-        ("top-k", Box::new(|p: &Point| p.1))
+        ("top-k", |p| p.1)
     };
     let mut series: Vec<Series> = vec![];
     let push = |series: &mut Vec<Series>, name: String, pt: (f64, f64)| match series
