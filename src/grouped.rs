@@ -18,7 +18,7 @@
 //! step's overhead. Instead the op reads the weights where they live, and each weight's gradient
 //! enters candle's graph through a tap: a tiny op on that weight whose scalar output feeds the
 //! grouped op, so candle runs its backward after the grouped op's, which leaves the per-expert
-//! weight gradients in a shared stash. [`grouped_matmul`] is the single-tensor form.
+//! weight gradients in a shared stash.
 
 use std::sync::Arc;
 
@@ -125,7 +125,10 @@ fn gemm_any(
 }
 
 /// `dst (cols × rows)` = `srcᵀ` for `src` `(rows × cols)`, both row-major, in cache-sized tiles.
-pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> Result<()> {
+    if src.len() < rows * cols || dst.len() < rows * cols {
+        bail!("transpose: buffers too small for {rows}x{cols}")
+    }
     const TILE: usize = 32;
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
@@ -137,24 +140,16 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f
             }
         }
     }
+    Ok(())
 }
 
-/// Which product the op computes.
+/// Which product [`segment_products`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
-    /// `y[seg] = x[seg] · w[e]ᵀ`: arg1 `(n, K)`, arg2 `(E, N, K)` -> `(n, N)`.
+    /// `y[seg] = x[seg] · w[e]ᵀ`: `x` `(n, K)`, `w[e]` `(N, K)` -> `(n, N)`.
     Forward,
-    /// `dx[seg] = dy[seg] · w[e]`: arg1 `(n, N)`, arg2 `(E, N, K)` -> `(n, K)`.
+    /// `dx[seg] = dy[seg] · w[e]`: `dy` `(n, N)`, `w[e]` `(N, K)` -> `(n, K)`.
     InputGrad,
-    /// `dw[e] = dy[seg]ᵀ · x[seg]`: arg1 `(n, N)`, arg2 `(n, K)` -> `(E, N, K)`.
-    WeightGrad,
-}
-
-/// The grouped matmul as a candle op.
-#[derive(Debug, Clone)]
-pub struct GroupedMatmul {
-    offsets: Arc<Vec<usize>>,
-    mode: Mode,
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -258,7 +253,7 @@ fn segment_products(
     let rows = offs.last().copied().unwrap_or(0);
     let (inner, out_cols) = match mode {
         Mode::Forward => (kw, nw),
-        _ => (nw, kw),
+        Mode::InputGrad => (nw, kw),
     };
     if a.len() != rows * inner {
         bail!(
@@ -293,11 +288,10 @@ fn segment_products(
                     ct.resize(len * out_cols, 0.0);
                     let ct = &mut ct[..len * out_cols];
                     gemm_col_major_out(ct, a_seg, inner, 1, w, 1, kw, len, out_cols, inner)?;
-                    transpose_into(ct, out_cols, len, c);
-                    Ok(())
+                    transpose_into(ct, out_cols, len, c)
                 }),
                 // w[e] as (N, K) row-major: b[p, j] = w[p, j] -> b_rs = K, b_cs = 1.
-                _ => gemm_strided(c, a_seg, inner, 1, w, kw, 1, len, out_cols, inner),
+                Mode::InputGrad => gemm_strided(c, a_seg, inner, 1, w, kw, 1, len, out_cols, inner),
             }
         },
     )?;
@@ -331,101 +325,6 @@ fn weight_grads_into(
         // dyᵀ[i, p] = dy[p, i] -> a_rs = 1, a_cs = N; x[p, j] -> b_rs = K, b_cs = 1.
         gemm_strided(c, dy, 1, nn, x, kk, 1, nn, kk, t - s)
     })
-}
-
-impl CustomOp2 for GroupedMatmul {
-    fn name(&self) -> &'static str {
-        "grouped-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let a = f32_slice(s1, l1, "lhs")?;
-        let b = f32_slice(s2, l2, "rhs")?;
-        let offs = &self.offsets;
-        let e_count = offs.len().saturating_sub(1).max(1);
-        let rows = offs[e_count];
-        match self.mode {
-            Mode::Forward | Mode::InputGrad => {
-                let n_rows = l1.shape().dims2()?.0;
-                // The weights arrive as (E·N, K): expert e owns rows e·N..(e + 1)·N.
-                let (en, kw) = l2.shape().dims2()?;
-                let nw = en / e_count;
-                if n_rows != rows || nw * e_count != en {
-                    bail!("grouped matmul: {n_rows} rows / {en} weight rows vs plan {rows} rows / {e_count} experts")
-                }
-                let ws: Vec<&[f32]> = b.chunks((nw * kw).max(1)).collect();
-                let (out, cols) = segment_products(a, offs, self.mode, nw, kw, &ws)?;
-                Ok((CpuStorage::F32(out), Shape::from((rows, cols))))
-            }
-            Mode::WeightGrad => {
-                let nn = l1.shape().dims2()?.1;
-                let kk = l2.shape().dims2()?.1;
-                let mut out = vec![0f32; e_count * nn * kk];
-                weight_grads_into(
-                    a,
-                    b,
-                    nn,
-                    kk,
-                    offs,
-                    out.chunks_mut((nn * kk).max(1)).collect(),
-                )?;
-                Ok((CpuStorage::F32(out), Shape::from((e_count * nn, kk))))
-            }
-        }
-    }
-
-    fn bwd(
-        &self,
-        arg1: &Tensor,
-        arg2: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if self.mode != Mode::Forward {
-            bail!("grouped matmul: only the forward product has a backward pass")
-        }
-        let dy = grad.contiguous()?;
-        let op = |mode| GroupedMatmul {
-            offsets: self.offsets.clone(),
-            mode,
-        };
-        let dx = dy.apply_op2_no_bwd(arg2, &op(Mode::InputGrad))?;
-        let dw = dy.apply_op2_no_bwd(arg1, &op(Mode::WeightGrad))?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// `y[seg_e] = x[seg_e] · w[e]ᵀ` with gradients for `x` and `w`.
-///
-/// `w` is either `(E, N, K)` or the experts' `(N, K)` weights concatenated along rows,
-/// `(E·N, K)` (what `Tensor::cat(&ws, 0)` gives: one copy, and one gradient accumulation per
-/// weight in the backward pass, against two for `Tensor::stack`).
-///
-/// # Shapes
-/// - `x`: `(n, K)` f32 CPU, rows sorted by expert; `w`: `(E, N, K)` or `(E·N, K)`;
-///   `offsets`: `E + 1` -> `(n, N)`
-pub fn grouped_matmul(x: &Tensor, w: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-    let w = match w.dims() {
-        [e, n, k] => w.reshape((e * n, *k))?,
-        [_, _] => w.clone(),
-        d => bail!("grouped matmul: weights must be (E, N, K) or (E·N, K), got {d:?}"),
-    };
-    if offsets.len() < 2 {
-        bail!("grouped matmul: offsets need E + 1 >= 2 entries")
-    }
-    x.contiguous()?.apply_op2(
-        &w.contiguous()?,
-        GroupedMatmul {
-            offsets: Arc::new(offsets.to_vec()),
-            mode: Mode::Forward,
-        },
-    )
 }
 
 /// Weight gradients handed from an [`ExpertMatmul`]'s backward pass to the [`GradTap`]s of its

@@ -159,7 +159,7 @@ impl CustomOp1 for MoeCpuOp<'_> {
                         h,
                     )?;
                     // Back to row-major (m × h), gate-weighted.
-                    crate::grouped::transpose_into(&yt[..h * m], h, m, out);
+                    crate::grouped::transpose_into(&yt[..h * m], h, m, out)?;
                     for (r, row) in out.chunks_mut(h).enumerate() {
                         let w = self.gate[t.start + r];
                         row.iter_mut().for_each(|v| *v *= w);
