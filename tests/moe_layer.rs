@@ -91,6 +91,16 @@ fn build(cfg: &MoeConfig, seed: u64, dtype: DType) -> (VarMap, SparseMoe) {
     (vm, moe)
 }
 
+/// The layer with the same weights as plain tensors (not variables): the CPU fast path.
+fn frozen_copy(cfg: &MoeConfig, vm: &VarMap) -> SparseMoe {
+    let ts = candle_moe::checkpoint::varmap_tensors(vm)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach()))
+        .collect();
+    SparseMoe::new(cfg, VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu)).unwrap()
+}
+
 #[test]
 fn every_configuration_matches_the_per_token_reference() {
     let h = 8;
@@ -117,19 +127,7 @@ fn every_configuration_matches_the_per_token_reference() {
                         let seed = (e * 1000 + k * 100 + renorm as usize * 10 + shared) as u64;
                         let (vm, trainable) = build(&cfg, seed, DType::F32);
                         // The same weights frozen (not variables): the CPU fast path.
-                        let frozen = SparseMoe::new(
-                            &cfg,
-                            VarBuilder::from_tensors(
-                                candle_moe::checkpoint::varmap_tensors(&vm)
-                                    .unwrap()
-                                    .into_iter()
-                                    .map(|(k, v)| (k, v.detach()))
-                                    .collect(),
-                                DType::F32,
-                                &Device::Cpu,
-                            ),
-                        )
-                        .unwrap();
+                        let frozen = frozen_copy(&cfg, &vm);
                         let mut rng = Rng::new(seed + 7);
                         // Both (b, t, h) and (n, h) inputs.
                         for (shape, moe) in [
@@ -195,19 +193,7 @@ fn long_and_hot_segments_match_the_per_token_reference() {
             ..Default::default()
         };
         let (vm, trainable) = build(&cfg, 500 + e as u64, DType::F32);
-        let frozen = SparseMoe::new(
-            &cfg,
-            VarBuilder::from_tensors(
-                candle_moe::checkpoint::varmap_tensors(&vm)
-                    .unwrap()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.detach()))
-                    .collect(),
-                DType::F32,
-                &Device::Cpu,
-            ),
-        )
-        .unwrap();
+        let frozen = frozen_copy(&cfg, &vm);
         let xs = Rng::new(600 + n as u64).tensor(&[n, h], 1.0, DType::F32);
         let rows = xs.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
         let r = reference(&cfg, &vm, &rows);
