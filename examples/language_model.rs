@@ -73,6 +73,10 @@ struct Args {
     /// Coefficient of the load-balancing loss.
     #[arg(long, default_value_t = 0.05)]
     aux_loss_coef: f64,
+    /// Scale of the routers' initial weights (1 = the same init as other linear layers; smaller
+    /// starts from flatter routing, as Switch Transformer recommends).
+    #[arg(long, default_value_t = 1.0)]
+    router_init_scale: f64,
     /// Coefficient of the router z-loss.
     #[arg(long, default_value_t = 0.001)]
     z_loss_coef: f64,
@@ -170,6 +174,17 @@ fn run() -> Result<()> {
             let vm = VarMap::new();
             let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
             candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
+            if a.router_init_scale != 1.0 {
+                let data = vm
+                    .data()
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
+                for (name, var) in data.iter() {
+                    if name.ends_with("block_sparse_moe.gate.weight") {
+                        var.set(&(var.as_tensor() * a.router_init_scale)?)?;
+                    }
+                }
+            }
             (m, vm)
         }
     };
