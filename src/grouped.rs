@@ -25,11 +25,23 @@ use std::sync::Arc;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
 
+/// How a GEMM output `c (m × n)` is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Out {
+    /// `c[i, j] = c_buf[i·n + j]`.
+    RowMajor,
+    /// `c[i, j] = c_buf[i + j·m]` (`cᵀ` row-major). The GEMM then keeps its own orientation: the
+    /// rows of `a` (tokens) run down the micro-kernel and `b` is read in place when `b_rs == 1`
+    /// (an `(n, k)` row-major weight used as `bᵀ`), so expert weights are never repacked.
+    ColMajor,
+}
+
 /// `c (m × n) = a · b` where `a[i, p] = a_buf[i·a_rs + p·a_cs]`, `b[p, j] = b_buf[p·b_rs + j·b_cs]`,
-/// `c` row-major; bounds are checked before the single-threaded GEMM runs.
+/// `c` stored as `out` says; bounds are checked before the single-threaded GEMM runs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided(
     c: &mut [f32],
+    out: Out,
     a: &[f32],
     a_rs: usize,
     a_cs: usize,
@@ -40,46 +52,10 @@ pub(crate) fn gemm_strided(
     n: usize,
     k: usize,
 ) -> Result<()> {
-    gemm_any(c, n, 1, a, a_rs, a_cs, b, b_rs, b_cs, m, n, k)
-}
-
-/// `c = a · b` with `c (m × n)` stored column-major (`c[i, j] = c_buf[i + j·m]`, i.e. `cᵀ`
-/// row-major), operands as in [`gemm_strided`].
-///
-/// With a column-major output the GEMM keeps its own orientation: the rows of `a` (tokens) run
-/// down the micro-kernel and `b` is read in place when `b_rs == 1` (an `(n, k)` row-major weight
-/// used as `bᵀ`), so the expert weights are never repacked; only the small token block is.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_col_major_out(
-    c: &mut [f32],
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<()> {
-    gemm_any(c, 1, m, a, a_rs, a_cs, b, b_rs, b_cs, m, n, k)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm_any(
-    c: &mut [f32],
-    c_rs: usize,
-    c_cs: usize,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<()> {
+    let (c_rs, c_cs) = match out {
+        Out::RowMajor => (n, 1),
+        Out::ColMajor => (1, m),
+    };
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -287,11 +263,35 @@ fn segment_products(
                 Mode::Forward => with_scratch(|[ct, ..]| {
                     ct.resize(len * out_cols, 0.0);
                     let ct = &mut ct[..len * out_cols];
-                    gemm_col_major_out(ct, a_seg, inner, 1, w, 1, kw, len, out_cols, inner)?;
+                    gemm_strided(
+                        ct,
+                        Out::ColMajor,
+                        a_seg,
+                        inner,
+                        1,
+                        w,
+                        1,
+                        kw,
+                        len,
+                        out_cols,
+                        inner,
+                    )?;
                     transpose_into(ct, out_cols, len, c)
                 }),
                 // w[e] as (N, K) row-major: b[p, j] = w[p, j] -> b_rs = K, b_cs = 1.
-                Mode::InputGrad => gemm_strided(c, a_seg, inner, 1, w, kw, 1, len, out_cols, inner),
+                Mode::InputGrad => gemm_strided(
+                    c,
+                    Out::RowMajor,
+                    a_seg,
+                    inner,
+                    1,
+                    w,
+                    kw,
+                    1,
+                    len,
+                    out_cols,
+                    inner,
+                ),
             }
         },
     )?;
@@ -323,7 +323,7 @@ fn weight_grads_into(
         let dy = &dy[s * nn..t * nn];
         let x = &x[s * kk..t * kk];
         // dyᵀ[i, p] = dy[p, i] -> a_rs = 1, a_cs = N; x[p, j] -> b_rs = K, b_cs = 1.
-        gemm_strided(c, dy, 1, nn, x, kk, 1, nn, kk, t - s)
+        gemm_strided(c, Out::RowMajor, dy, 1, nn, x, kk, 1, nn, kk, t - s)
     })
 }
 

@@ -63,7 +63,19 @@ fn matmul_wt_t(
     k: usize,
     n: usize,
 ) -> Result<()> {
-    crate::grouped::gemm_col_major_out(ct, a, a_rs, a_cs, w, 1, k, m, n, k)
+    crate::grouped::gemm_strided(
+        ct,
+        crate::grouped::Out::ColMajor,
+        a,
+        a_rs,
+        a_cs,
+        w,
+        1,
+        k,
+        m,
+        n,
+        k,
+    )
 }
 
 /// One chunk of work: rows `start..start + len` of expert `e`'s segment.
