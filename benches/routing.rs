@@ -5,7 +5,7 @@
 //! `cargo bench --bench routing` (filter with e.g. `-- 512x1024`).
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_moe::experts::Expert;
+use candle_moe::moe::experts::Expert;
 use candle_moe::{ExpertKind, MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -17,8 +17,8 @@ fn frozen(cfg: &MoeConfig) -> (SparseMoe, SparseMoe) {
     let vm = VarMap::new();
     let trainable =
         SparseMoe::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    candle_moe::init::reseed_varmap(&vm, 0).unwrap();
-    let ts = candle_moe::checkpoint::varmap_tensors(&vm)
+    candle_moe::train::init::reseed_varmap(&vm, 0).unwrap();
+    let ts = candle_moe::io::safetensors::varmap_tensors(&vm)
         .unwrap()
         .into_iter()
         .map(|(k, v)| (k, v.detach()))

@@ -14,10 +14,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use candle_moe::data::{self, shakespeare, tokenizer};
-use candle_moe::tasks::lm;
+use candle_moe::data::{self, shakespeare};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::tasks::language_model as lm;
+use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
-use candle_moe::{checkpoint, CausalLm, ModelConfig, SamplingConfig};
+use candle_moe::{CausalLm, ModelConfig, SamplingConfig};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use common::{main_wrapper, plot_panels, print_table, Series};
@@ -173,7 +175,7 @@ fn run() -> Result<()> {
         None => {
             let vm = VarMap::new();
             let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
+            candle_moe::train::init::reseed_varmap(&vm, a.run.seed)?;
             if a.router_init_scale != 1.0 {
                 let data = vm
                     .data()
@@ -188,7 +190,7 @@ fn run() -> Result<()> {
             (m, vm)
         }
     };
-    let n_params: usize = checkpoint::varmap_tensors(&vm)?
+    let n_params: usize = candle_moe::io::safetensors::varmap_tensors(&vm)?
         .values()
         .map(|t| t.elem_count())
         .sum();

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_moe::experts::Expert;
+use candle_moe::moe::experts::Expert;
 use candle_moe::{ExpertKind, MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
@@ -314,9 +314,9 @@ fn bench_shape(
     // Inference weights (not variables), as a loaded checkpoint has them.
     let vm = VarMap::new();
     let _ = SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    candle_moe::init::reseed_varmap(&vm, 0)?;
+    candle_moe::train::init::reseed_varmap(&vm, 0)?;
     let ts: std::collections::HashMap<String, Tensor> =
-        candle_moe::checkpoint::varmap_tensors(&vm)?
+        candle_moe::io::safetensors::varmap_tensors(&vm)?
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(&dev)?.detach())))
             .collect::<Result<_>>()?;
@@ -328,8 +328,8 @@ fn bench_shape(
         ExpertKind::Swiglu,
         VarBuilder::from_varmap(&dvm, dtype, &dev),
     )?;
-    candle_moe::init::reseed_varmap(&dvm, 1)?;
-    let dense_w = candle_moe::checkpoint::varmap_tensors(&dvm)?;
+    candle_moe::train::init::reseed_varmap(&dvm, 1)?;
+    let dense_w = candle_moe::io::safetensors::varmap_tensors(&dvm)?;
     let dense = Expert::from_weights(
         dense_w["w1.weight"].detach(),
         Some(dense_w["w3.weight"].detach()),
@@ -457,9 +457,9 @@ fn whole_model(a: &Args, dev: &Device) -> Result<()> {
     cfg.moe.top_k = a.top_k[0];
     let vm = VarMap::new();
     let _ = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    candle_moe::init::reseed_varmap(&vm, 3)?;
+    candle_moe::train::init::reseed_varmap(&vm, 3)?;
     let ts: std::collections::HashMap<String, Tensor> =
-        candle_moe::checkpoint::varmap_tensors(&vm)?
+        candle_moe::io::safetensors::varmap_tensors(&vm)?
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_device(dev)?.detach())))
             .collect::<Result<_>>()?;

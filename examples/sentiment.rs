@@ -12,10 +12,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use candle_moe::data::{self, sentiment, tokenizer};
-use candle_moe::tasks::classify;
+use candle_moe::data::{self, sentiment};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::tasks::sentiment as classify;
+use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
-use candle_moe::{checkpoint, ModelConfig, SequenceClassifier};
+use candle_moe::{ModelConfig, SequenceClassifier};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use common::{main_wrapper, print_table};
@@ -136,7 +138,7 @@ fn run() -> Result<()> {
     let mut bert_tok = None;
     let mut init_model = None;
     if let Some(src) = &a.init {
-        let dense = candle_moe::upcycle::load_bert(
+        let dense = candle_moe::io::bert::load_bert(
             src,
             2,
             &candle_moe::LoadOptions {
@@ -221,7 +223,7 @@ fn run() -> Result<()> {
             c.hidden_dropout = a.dropout;
             let vm = VarMap::new();
             let m = SequenceClassifier::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
+            candle_moe::train::init::reseed_varmap(&vm, a.run.seed)?;
             (m, vm, c)
         }
     };

@@ -11,10 +11,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
-use candle_moe::data::{self, bible, tokenizer};
-use candle_moe::tasks::seq2seq::{self as s2s, Specials};
+use candle_moe::data::{self, bible};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::tasks::translation::{self as s2s, Specials};
+use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
-use candle_moe::{checkpoint, ModelConfig, Seq2Seq};
+use candle_moe::{ModelConfig, Seq2Seq};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use common::{main_wrapper, print_table};
@@ -144,7 +146,7 @@ fn run() -> Result<()> {
         None => {
             let vm = VarMap::new();
             let m = Seq2Seq::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::init::reseed_varmap(&vm, a.run.seed)?;
+            candle_moe::train::init::reseed_varmap(&vm, a.run.seed)?;
             (m, vm)
         }
     };

@@ -11,9 +11,9 @@
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::block::Norm;
 use crate::config::ModelConfig;
-use crate::router::softmax_last;
+use crate::layers::Norm;
+use crate::ops::softmax_last_dim;
 
 /// Precomputed RoPE tables.
 #[derive(Debug, Clone)]
@@ -164,7 +164,7 @@ impl candle_core::CustomOp1 for ScaledCausalSoftmax {
             .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
             .max(1);
         let (scale, causal, offset) = (self.scale, self.causal, self.offset);
-        crate::grouped::par_each(out.chunks_mut(per_part * t_k).collect(), |p, chunk| {
+        crate::cpu::par_each(out.chunks_mut(per_part * t_k).collect(), |p, chunk| {
             for (r, o) in chunk.chunks_mut(t_k).enumerate() {
                 let row = p * per_part + r;
                 let i = row % t_q.max(1);
@@ -386,7 +386,7 @@ impl Attention {
             scores = scores.broadcast_add(&bias)?;
         }
         let probs = if scores.track_op() {
-            softmax_last(&scores)?
+            softmax_last_dim(&scores)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
         }

@@ -6,83 +6,14 @@
 //! Which blocks are sparse is `ModelConfig::sparse_step` (every layer, or every n-th as in
 //! Switch/GShard).
 
-use std::sync::Mutex;
-
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::attention::{Attention, KvCache, Rope};
-use crate::config::{ModelConfig, NormKind};
-use crate::experts::Expert;
+use crate::config::ModelConfig;
+use crate::layers::{Dropout, Norm};
+use crate::moe::experts::Expert;
 use crate::moe::{MoeOutput, SparseMoe};
-
-/// RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), computed in f32 and built
-/// from primitive ops so it has a backward pass.
-#[derive(Debug, Clone)]
-pub struct Norm {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    eps: f64,
-}
-
-impl Norm {
-    /// `weight` `(size,)` (and `bias` for LayerNorm) under `vb`.
-    pub fn new(cfg: &ModelConfig, size: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
-        let bias = match cfg.norm {
-            NormKind::Rmsnorm => None,
-            NormKind::Layernorm => {
-                Some(vb.get_with_hints(size, "bias", candle_nn::Init::Const(0.0))?)
-            }
-        };
-        Ok(Self {
-            weight,
-            bias,
-            eps: cfg.norm_eps,
-        })
-    }
-}
-
-impl Module for Norm {
-    /// # Shapes
-    /// - `xs`: `(..., size)` -> same
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        // Inference on frozen weights: candle's fused kernels (they have no backward pass).
-        if !xs.track_op() && !self.weight.track_op() && xs.dtype() != DType::F64 {
-            let x = xs.contiguous()?;
-            return match &self.bias {
-                None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32),
-                Some(b) => candle_nn::ops::layer_norm(&x, &self.weight, b, self.eps as f32),
-            };
-        }
-        let dtype = xs.dtype();
-        let x = if dtype == DType::F64 {
-            xs.clone()
-        } else {
-            xs.to_dtype(DType::F32)?
-        };
-        let x = match &self.bias {
-            None => {
-                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-            }
-            Some(_) => {
-                let mu = x.mean_keepdim(D::Minus1)?;
-                let xc = x.broadcast_sub(&mu)?;
-                let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-                xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
-            }
-        };
-        let x = x
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight.to_dtype(dtype)?)?;
-        match &self.bias {
-            Some(b) => x.broadcast_add(&b.to_dtype(dtype)?),
-            None => Ok(x),
-        }
-    }
-}
 
 /// The feed-forward half of a block.
 #[derive(Debug)]
@@ -100,65 +31,6 @@ pub struct LayerCache {
     pub self_attn: KvCache,
     /// Cross-attention keys and values of the encoder memory.
     pub cross_attn: KvCache,
-}
-
-/// Inverted dropout (Srivastava et al. 2014) with its own seeded generator, so that training
-/// runs are reproducible from their seed (candle's `ops::dropout` draws from the thread RNG).
-#[derive(Debug)]
-pub struct Dropout {
-    p: f64,
-    rng: Mutex<StdRng>,
-}
-
-impl Dropout {
-    /// Drops with probability `p` in `[0, 1)`; the mask generator starts from `seed`.
-    pub fn new(p: f64, seed: u64) -> Result<Self> {
-        if !(0.0..1.0).contains(&p) {
-            bail!("dropout probability must be in [0, 1), got {p}")
-        }
-        Ok(Self {
-            p,
-            rng: Mutex::new(StdRng::seed_from_u64(seed)),
-        })
-    }
-
-    /// The drop probability.
-    pub fn p(&self) -> f64 {
-        self.p
-    }
-
-    /// Restarts the mask generator from `seed`.
-    pub fn set_seed(&self, seed: u64) {
-        let mut g = match self.rng.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *g = StdRng::seed_from_u64(seed);
-    }
-
-    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` when
-    /// `train`; the identity otherwise.
-    ///
-    /// # Shapes
-    /// - `xs`: any -> same shape
-    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
-            return Ok(xs.clone());
-        }
-        let keep = (1.0 / (1.0 - self.p)) as f32;
-        let p = self.p as f32;
-        let mask: Vec<f32> = {
-            let mut g = match self.rng.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            (0..xs.elem_count())
-                .map(|_| if g.random::<f32>() < p { 0.0 } else { keep })
-                .collect()
-        };
-        let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
-        xs * mask
-    }
 }
 
 /// What a block's forward needs besides its input.

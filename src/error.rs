@@ -27,14 +27,25 @@ pub enum Error {
         /// The underlying IO error.
         source: std::io::Error,
     },
-    /// A checkpoint is missing a tensor, or has one of the wrong shape or dtype, or is corrupt.
+    /// A checkpoint is missing a tensor, or has one of the wrong shape or dtype, an unexpected
+    /// one, or is corrupt.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint {
         /// The safetensors (or index) file involved.
         path: PathBuf,
-        /// What is wrong, naming the tensor.
+        /// The tensor involved, when there is one.
+        tensor: Option<String>,
+        /// What kind of problem it is.
+        kind: CheckpointErrorKind,
+        /// What is wrong, naming the tensor, in words.
         msg: String,
     },
+    /// Training stopped (e.g. too many non-finite steps in a row).
+    #[error("training stopped: {0}")]
+    Training(String),
+    /// Model surgery (upcycling) found models that do not fit together.
+    #[error("upcycle: {0}")]
+    Upcycle(String),
     /// A tokenizer could not be loaded or used.
     #[error("tokenizer {path}: {msg}")]
     Tokenizer {
@@ -61,6 +72,31 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// What is wrong with a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointErrorKind {
+    /// A tensor the model needs is not in the checkpoint.
+    Missing,
+    /// A tensor has another shape than the config implies.
+    Shape {
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape stored.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype the model cannot use.
+    Dtype {
+        /// What was expected (e.g. "a float dtype").
+        expected: String,
+        /// The stored dtype.
+        found: String,
+    },
+    /// The file is not a valid safetensors file, is truncated, or an index is malformed.
+    Corrupt,
+    /// A tensor the model does not have (the config disagrees with the weights).
+    Unexpected,
+}
+
 /// Result alias for the crate's edges.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -72,11 +108,34 @@ impl Error {
             source,
         }
     }
-    /// A checkpoint error naming its file.
+    /// A corrupt-checkpoint error naming its file.
     pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Checkpoint {
             path: path.into(),
+            tensor: None,
+            kind: CheckpointErrorKind::Corrupt,
             msg: msg.into(),
+        }
+    }
+    /// A checkpoint error about one tensor.
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: impl Into<String>,
+        kind: CheckpointErrorKind,
+        msg: impl Into<String>,
+    ) -> Self {
+        Error::Checkpoint {
+            path: path.into(),
+            tensor: Some(tensor.into()),
+            kind,
+            msg: msg.into(),
+        }
+    }
+    /// The kind of a checkpoint error (`None` for other errors).
+    pub fn checkpoint_kind(&self) -> Option<&CheckpointErrorKind> {
+        match self {
+            Error::Checkpoint { kind, .. } => Some(kind),
+            _ => None,
         }
     }
 }

@@ -38,35 +38,36 @@
 //! ```
 #![deny(missing_docs)]
 
+// Layers, bottom up (ARCHITECTURE.md): a module only imports from modules listed above it.
 pub mod attention;
 pub mod block;
-pub mod checkpoint;
 pub mod classic;
 pub mod config;
+pub(crate) mod cpu;
+#[cfg(feature = "tasks")]
 pub mod data;
-pub mod dispatch;
 pub mod error;
-pub mod experts;
-pub mod generate;
-pub mod grouped;
-pub mod hf;
-pub mod init;
-pub mod kernels;
+pub mod io;
+pub mod layers;
 pub mod losses;
 pub mod models;
 pub mod moe;
-pub mod router;
+pub mod ops;
+#[cfg(feature = "tasks")]
 pub mod tasks;
+pub mod tokenizer;
 pub mod train;
 pub mod upcycle;
 
+pub use block::TransformerBlock;
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};
-pub use generate::{Sampler, SamplingConfig};
-pub use hf::LoadOptions;
+pub use io::hub::LoadOptions;
+pub use models::generate::{Sampler, SamplingConfig};
 pub use models::{
     CausalLm, CausalLmOutput, ClassifierOutput, DecodeCache, LayerRouting, Seq2Seq, Seq2SeqOutput,
     SequenceClassifier,
 };
+pub use moe::router::{Router, RouterOutput};
 pub use moe::{MoeOutput, SparseMoe};
-pub use router::{Router, RouterOutput};
+pub use train::{TrainConfig, Trainer};

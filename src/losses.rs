@@ -12,7 +12,7 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use crate::router::{logsumexp_last, router_dtype, softmax_last};
+use crate::ops::{compute_dtype, logsumexp_keepdim, softmax_last_dim};
 
 fn concat_rows(gate_logits: &[Tensor]) -> Result<Tensor> {
     if gate_logits.is_empty() {
@@ -20,7 +20,7 @@ fn concat_rows(gate_logits: &[Tensor]) -> Result<Tensor> {
     }
     let rows: Vec<Tensor> = gate_logits
         .iter()
-        .map(|t| t.to_dtype(router_dtype(t.dtype()))?.flatten_to(D::Minus2))
+        .map(|t| t.to_dtype(compute_dtype(t.dtype()))?.flatten_to(D::Minus2))
         .collect::<Result<_>>()?;
     let e = rows[0].dim(1)?;
     for r in &rows {
@@ -59,7 +59,7 @@ pub fn load_balancing_loss(
     if top_k == 0 || top_k > num_experts {
         bail!("load_balancing_loss: top_k = {top_k} must be in 1..={num_experts}")
     }
-    let probs = softmax_last(&logits)?;
+    let probs = softmax_last_dim(&logits)?;
     let ids = logits
         .arg_sort_last_dim(false)?
         .narrow(1, 0, top_k)?
@@ -122,13 +122,116 @@ pub fn load_balancing_from_parts(
     (f * p)?.sum_all()? * num_experts as f64
 }
 
+/// What one sparse layer's router produced that the aux losses need, computed once in the
+/// layer; the models pool these over layers ([`pooled_aux_losses`]) instead of recomputing
+/// softmax and top-k from the logits.
+#[derive(Debug, Clone)]
+pub struct RouterAux {
+    /// `softmax(router logits)`, `(rows, E)`, f32, differentiable.
+    pub probs: Tensor,
+    /// The clean (noise-free) top-k expert ids, row-major `rows · k`, on the host.
+    pub top_k_ids: Vec<u32>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// `Σ_rows logsumexp(logits)²`, scalar f32, differentiable.
+    pub lse_sq_sum: Tensor,
+}
+
+impl RouterAux {
+    /// Builds the parts from router logits `(rows, E)`, probabilities and the clean top-k ids.
+    pub fn new(logits: &Tensor, probs: Tensor, top_k_ids: Vec<u32>, top_k: usize) -> Result<Self> {
+        let lse_sq_sum = logsumexp_keepdim(logits)?.sqr()?.sum_all()?;
+        Ok(Self {
+            probs,
+            top_k_ids,
+            top_k,
+            lse_sq_sum,
+        })
+    }
+
+    /// Rows (tokens) routed.
+    pub fn rows(&self) -> usize {
+        self.top_k_ids.len() / self.top_k.max(1)
+    }
+}
+
+/// The load-balancing and z-loss pooled over layers exactly as transformers pools them over
+/// concatenated router logits: `E · Σ_e F_e · P_e` over every (unmasked) row of every layer, and
+/// the mean of `logsumexp²` over all rows. `row_masks` holds one `(rows,)` 0/1 mask per layer.
+/// Zero scalars when `layers` is empty.
+pub fn pooled_aux_losses(
+    layers: &[&RouterAux],
+    row_masks: Option<&[Tensor]>,
+    num_experts: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let Some(first) = layers.first() else {
+        let z = Tensor::new(0f32, device)?;
+        return Ok((z.clone(), z));
+    };
+    if row_masks.is_some_and(|m| m.len() != layers.len()) {
+        bail!("pooled aux losses: one row mask per layer expected")
+    }
+    let dt = first.probs.dtype();
+    let mut counts = vec![0f64; num_experts];
+    let (mut valid, mut rows_all) = (0f64, 0usize);
+    let mut p_sum: Option<Tensor> = None;
+    let mut z_sum: Option<Tensor> = None;
+    for (l, a) in layers.iter().enumerate() {
+        let (rows, k) = (a.rows(), a.top_k);
+        let mask = match row_masks {
+            Some(m) => Some(m[l].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if mask.as_ref().is_some_and(|m| m.len() != rows) {
+            bail!("pooled aux losses: layer {l} has {rows} rows but its mask does not")
+        }
+        for r in 0..rows {
+            let w = mask.as_ref().map_or(1.0, |m| m[r] as f64);
+            valid += w;
+            for &e in &a.top_k_ids[r * k..(r + 1) * k] {
+                if (e as usize) < num_experts {
+                    counts[e as usize] += w;
+                }
+            }
+        }
+        let p = match &mask {
+            None => a.probs.sum(0)?,
+            Some(m) => {
+                let m = Tensor::from_slice(m, (1, rows), a.probs.device())?.to_dtype(dt)?;
+                m.matmul(&a.probs)?.squeeze(0)?
+            }
+        }; // (E,)
+        p_sum = Some(match p_sum {
+            None => p,
+            Some(s) => (s + p)?,
+        });
+        rows_all += rows;
+        z_sum = Some(match z_sum {
+            None => a.lse_sq_sum.clone(),
+            Some(s) => (s + &a.lse_sq_sum)?,
+        });
+    }
+    if valid <= 0.0 {
+        bail!("load_balancing_loss: no unmasked tokens")
+    }
+    let (Some(p_sum), Some(z_sum)) = (p_sum, z_sum) else {
+        bail!("pooled aux losses: no layers")
+    };
+    let f: Vec<f32> = counts.iter().map(|c| (c / valid) as f32).collect();
+    let f = Tensor::from_vec(f, num_experts, device)?.to_dtype(dt)?;
+    let lb = ((f * (p_sum / valid)?)?.sum_all()? * num_experts as f64)?;
+    let z = (z_sum / rows_all as f64)?;
+    Ok((lb, z))
+}
+
 /// Router z-loss (ST-MoE): mean over all rows of all layers of `logsumexp(logits)²`.
 ///
 /// # Shapes
 /// - `router_logits`: each `(tokens, E)` -> scalar f32
 pub fn router_z_loss(router_logits: &[Tensor]) -> Result<Tensor> {
     let logits = concat_rows(router_logits)?;
-    logsumexp_last(&logits)?.sqr()?.mean_all()
+    logsumexp_keepdim(&logits)?.sqr()?.mean_all()
 }
 
 /// Mean cross entropy of `logits` against `targets`, skipping targets equal to `ignore_index`.
@@ -140,7 +243,7 @@ pub fn cross_entropy(
     targets: &Tensor,
     ignore_index: Option<u32>,
 ) -> Result<Tensor> {
-    let logits = logits.to_dtype(router_dtype(logits.dtype()))?;
+    let logits = logits.to_dtype(compute_dtype(logits.dtype()))?;
     let (n, c) = logits.dims2()?;
     if targets.dims1()? != n {
         bail!(
@@ -155,7 +258,7 @@ pub fn cross_entropy(
     if (max_t as usize) >= c && ignore_index.is_none_or(|ig| max_t != ig) {
         bail!("cross_entropy: target id {max_t} is out of range for {c} classes")
     }
-    let log_probs = logits.broadcast_sub(&logsumexp_last(&logits)?)?;
+    let log_probs = logits.broadcast_sub(&logsumexp_keepdim(&logits)?)?;
     match ignore_index {
         None => {
             let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::{checkpoint, CausalLm, LoadOptions, ModelConfig, MoeConfig, SparseMoe};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::{CausalLm, LoadOptions, ModelConfig, MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 
 fn tiny() -> ModelConfig {
@@ -188,7 +189,7 @@ fn bad_input_table() {
     // --- tokenizer ---
     let tp = dir.path().join("tokenizer.json");
     std::fs::write(&tp, "{ not json").unwrap();
-    let e = candle_moe::data::tokenizer::load(&tp)
+    let e = candle_moe::tokenizer::load(&tp)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -332,8 +333,8 @@ fn example_clis_fail_with_one_line_and_no_panic() {
     )
     .unwrap();
     let text = "the quick brown fox jumps over the lazy dog ".repeat(50);
-    let tok = candle_moe::data::tokenizer::train_bpe(std::iter::once(text.as_str()), 300).unwrap();
-    let tj = candle_moe::data::tokenizer::to_json(&tok).unwrap();
+    let tok = candle_moe::tokenizer::train_bpe(std::iter::once(text.as_str()), 300).unwrap();
+    let tj = candle_moe::tokenizer::to_json(&tok).unwrap();
     checkpoint::save(d.path(), &ccfg, &vm, Some(&tj)).unwrap();
     let runs: Vec<(&str, Vec<String>, &str)> = vec![
         (
@@ -438,7 +439,7 @@ fn fuzz_regressions_are_errors() {
             assert!(cfg.validate().is_err());
         }
         if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-            assert!(candle_moe::hf::config_from_hf(&v, Path::new("config.json")).is_err());
+            assert!(candle_moe::io::hf::config_from_hf(&v, Path::new("config.json")).is_err());
         }
         assert!(t.elapsed().as_secs() < 5);
         seen += 1;
@@ -447,14 +448,14 @@ fn fuzz_regressions_are_errors() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
         let text = String::from_utf8_lossy(&bytes);
         let p = Path::new("fuzzed/tokenizer.json");
-        match candle_moe::data::tokenizer::from_json(&text, p) {
+        match candle_moe::tokenizer::from_json(&text, p) {
             Err(e) => assert!(e.to_string().contains("fuzzed/tokenizer.json"), "{e}"),
             Ok(tok) => {
                 // Loads: encoding and decoding must not panic either.
-                if let Ok(ids) = candle_moe::data::tokenizer::encode(&tok, "hello world") {
-                    let _ = candle_moe::data::tokenizer::decode(&tok, &ids);
+                if let Ok(ids) = candle_moe::tokenizer::encode(&tok, "hello world") {
+                    let _ = candle_moe::tokenizer::decode(&tok, &ids);
                 }
-                let _ = candle_moe::data::tokenizer::decode(&tok, &[0, 1, 2, 3]);
+                let _ = candle_moe::tokenizer::decode(&tok, &[0, 1, 2, 3]);
             }
         }
         seen += 1;

@@ -5,8 +5,9 @@
 use std::collections::HashSet;
 
 use candle_core::{DType, Device};
-use candle_moe::data::{self, bible, sentiment, shakespeare, tokenizer};
-use candle_moe::tasks::{classify, lm, seq2seq as s2s};
+use candle_moe::data::{self, bible, sentiment, shakespeare};
+use candle_moe::tasks::{language_model as lm, sentiment as classify, translation as s2s};
+use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
 use candle_moe::{CausalLm, ModelConfig, Seq2Seq, SequenceClassifier};
 use candle_nn::{VarBuilder, VarMap};

@@ -2,10 +2,12 @@
 //! evaluate → load the directory from a fresh process.
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::data::{self, shakespeare, tokenizer};
-use candle_moe::tasks::lm;
+use candle_moe::data::{self, shakespeare};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::tasks::language_model as lm;
+use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
-use candle_moe::{checkpoint, CausalLm, ModelConfig, SamplingConfig};
+use candle_moe::{CausalLm, ModelConfig, SamplingConfig};
 use candle_nn::{VarBuilder, VarMap};
 
 fn tiny(vocab: usize) -> ModelConfig {
@@ -115,7 +117,7 @@ fn user_journey_train_save_kill_resume_generate_evaluate_reload() {
     {
         let vm = VarMap::new();
         let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
-        candle_moe::init::reseed_varmap(&vm, 1).unwrap();
+        candle_moe::train::init::reseed_varmap(&vm, 1).unwrap();
         let mut tr = Trainer::new(&vm, tcfg.clone()).unwrap();
         let res = tr.run(
             |rng| {

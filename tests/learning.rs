@@ -45,7 +45,7 @@ fn causal_lm_memorises_a_short_text() {
     let cfg = small(v);
     let vm = VarMap::new();
     let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    candle_moe::init::reseed_varmap(&vm, 3).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, 3).unwrap();
     let n = enc.len();
     let x = Tensor::from_vec(enc.clone(), (1, n), &Device::Cpu).unwrap();
     let inp = x.narrow(1, 0, n - 1).unwrap();
@@ -138,7 +138,7 @@ fn seq2seq_learns_to_reverse_sequences() {
     cfg.pad_token_id = Some(PAD);
     let vm = VarMap::new();
     let m = Seq2Seq::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    candle_moe::init::reseed_varmap(&vm, 4).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, 4).unwrap();
     let mut tr = Trainer::new(&vm, tcfg(800, 5e-3)).unwrap();
     tr.run(
         |rng| {
@@ -222,7 +222,7 @@ fn classifier_learns_a_synthetic_rule() {
     let vm = VarMap::new();
     let m = SequenceClassifier::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
         .unwrap();
-    candle_moe::init::reseed_varmap(&vm, 5).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, 5).unwrap();
     let mut tr = Trainer::new(&vm, tcfg(150, 5e-3)).unwrap();
     tr.run(
         |rng| {

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::checkpoint;
+use candle_moe::io::model_dir as checkpoint;
 use candle_moe::losses::cross_entropy;
 use candle_moe::train::{LossParts, TrainConfig, Trainer};
 use candle_moe::{CausalLm, ModelConfig, Seq2Seq};
@@ -243,7 +243,7 @@ fn resume_is_bit_for_bit() {
     let mut tr = Trainer::new(&vm, train_cfg(n)).unwrap();
     tr.run(|rng| Ok(lm_step_loss(&m, rng)), || Ok(0.0), |_| Ok(()))
         .unwrap();
-    let straight = checkpoint::varmap_tensors(&vm).unwrap();
+    let straight = candle_moe::io::safetensors::varmap_tensors(&vm).unwrap();
 
     // Half, save, load into a fresh model, the other half.
     let dir = tempfile::tempdir().unwrap();
@@ -266,7 +266,7 @@ fn resume_is_bit_for_bit() {
     assert_eq!(tr2.state.step, n / 2);
     tr2.run(|rng| Ok(lm_step_loss(&m2, rng)), || Ok(0.0), |_| Ok(()))
         .unwrap();
-    let resumed = checkpoint::varmap_tensors(&vm2).unwrap();
+    let resumed = candle_moe::io::safetensors::varmap_tensors(&vm2).unwrap();
     assert_eq!(straight.len(), resumed.len());
     for (k, v) in &straight {
         let a = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -278,7 +278,7 @@ fn resume_is_bit_for_bit() {
     }
     // And training changed the weights at all.
     let (_, vm0) = lm(&cfg, 10);
-    let init = checkpoint::varmap_tensors(&vm0).unwrap();
+    let init = candle_moe::io::safetensors::varmap_tensors(&vm0).unwrap();
     let w = "model.layers.0.block_sparse_moe.gate.weight";
     assert!(max_abs_diff(&init[w], &straight[w]) > 1e-4);
 }
@@ -291,7 +291,7 @@ fn dropout_is_training_only_reproducible_and_scaled() {
     let plain = {
         let mut c = cfg.clone();
         c.hidden_dropout = 0.0;
-        let ts = checkpoint::varmap_tensors(&vm).unwrap();
+        let ts = candle_moe::io::safetensors::varmap_tensors(&vm).unwrap();
         CausalLm::new(&c, VarBuilder::from_tensors(ts, DType::F32, &Device::Cpu)).unwrap()
     };
     let x = ids(&[1, 5, 9, 2, 7, 3, 4, 8, 6, 1, 2, 3], 2);
@@ -306,14 +306,14 @@ fn dropout_is_training_only_reproducible_and_scaled() {
     let t2 = m2.forward_t(&x, None, true).unwrap().logits;
     assert!(max_abs_diff(&t1, &t2) == 0.0);
     // The mask keeps about 1 - p of the elements, scaled by 1 / (1 - p) (mean preserved).
-    let d = candle_moe::block::Dropout::new(0.3, 5).unwrap();
+    let d = candle_moe::layers::Dropout::new(0.3, 5).unwrap();
     let ones = Tensor::ones((200, 100), DType::F32, &Device::Cpu).unwrap();
     let y = d.forward_t(&ones, true).unwrap().flatten_all().unwrap();
     let v = y.to_vec1::<f32>().unwrap();
     let kept = v.iter().filter(|&&e| e != 0.0).count() as f64 / v.len() as f64;
     assert!((kept - 0.7).abs() < 0.02, "kept {kept}");
     assert!(v.iter().all(|&e| e == 0.0 || (e - 1.0 / 0.7).abs() < 1e-6));
-    assert!(candle_moe::block::Dropout::new(1.0, 0).is_err());
+    assert!(candle_moe::layers::Dropout::new(1.0, 0).is_err());
     let mut bad = tiny();
     bad.hidden_dropout = 1.5;
     let e = match CausalLm::new(&bad, VarBuilder::zeros(DType::F32, &Device::Cpu)) {

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use candle_moe::experts::Expert;
+use candle_moe::moe::experts::Expert;
 use candle_moe::{MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use common::{mat, matvec, max_abs_diff, randomize, Rng};
@@ -93,7 +93,7 @@ fn build(cfg: &MoeConfig, seed: u64, dtype: DType) -> (VarMap, SparseMoe) {
 
 /// The layer with the same weights as plain tensors (not variables): the CPU fast path.
 fn frozen_copy(cfg: &MoeConfig, vm: &VarMap) -> SparseMoe {
-    let ts = candle_moe::checkpoint::varmap_tensors(vm)
+    let ts = candle_moe::io::safetensors::varmap_tensors(vm)
         .unwrap()
         .into_iter()
         .map(|(k, v)| (k, v.detach()))

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_moe::experts::Expert;
+use candle_moe::moe::experts::Expert;
 use candle_moe::{ExpertKind, MoeConfig, SparseMoe};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use common::Rng;
@@ -67,7 +67,7 @@ fn train_moe(aux_coef: f64, steps: usize) -> Run {
     };
     let vm = VarMap::new();
     let moe = SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
-    candle_moe::init::reseed_varmap(&vm, 1).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, 1).unwrap();
     let mut rng = Rng::new(2);
     let maps: Vec<Vec<f64>> = (0..4).map(|_| rng.normals(D * D, 0.5)).collect();
     let (xt, yt) = data(&mut rng, &maps, 2048);
@@ -111,7 +111,7 @@ fn train_dense(steps: usize) -> f32 {
         VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
     )
     .unwrap();
-    candle_moe::init::reseed_varmap(&vm, 1).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, 1).unwrap();
     let mut rng = Rng::new(2);
     let maps: Vec<Vec<f64>> = (0..4).map(|_| rng.normals(D * D, 0.5)).collect();
     let (xt, yt) = data(&mut rng, &maps, 2048);

@@ -4,7 +4,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_moe::upcycle::{load_bert, upcycle};
+use candle_moe::io::bert::load_bert;
+use candle_moe::upcycle::upcycle;
 use candle_moe::LoadOptions;
 use serde_json::Value;
 

@@ -32,11 +32,11 @@ fn tiny() -> &'static Tiny {
 fuzz_target!(|data: &[u8]| {
     let t = tiny();
     let path = Path::new("model.safetensors");
-    let Ok(tensors) = candle_moe::checkpoint::parse_safetensors(data, path, DType::F32, &Device::Cpu)
+    let Ok(tensors) = candle_moe::io::safetensors::parse_safetensors(data, path, DType::F32, &Device::Cpu)
     else {
         return;
     };
-    if candle_moe::checkpoint::fill_varmap(&t.varmap, &tensors, path).is_ok() {
+    if candle_moe::io::safetensors::fill_varmap(&t.varmap, &tensors, path).is_ok() {
         candle_moe_fuzz::tiny_forward(&t.model, &t.cfg);
     }
 });

@@ -36,10 +36,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let path = Path::new("config.json");
-    if let Ok((_family, cfg)) = candle_moe::hf::config_from_hf(&value, path) {
+    if let Ok((_family, cfg)) = candle_moe::io::hf::config_from_hf(&value, path) {
         build_and_run(&cfg);
     }
-    if let Ok(cfg) = candle_moe::upcycle::bert_config(&value, path, 2) {
+    if let Ok(cfg) = candle_moe::io::bert::bert_config(&value, path, 2) {
         build_and_run(&cfg);
     }
 });

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_moe::data::tokenizer;
+use candle_moe::tokenizer;
 use libfuzzer_sys::fuzz_target;
 
 const TEXT: &str = "Hello, world! <bos>Zwölf Boxkämpfer 123 <eos> \u{1F600}";

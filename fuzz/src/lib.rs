@@ -73,8 +73,8 @@ pub fn seed_checkpoint_bytes() -> Vec<u8> {
     let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     CausalLm::new(&cfg, vb).expect("tiny model");
     let dir = std::env::temp_dir().join(format!("candle-moe-fuzz-seed-{}", std::process::id()));
-    candle_moe::checkpoint::save(&dir, &cfg, &vm, None).expect("save");
-    let bytes = std::fs::read(dir.join(candle_moe::checkpoint::WEIGHTS)).expect("read");
+    candle_moe::io::model_dir::save(&dir, &cfg, &vm, None).expect("save");
+    let bytes = std::fs::read(dir.join(candle_moe::io::model_dir::WEIGHTS)).expect("read");
     let _ = std::fs::remove_dir_all(&dir);
     bytes
 }
@@ -90,8 +90,8 @@ pub fn seed_tokenizer_json() -> String {
         "1234567890 + 0987654321 = 2222222211; tokens: <pad> <bos> <eos> <unk>",
     ];
     let texts: Vec<String> = (0..20).flat_map(|_| text.iter().map(|s| s.to_string())).collect();
-    let tok = candle_moe::data::tokenizer::train_bpe(texts.into_iter(), 300).expect("train");
-    candle_moe::data::tokenizer::to_json(&tok).expect("to_json")
+    let tok = candle_moe::tokenizer::train_bpe(texts.into_iter(), 300).expect("train");
+    candle_moe::tokenizer::to_json(&tok).expect("to_json")
 }
 
 /// Hand-written `tokenizer.json` seeds of the other model types and components the `tokenizers`
@@ -221,9 +221,9 @@ mod tests {
         std::fs::write(dir.join("seed_bpe300.json"), seed_tokenizer_json()).unwrap();
         for (name, json) in seed_tokenizer_variants() {
             // Every hand-written seed must load, or it seeds nothing useful.
-            let t = candle_moe::data::tokenizer::from_json(json, Path::new(name))
+            let t = candle_moe::tokenizer::from_json(json, Path::new(name))
                 .unwrap_or_else(|e| panic!("seed {name}: {e}"));
-            let ids = candle_moe::data::tokenizer::encode(&t, "Hello, world! 123").unwrap();
+            let ids = candle_moe::tokenizer::encode(&t, "Hello, world! 123").unwrap();
             assert!(!ids.is_empty(), "{name}");
             std::fs::write(dir.join(format!("seed_{name}.json")), json).unwrap();
         }

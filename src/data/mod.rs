@@ -8,7 +8,6 @@
 pub mod bible;
 pub mod sentiment;
 pub mod shakespeare;
-pub mod tokenizer;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

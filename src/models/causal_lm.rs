@@ -3,9 +3,9 @@
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use super::generate::{Sampler, SamplingConfig};
 use super::{pool_aux, DecodeCache, LayerRouting, Trunk};
 use crate::config::ModelConfig;
-use crate::generate::{Sampler, SamplingConfig};
 
 /// What [`CausalLm::forward`] returns.
 #[derive(Debug, Clone)]
@@ -132,12 +132,12 @@ impl CausalLm {
     fn finish(&self, out: super::TrunkOut, mask: Option<&Tensor>) -> Result<CausalLmOutput> {
         let logits = self.lm_head.forward(&out.hidden)?; // (b, t, vocab)
         let row_masks = match mask {
-            Some(m) => Some(vec![m.flatten_all()?; out.router_logits.len()]),
+            Some(m) => Some(vec![m.flatten_all()?; out.aux.len()]),
             None => None,
         };
         let (lb, z) = pool_aux(
             &self.cfg,
-            &out.router_logits,
+            &out.aux.iter().collect::<Vec<_>>(),
             row_masks.as_deref(),
             logits.device(),
         )?;

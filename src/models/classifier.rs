@@ -99,7 +99,7 @@ impl SequenceClassifier {
         token_type_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
         train: bool,
-    ) -> Result<(Tensor, Vec<Tensor>, Vec<LayerRouting>)> {
+    ) -> Result<(Tensor, Vec<crate::losses::RouterAux>, Vec<LayerRouting>)> {
         let out = self.trunk.forward(
             input_ids,
             token_type_ids,
@@ -120,7 +120,7 @@ impl SequenceClassifier {
                 }
             },
         };
-        Ok((pooled, out.router_logits, out.routing))
+        Ok((pooled, out.aux, out.routing))
     }
 
     /// Forward with token types, padding mask and training mode.
@@ -134,17 +134,19 @@ impl SequenceClassifier {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<ClassifierOutput> {
-        let (pooled, router_logits, routing) =
+        let (pooled, aux, routing) =
             self.encode(input_ids, token_type_ids, attention_mask, train)?;
         let logits = self.head.forward(&pooled)?;
         let masks = match attention_mask {
-            Some(m) => Some(vec![
-                m.flatten_all()?.to_dtype(DType::F32)?;
-                router_logits.len()
-            ]),
+            Some(m) => Some(vec![m.flatten_all()?.to_dtype(DType::F32)?; aux.len()]),
             None => None,
         };
-        let (lb, z) = pool_aux(&self.cfg, &router_logits, masks.as_deref(), logits.device())?;
+        let (lb, z) = pool_aux(
+            &self.cfg,
+            &aux.iter().collect::<Vec<_>>(),
+            masks.as_deref(),
+            logits.device(),
+        )?;
         Ok(ClassifierOutput {
             logits,
             load_balancing_loss: lb,

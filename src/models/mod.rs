@@ -10,15 +10,16 @@
 
 pub mod causal_lm;
 pub mod classifier;
+pub mod generate;
 pub mod seq2seq;
 
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::Rope;
-use crate::block::{BlockCtx, Dropout, LayerCache, Norm, TransformerBlock};
+use crate::block::{BlockCtx, LayerCache, TransformerBlock};
 use crate::config::{ModelConfig, PositionKind};
-use crate::losses;
+use crate::layers::{Dropout, Norm};
 
 pub use causal_lm::{CausalLm, CausalLmOutput};
 pub use classifier::{ClassifierOutput, SequenceClassifier};
@@ -91,6 +92,7 @@ impl DecodeCache {
 pub(crate) struct TrunkOut {
     pub hidden: Tensor,
     pub router_logits: Vec<Tensor>,
+    pub aux: Vec<crate::losses::RouterAux>,
     pub routing: Vec<LayerRouting>,
 }
 
@@ -263,6 +265,7 @@ impl Trunk {
             dropout: self.dropout.as_ref(),
         };
         let mut router_logits = Vec::new();
+        let mut aux = Vec::new();
         let mut routing = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
@@ -277,6 +280,7 @@ impl Trunk {
                     dropped: m.dropped,
                 });
                 router_logits.push(m.router_logits);
+                aux.push(m.aux);
             }
         }
         if let Some(n) = &self.norm {
@@ -285,40 +289,19 @@ impl Trunk {
         Ok(TrunkOut {
             hidden: x,
             router_logits,
+            aux,
             routing,
         })
     }
 }
 
-/// The aux losses pooled over layers as transformers pools them: one load-balancing loss over
-/// the concatenated router logits (padding rows excluded when `row_masks` is given: one
-/// `(tokens,)` 0/1 mask per layer) and one z-loss over all rows. Zero scalars when the model has
-/// no sparse layer.
+/// The aux losses pooled over the given layers' router outputs (see
+/// [`crate::losses::pooled_aux_losses`]).
 pub(crate) fn pool_aux(
     cfg: &ModelConfig,
-    logits: &[Tensor],
+    aux: &[&crate::losses::RouterAux],
     row_masks: Option<&[Tensor]>,
     dev: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    if logits.is_empty() {
-        let z = Tensor::new(0f32, dev)?;
-        return Ok((z.clone(), z));
-    }
-    let z_loss = losses::router_z_loss(logits)?;
-    let all = if logits.len() == 1 {
-        logits[0].clone()
-    } else {
-        Tensor::cat(logits, 0)?
-    };
-    let probs = crate::router::softmax_last(&all)?;
-    let ids = all
-        .arg_sort_last_dim(false)?
-        .narrow(1, 0, cfg.moe.top_k)?
-        .contiguous()?;
-    let mask = match row_masks {
-        Some(m) => Some(Tensor::cat(m, 0)?.to_dtype(DType::F32)?),
-        None => None,
-    };
-    let lb = losses::load_balancing_from_parts(&probs, &ids, mask.as_ref(), cfg.moe.num_experts)?;
-    Ok((lb, z_loss))
+    crate::losses::pooled_aux_losses(aux, row_masks, cfg.moe.num_experts, dev)
 }

@@ -27,7 +27,7 @@ pub struct Encoded {
     pub hidden: Tensor,
     /// Source padding mask `(b, s)` (1 = token).
     pub mask: Option<Tensor>,
-    router_logits: Vec<Tensor>,
+    aux: Vec<crate::losses::RouterAux>,
     routing: Vec<LayerRouting>,
 }
 
@@ -97,7 +97,7 @@ impl Seq2Seq {
         Ok(Encoded {
             hidden: out.hidden,
             mask: src_mask.cloned(),
-            router_logits: out.router_logits,
+            aux: out.aux,
             routing: out.routing,
         })
     }
@@ -125,8 +125,7 @@ impl Seq2Seq {
             self.encoder.num_layers(),
         )?;
         let logits = self.lm_head.forward(&dec.hidden)?;
-        let mut logits_all = enc.router_logits.clone();
-        logits_all.extend(dec.router_logits.iter().cloned());
+        let aux_all: Vec<_> = enc.aux.iter().chain(dec.aux.iter()).collect();
         let masks = if src_mask.is_some() || tgt_mask.is_some() {
             let dev = logits.device();
             let ones =
@@ -139,13 +138,13 @@ impl Seq2Seq {
                 Some(m) => m.flatten_all()?.to_dtype(DType::F32)?,
                 None => ones(tgt_in)?,
             };
-            let mut v = vec![sm; enc.router_logits.len()];
-            v.extend(vec![tm; dec.router_logits.len()]);
+            let mut v = vec![sm; enc.aux.len()];
+            v.extend(vec![tm; dec.aux.len()]);
             Some(v)
         } else {
             None
         };
-        let (lb, z) = pool_aux(&self.cfg, &logits_all, masks.as_deref(), logits.device())?;
+        let (lb, z) = pool_aux(&self.cfg, &aux_all, masks.as_deref(), logits.device())?;
         let mut routing = enc.routing;
         routing.extend(dec.routing);
         Ok(Seq2SeqOutput {
@@ -259,7 +258,7 @@ impl Seq2Seq {
             let enc = Encoded {
                 hidden: enc1.hidden.broadcast_as((n, s, h))?.contiguous()?,
                 mask: None,
-                router_logits: vec![],
+                aux: vec![],
                 routing: vec![],
             };
             let last: Vec<u32> = hyps
@@ -269,7 +268,7 @@ impl Seq2Seq {
             let inp = Tensor::from_vec(last, (n, 1), &dev)?;
             let logits = self.decode_step(&enc, &inp, &mut cache)?.squeeze(1)?; // (n, vocab)
             let logp = logits.broadcast_sub(
-                &crate::router::logsumexp_last(&logits.to_dtype(DType::F32)?)?
+                &crate::ops::logsumexp_keepdim(&logits.to_dtype(DType::F32)?)?
                     .to_dtype(logits.dtype())?,
             )?;
             let logp: Vec<Vec<f32>> = logp.to_dtype(DType::F32)?.to_vec2()?;

@@ -1,9 +1,9 @@
 //! Task plumbing shared by the examples and their tests: batching, losses and evaluation for
 //! language modeling, translation and classification.
 
-pub mod classify;
-pub mod lm;
-pub mod seq2seq;
+pub mod language_model;
+pub mod sentiment;
+pub mod translation;
 
 use candle_core::{Device, Result, Tensor};
 

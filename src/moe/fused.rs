@@ -12,8 +12,9 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::dispatch::DispatchPlan;
-use crate::experts::Experts;
+use super::dispatch::DispatchPlan;
+use super::experts::Experts;
+use crate::cpu;
 
 /// Inference-only weight layout of SwiGLU experts: `w13[e] = [w1_e; w3_e]` `(2f, h)` and
 /// `w2[e]` `(h, f)`, row-major, contiguous.
@@ -63,19 +64,7 @@ fn matmul_wt_t(
     k: usize,
     n: usize,
 ) -> Result<()> {
-    crate::grouped::gemm_strided(
-        ct,
-        crate::grouped::Out::ColMajor,
-        a,
-        a_rs,
-        a_cs,
-        w,
-        1,
-        k,
-        m,
-        n,
-        k,
-    )
+    cpu::gemm_strided(ct, cpu::Out::ColMajor, a, a_rs, a_cs, w, 1, k, m, n, k)
 }
 
 /// One chunk of work: rows `start..start + len` of expert `e`'s segment.
@@ -119,7 +108,7 @@ impl CustomOp1 for MoeCpuOp<'_> {
                 self.gate.len()
             )
         }
-        let tasks: Vec<Task> = crate::grouped::segment_tasks(&plan.offsets)
+        let tasks: Vec<Task> = cpu::segment_tasks(&plan.offsets)
             .into_iter()
             .map(|(e, start, len)| Task { e, start, len })
             .collect();
@@ -133,10 +122,10 @@ impl CustomOp1 for MoeCpuOp<'_> {
             rest = b;
         }
         let (w13, w2) = (&self.fused.w13, &self.fused.w2);
-        crate::grouped::par_each(
+        cpu::par_each(
             tasks.iter().zip(slices).collect(),
             |_, (t, out)| -> Result<()> {
-                crate::grouped::with_scratch(|[xe, gt, act, yt]| {
+                cpu::with_scratch(|[xe, gt, act, yt]| {
                     let m = t.len;
                     xe.clear();
                     for r in t.start..t.start + m {
@@ -171,7 +160,7 @@ impl CustomOp1 for MoeCpuOp<'_> {
                         h,
                     )?;
                     // Back to row-major (m × h), gate-weighted.
-                    crate::grouped::transpose_into(&yt[..h * m], h, m, out)?;
+                    cpu::transpose_into(&yt[..h * m], h, m, out)?;
                     for (r, row) in out.chunks_mut(h).enumerate() {
                         let w = self.gate[t.start + r];
                         row.iter_mut().for_each(|v| *v *= w);
@@ -192,7 +181,7 @@ impl CustomOp1 for MoeCpuOp<'_> {
         let per_part = n
             .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
             .max(16);
-        crate::grouped::par_each(out.chunks_mut(per_part * h).collect(), |p, rows| {
+        cpu::par_each(out.chunks_mut(per_part * h).collect(), |p, rows| {
             for (i, row) in rows.chunks_mut(h).enumerate() {
                 let mut r = first[p * per_part + i];
                 while r != usize::MAX {

@@ -1,5 +1,5 @@
 //! Grouped matrix multiplication over expert segments, with a backward pass (the training-path
-//! counterpart of [`crate::kernels`]; MegaBlocks' grouped GEMM, Gale et al. 2023, on CPU).
+//! counterpart of [`crate::moe::fused`]; MegaBlocks' grouped GEMM, Gale et al. 2023, on CPU).
 //!
 //! For tokens sorted by expert (`x` rows `offsets[e]..offsets[e + 1]` belong to expert `e`),
 //! `y[seg_e] = x[seg_e] · w[e]ᵀ`. All segments run in parallel on candle's CPU worker pool with
@@ -20,104 +20,11 @@
 //! grouped op, so candle runs its backward after the grouped op's, which leaves the per-expert
 //! weight gradients in a shared stash.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
-use std::sync::Mutex;
 
-/// How a GEMM output `c (m × n)` is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Out {
-    /// `c[i, j] = c_buf[i·n + j]`.
-    RowMajor,
-    /// `c[i, j] = c_buf[i + j·m]` (`cᵀ` row-major). The GEMM then keeps its own orientation: the
-    /// rows of `a` (tokens) run down the micro-kernel and `b` is read in place when `b_rs == 1`
-    /// (an `(n, k)` row-major weight used as `bᵀ`), so expert weights are never repacked.
-    ColMajor,
-}
-
-/// `c (m × n) = a · b` where `a[i, p] = a_buf[i·a_rs + p·a_cs]`, `b[p, j] = b_buf[p·b_rs + j·b_cs]`,
-/// `c` stored as `out` says; bounds are checked before the single-threaded GEMM runs.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_strided(
-    c: &mut [f32],
-    out: Out,
-    a: &[f32],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[f32],
-    b_rs: usize,
-    b_cs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Result<()> {
-    let (c_rs, c_cs) = match out {
-        Out::RowMajor => (n, 1),
-        Out::ColMajor => (1, m),
-    };
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let c_last = (m - 1) * c_rs + (n - 1) * c_cs;
-    if c_last >= c.len() {
-        bail!("grouped gemm: output buffer too small for {m}x{n}")
-    }
-    if k == 0 {
-        c.iter_mut().for_each(|v| *v = 0.0);
-        return Ok(());
-    }
-    let a_last = (m - 1) * a_rs + (k - 1) * a_cs;
-    let b_last = (k - 1) * b_rs + (n - 1) * b_cs;
-    if a_last >= a.len() || b_last >= b.len() {
-        bail!("grouped gemm: buffers too small for {m}x{k}x{n}")
-    }
-    // SAFETY: every index the GEMM reads or writes is bounded by the checks above:
-    // a[i·a_rs + p·a_cs] ≤ a_last, b[p·b_rs + j·b_cs] ≤ b_last, c[i·c_rs + j·c_cs] ≤ c_last.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            c_cs as isize,
-            c_rs as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0f32,
-            1f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-    Ok(())
-}
-
-/// `dst (cols × rows)` = `srcᵀ` for `src` `(rows × cols)`, both row-major, in cache-sized tiles.
-pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> Result<()> {
-    if src.len() < rows * cols || dst.len() < rows * cols {
-        bail!("transpose: buffers too small for {rows}x{cols}")
-    }
-    const TILE: usize = 32;
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    dst[c * rows + r] = row[c];
-                }
-            }
-        }
-    }
-    Ok(())
-}
+use crate::cpu::{gemm_strided, par_each, segment_tasks, transpose_into, with_scratch, Out};
 
 /// Which product [`segment_products`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,87 +40,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]>
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => bail!("grouped matmul: {what} must be a contiguous f32 tensor"),
     }
-}
-
-/// Runs `f(i, parts[i])` for every part on candle's CPU worker pool, the pool candle's own
-/// element-wise ops run on (a second pool would leave candle's workers spinning for cores while
-/// ours compute); parts are handed out one at a time, so uneven parts balance. Returns the first
-/// error.
-pub(crate) fn par_each<T: Send>(
-    parts: Vec<T>,
-    f: impl Fn(usize, T) -> Result<()> + Sync,
-) -> Result<()> {
-    let n = parts.len();
-    let slots: Vec<Mutex<Option<T>>> = parts.into_iter().map(|p| Mutex::new(Some(p))).collect();
-    let first_err: Mutex<Option<candle_core::Error>> = Mutex::new(None);
-    let run = |i: usize| {
-        let part = match slots[i].lock() {
-            Ok(mut g) => g.take(),
-            Err(p) => p.into_inner().take(),
-        };
-        if let Some(part) = part {
-            if let Err(e) = f(i, part) {
-                let mut g = match first_err.lock() {
-                    Ok(g) => g,
-                    Err(p) => p.into_inner(),
-                };
-                g.get_or_insert(e);
-            }
-        }
-    };
-    if n <= 1 {
-        (0..n).for_each(run);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(run));
-    }
-    let err = match first_err.into_inner() {
-        Ok(e) => e,
-        Err(p) => p.into_inner(),
-    };
-    err.map_or(Ok(()), Err)
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 4]> = const {
-        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new(), Vec::new()])
-    };
-}
-
-/// Runs `f` with four scratch buffers owned by the current thread (their contents are
-/// unspecified; they keep their capacity between calls, so the per-task temporaries of the
-/// expert GEMMs are not freshly mapped and page-faulted on every forward). A nested call on
-/// the same thread gets fresh buffers.
-pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [Vec<f32>; 4]) -> R) -> R {
-    SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut bufs) => f(&mut bufs),
-        Err(_) => f(&mut [Vec::new(), Vec::new(), Vec::new(), Vec::new()]),
-    })
-}
-
-/// Cuts expert segments into `(expert, start, len)` tasks for the worker pool. Every GEMM call
-/// streams (and packs) its expert's whole weight matrix, so a segment stays in one task unless it
-/// holds more than a core's fair share of the rows; then it is cut into equal parts, so that a hot
-/// expert still spreads over the cores.
-pub(crate) fn segment_tasks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
-    let total = offsets.last().copied().unwrap_or(0);
-    let max_rows = total
-        .div_ceil(candle_core::utils::get_num_threads().max(1))
-        .max(64);
-    let mut tasks = vec![];
-    for (e, w) in offsets.windows(2).enumerate() {
-        let len = w[1].saturating_sub(w[0]);
-        if len == 0 {
-            continue;
-        }
-        let parts = len.div_ceil(max_rows);
-        let mut at = w[0];
-        for p in 0..parts {
-            let rows = len / parts + usize::from(p < len % parts);
-            tasks.push((e, at, rows));
-            at += rows;
-        }
-    }
-    tasks
 }
 
 /// `y[seg_e] = a[seg_e] · w_eᵀ` (`Forward`) or `a[seg_e] · w_e` (`InputGrad`) for row-major
@@ -331,13 +157,6 @@ fn weight_grads_into(
 /// weights (which run after it: they are its inputs).
 type Stash = Arc<Mutex<Option<Vec<Tensor>>>>;
 
-fn lock_stash(s: &Stash) -> std::sync::MutexGuard<'_, Option<Vec<Tensor>>> {
-    match s.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 /// The grouped product over per-expert weight tensors read in place (no concatenated copy);
 /// arg1 is `x`, arg2 the scalar end of the weights' tap chain (which carries their gradients).
 struct ExpertMatmul {
@@ -423,7 +242,7 @@ impl CustomOp2 for ExpertMatmul {
                 .into_iter()
                 .map(|v| Tensor::from_vec(v, (self.n, self.k), arg1.device()))
                 .collect::<Result<Vec<_>>>()?;
-            *lock_stash(&self.stash) = Some(dws);
+            *crate::ops::lock(&self.stash) = Some(dws);
         }
         let dx = Tensor::from_vec(dx, (rows, self.k), arg1.device())?;
         Ok((Some(dx), Some(arg2.zeros_like()?)))
@@ -440,7 +259,7 @@ struct GradTap {
 
 impl GradTap {
     fn grad(&self) -> Result<Tensor> {
-        match lock_stash(&self.stash)
+        match crate::ops::lock(&self.stash)
             .as_ref()
             .and_then(|v| v.get(self.index))
         {

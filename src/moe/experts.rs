@@ -129,26 +129,30 @@ impl Experts {
     /// # Shapes
     /// - `xs`: `(n_kept, h)` sorted by expert -> `(n_kept, h)`
     pub fn forward_segments(&self, xs: &Tensor, offsets: &[usize]) -> Result<Tensor> {
-        if let Some(y) = self.grouped_swiglu(xs, offsets)? {
-            return Ok(y);
+        if self.supports_grouped(xs) {
+            if let Some(y) = self.forward_grouped(xs, offsets)? {
+                return Ok(y);
+            }
         }
         self.forward_segments_loop(xs, offsets)
     }
 
-    /// SwiGLU on every segment with three grouped matmuls (f32 on CPU, bias-free experts);
-    /// `None` when it does not apply. Differentiable (see [`crate::grouped`]).
-    fn grouped_swiglu(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
-        if !xs.device().is_cpu()
-            || xs.dtype() != candle_core::DType::F32
-            || self.experts.iter().any(|e| {
-                e.has_bias()
-                    || e.w3.is_none()
-                    || e.w1.weight().dtype() != candle_core::DType::F32
-                    || !e.w1.weight().device().is_cpu()
+    /// Whether the grouped CPU op applies: f32 on CPU, bias-free SwiGLU experts.
+    pub fn supports_grouped(&self, xs: &Tensor) -> bool {
+        xs.device().is_cpu()
+            && xs.dtype() == candle_core::DType::F32
+            && self.experts.iter().all(|e| {
+                !e.has_bias()
+                    && e.w3.is_some()
+                    && e.w1.weight().dtype() == candle_core::DType::F32
+                    && e.w1.weight().device().is_cpu()
             })
-        {
-            return Ok(None);
-        }
+    }
+
+    /// SwiGLU on every segment with three grouped matmuls (call when
+    /// [`Self::supports_grouped`]); `None` when it does not apply. Differentiable (see
+    /// `moe::grouped`).
+    pub fn forward_grouped(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
         let w1: Vec<&Tensor> = self.experts.iter().map(|e| e.w1.weight()).collect();
         let w3: Option<Vec<&Tensor>> = self
             .experts
@@ -157,10 +161,10 @@ impl Experts {
             .collect();
         let Some(w3) = w3 else { return Ok(None) };
         let w2: Vec<&Tensor> = self.experts.iter().map(|e| e.w2.weight()).collect();
-        let g = crate::grouped::expert_matmul(xs, &w1, offsets)?; // (n, f)
-        let u = crate::grouped::expert_matmul(xs, &w3, offsets)?; // (n, f)
+        let g = super::grouped::expert_matmul(xs, &w1, offsets)?; // (n, f)
+        let u = super::grouped::expert_matmul(xs, &w3, offsets)?; // (n, f)
         let h = (g.silu()? * u)?;
-        Ok(Some(crate::grouped::expert_matmul(&h, &w2, offsets)?)) // (n, h)
+        Ok(Some(super::grouped::expert_matmul(&h, &w2, offsets)?)) // (n, h)
     }
 
     /// The plain loop: each expert's three matmuls on its segment, one expert after another

@@ -13,45 +13,16 @@
 //! so that it has a backward pass (`candle_nn::ops::softmax_last_dim` has none), and the top-k is
 //! chosen with `arg_sort_last_dim` + `gather`, so gradients reach the gate weights.
 
-use candle_core::{bail, DType, Module, Result, Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{bail, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::MoeConfig;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
-/// Differentiable softmax over the last dimension (the max shift is detached: it cancels).
-pub fn softmax_last(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    let e = xs.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
-}
-
-/// Differentiable log-sum-exp over the last dimension, keeping it.
-pub fn logsumexp_last(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach();
-    xs.broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&max)
-}
-
-/// Numerically stable `softplus(x) = log(1 + e^x)`, differentiable.
-fn softplus(xs: &Tensor) -> Result<Tensor> {
-    // softplus(x) = relu(x) + log(1 + exp(-|x|))
-    let relu = xs.relu()?;
-    let tail = (xs.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    relu + tail
-}
-
-/// The dtype router math runs in: f32, or f64 for f64 models (never half precision).
-pub fn router_dtype(model: DType) -> DType {
-    if model == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
+use crate::ops::{compute_dtype, lock, normal, softmax_last_dim, softplus};
 
 /// What the router decided for a batch of tokens.
 #[derive(Debug, Clone)]
@@ -66,9 +37,11 @@ pub struct RouterOutput {
     pub experts: Tensor,
 }
 
-/// The gating network of a sparse layer.
-#[derive(Debug, Clone)]
+/// The gating network of a sparse layer. It owns the seeded generator of its training noise
+/// (noisy gating and jitter), like [`crate::layers::Dropout`].
+#[derive(Debug)]
 pub struct Router {
+    rng: Mutex<StdRng>,
     gate: Linear,
     noise: Option<Linear>,
     num_experts: usize,
@@ -97,6 +70,7 @@ impl Router {
             None
         };
         Ok(Self {
+            rng: Mutex::new(StdRng::seed_from_u64(0)),
             gate,
             noise,
             num_experts: cfg.num_experts,
@@ -111,39 +85,68 @@ impl Router {
         self.gate.weight()
     }
 
-    /// Routes tokens. `noise` draws standard normal / uniform samples; it is only used when
-    /// `train` is true and the layer has noise or jitter.
+    /// Restarts the noise generator from `seed`.
+    pub fn set_seed(&self, seed: u64) {
+        *lock(&self.rng) = StdRng::seed_from_u64(seed);
+    }
+
+    /// `shape` samples of `kind` from the router's generator, f32 on `device`.
+    fn noise(&self, shape: &[usize], kind: NoiseKind, device: &Device) -> Result<Tensor> {
+        let count: usize = shape.iter().product();
+        let mut rng = lock(&self.rng);
+        let v: Vec<f32> = match kind {
+            NoiseKind::Uniform(lo, hi) => (0..count)
+                .map(|_| rng.random_range(lo..hi) as f32)
+                .collect(),
+            NoiseKind::Normal => (0..count).map(|_| normal(&mut *rng) as f32).collect(),
+        };
+        Tensor::from_vec(v, shape, device)
+    }
+
+    /// Routes tokens; noise and jitter (when configured) are drawn only when `train` is true.
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// use candle_moe::{MoeConfig, Router};
+    /// let cfg = MoeConfig { hidden_size: 4, intermediate_size: 8, num_experts: 4, top_k: 2, ..Default::default() };
+    /// let vm = VarMap::new();
+    /// let router = Router::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let out = router.forward_t(&Tensor::ones((3, 4), DType::F32, &Device::Cpu)?, false)?;
+    /// assert_eq!(out.experts.dims(), &[3, 2]); // two expert ids per token, best first
+    /// let w = out.weights.sum(1)?.to_vec1::<f32>()?; // renormalised gate weights sum to one
+    /// assert!(w.iter().all(|s| (s - 1.0).abs() < 1e-6));
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     ///
     /// # Shapes
     /// - `xs`: `(tokens, h)`, any float dtype
     /// - returns logits and probs `(tokens, E)`, weights and experts `(tokens, k)`
-    pub fn forward_t(
-        &self,
-        xs: &Tensor,
-        train: bool,
-        noise: &mut dyn FnMut(&[usize], NoiseKind) -> Result<Tensor>,
-    ) -> Result<RouterOutput> {
-        let dt = router_dtype(xs.dtype());
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<RouterOutput> {
+        let dt = compute_dtype(xs.dtype());
         let mut x = xs.to_dtype(dt)?; // (n, h)
         if train && self.jitter > 0.0 {
-            let u = noise(
+            let u = self.noise(
                 x.dims(),
                 NoiseKind::Uniform(1.0 - self.jitter, 1.0 + self.jitter),
+                x.device(),
             )?;
             x = (x * u.to_dtype(dt)?)?;
         }
         let w = self.gate.weight().to_dtype(dt)?;
         let logits = x.matmul(&w.t()?)?; // (n, E)
-        let probs = softmax_last(&logits)?;
+        let probs = softmax_last_dim(&logits)?;
         // Rank by the (noisy) logits, not the probabilities: they order the same, and the
         // logits cannot tie where the softmax underflows to zero.
         let (scores, order_by) = match (&self.noise, train) {
             (Some(noise_proj), true) => {
                 let wn = noise_proj.weight().to_dtype(dt)?;
                 let std = softplus(&x.matmul(&wn.t()?)?)?; // (n, E)
-                let eps = noise(std.dims(), NoiseKind::Normal)?.to_dtype(dt)?;
+                let eps = self
+                    .noise(std.dims(), NoiseKind::Normal, x.device())?
+                    .to_dtype(dt)?;
                 let h = (&logits + (std * eps)?)?;
-                (softmax_last(&h)?, h)
+                (softmax_last_dim(&h)?, h)
             }
             _ => (probs.clone(), logits.clone()),
         };
@@ -181,9 +184,9 @@ impl Router {
     }
 }
 
-/// What random numbers a router asks for.
+/// What random numbers a router draws.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum NoiseKind {
+enum NoiseKind {
     /// Standard normal samples.
     Normal,
     /// Uniform samples in `[lo, hi)`.
@@ -193,7 +196,7 @@ pub enum NoiseKind {
 impl Module for Router {
     /// Router logits `(tokens, E)` in f32.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dt = router_dtype(xs.dtype());
+        let dt = compute_dtype(xs.dtype());
         let w = self.gate.weight().to_dtype(dt)?;
         xs.to_dtype(dt)?.matmul(&w.t()?)
     }

@@ -8,6 +8,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
+use crate::ops::{lock, normal};
+
 /// Redraws every variable of `varmap` from a generator seeded with `seed`.
 ///
 /// - rank ≥ 2 named `*embed*` / `*wte*` / `*wpe*`: normal, std 0.02 (GPT-2);
@@ -15,10 +17,7 @@ use rand::{Rng, SeedableRng};
 /// - rank 1 whose values are all equal (norm weights, biases) is kept as initialised.
 pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let data = lock(varmap.data());
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -36,14 +35,7 @@ pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
         }
         let embed = name.contains("embed") || name.contains("wte") || name.contains("wpe");
         let vals: Vec<f32> = if embed && dims.len() >= 2 {
-            (0..n)
-                .map(|_| {
-                    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
-                    let u2: f64 = rng.random();
-                    (0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
-                        as f32
-                })
-                .collect()
+            (0..n).map(|_| (0.02 * normal(&mut rng)) as f32).collect()
         } else {
             let fan_in = *dims.last().unwrap_or(&1) as f64;
             let b = 1.0 / fan_in.max(1.0).sqrt();

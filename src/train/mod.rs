@@ -6,17 +6,21 @@
 //! The optimizer performs exactly candle-nn's `AdamW` update; it is re-implemented here because
 //! candle-nn keeps the moments private, so they could not be checkpointed for resume.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{parse_safetensors, read_file, to_safetensors_bytes, write_atomic};
+pub mod init;
+pub mod optim;
+pub mod schedule;
+
+pub use optim::AdamW;
+
 use crate::error::{Error, Result};
+use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes, write_atomic};
 use crate::models::LayerRouting;
 
 /// Hyper-parameters of a training run.
@@ -84,114 +88,13 @@ impl TrainConfig {
     /// Learning rate at `step` (0-based): linear warmup, then cosine decay to
     /// `min_lr_ratio · lr` at `steps`.
     pub fn lr_at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let p = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        let min = self.lr * self.min_lr_ratio;
-        min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * p).cos())
-    }
-}
-
-/// AdamW with named, checkpointable moments (candle-nn's update rule).
-#[derive(Debug)]
-pub struct AdamW {
-    vars: Vec<(String, Var, Var, Var)>,
-    step_t: usize,
-    /// Learning rate of the next step.
-    pub lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-}
-
-impl AdamW {
-    /// Optimises every variable of `varmap` (float vars only).
-    pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
-        let data = crate::checkpoint::lock(varmap)?;
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        let mut vars = Vec::new();
-        for n in names {
-            let v = data[n].clone();
-            if !v.dtype().is_float() {
-                continue;
-            }
-            let m = Var::zeros(v.shape(), v.dtype(), v.device())?;
-            let s = Var::zeros(v.shape(), v.dtype(), v.device())?;
-            vars.push((n.clone(), v, m, s));
-        }
-        Ok(Self {
-            vars,
-            step_t: 0,
-            lr: cfg.lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-        })
-    }
-
-    /// Steps taken.
-    pub fn step_count(&self) -> usize {
-        self.step_t
-    }
-
-    /// One update from `grads`.
-    pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.step_t += 1;
-        let lr = self.lr;
-        let lr_lambda = lr * self.weight_decay;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let scale_m = 1f64 / (1f64 - b1.powi(self.step_t as i32));
-        let scale_v = 1f64 / (1f64 - b2.powi(self.step_t as i32));
-        for (_, theta, m, v) in &self.vars {
-            if let Some(g) = grads.get(theta) {
-                let next_m = ((m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
-                let next_v = ((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                let m_hat = (&next_m * scale_m)?;
-                let v_hat = (&next_v * scale_v)?;
-                let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
-                let adjusted = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-                let next_theta = (next_theta - (adjusted * lr)?)?;
-                m.set(&next_m)?;
-                v.set(&next_v)?;
-                theta.set(&next_theta)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The moments as named tensors (`{name}.m`, `{name}.v`).
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
-        let mut out = HashMap::new();
-        for (n, _, m, v) in &self.vars {
-            out.insert(format!("{n}.m"), m.as_tensor().clone());
-            out.insert(format!("{n}.v"), v.as_tensor().clone());
-        }
-        out
-    }
-
-    /// Restores moments and step count.
-    pub fn load_state(
-        &mut self,
-        t: &HashMap<String, Tensor>,
-        step_t: usize,
-        path: &Path,
-    ) -> Result<()> {
-        for (n, _, m, v) in &self.vars {
-            for (suffix, var) in [("m", m), ("v", v)] {
-                let key = format!("{n}.{suffix}");
-                let x = t.get(&key).ok_or_else(|| {
-                    Error::checkpoint(path, format!("missing optimizer tensor `{key}`"))
-                })?;
-                crate::checkpoint::set_checked(var, x, &key, path)?;
-            }
-        }
-        self.step_t = step_t;
-        Ok(())
+        schedule::warmup_cosine(
+            step,
+            self.steps,
+            self.warmup_steps,
+            self.lr,
+            self.min_lr_ratio,
+        )
     }
 }
 
@@ -330,7 +233,7 @@ impl Trainer {
         };
         if let Some(g) = &grads {
             let mut sq = 0f64;
-            for (_, v, _, _) in &self.opt.vars {
+            for v in self.opt.vars() {
                 if let Some(gv) = g.get(v) {
                     sq += gv
                         .to_dtype(DType::F64)?
@@ -351,8 +254,8 @@ impl Trainer {
                 self.state.skipped_total += 1;
                 if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row {
                     self.state.history.push(stats.clone());
-                    return Err(Error::Config(format!(
-                        "training stopped: {} non-finite steps in a row (loss {loss}, grad norm {}) at step {}; the last checkpoint is untouched",
+                    return Err(Error::Training(format!(
+                        "{} non-finite steps in a row (loss {loss}, grad norm {}) at step {}; the last checkpoint is untouched",
                         self.nonfinite_in_row, stats.grad_norm, self.state.step
                     )));
                 }
@@ -362,7 +265,7 @@ impl Trainer {
                 if let Some(max) = self.cfg.grad_clip {
                     if stats.grad_norm > max {
                         let s = max / stats.grad_norm;
-                        for (_, v, _, _) in &self.opt.vars {
+                        for v in self.opt.vars() {
                             if let Some(gv) = g.remove(v) {
                                 g.insert(v, (gv * s)?);
                             }
@@ -482,15 +385,15 @@ impl Trainer {
         let p = dir.join("optimizer.safetensors");
         let dev = self
             .opt
-            .vars
-            .first()
-            .map(|v| v.1.device().clone())
+            .vars()
+            .next()
+            .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
         let dtype = self
             .opt
-            .vars
-            .first()
-            .map(|v| v.1.dtype())
+            .vars()
+            .next()
+            .map(|v| v.dtype())
             .unwrap_or(DType::F32);
         let t = parse_safetensors(&read_file(&p)?, &p, dtype, &dev)?;
         self.opt.load_state(&t, state.step, &p)?;

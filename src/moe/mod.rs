@@ -2,20 +2,25 @@
 //!
 //! `y = Σ_{e ∈ top-k(x)} g_e(x) · E_e(x)` (Shazeer et al. 2017, eq. 1), with tokens permuted by
 //! expert, each expert run once on its contiguous segment, and one weighted combine back
-//! (see [`crate::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
+//! (see [`crate::moe::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::{Rng, SeedableRng};
+
+pub mod dispatch;
+pub mod experts;
+pub(crate) mod fused;
+pub(crate) mod grouped;
+pub mod router;
 
 use crate::config::MoeConfig;
-use crate::dispatch::{self, PlanTensors};
-use crate::experts::{Experts, SharedExpert};
-use crate::kernels::{self, FusedExperts};
 use crate::losses;
-use crate::router::{NoiseKind, Router};
+use dispatch::PlanTensors;
+use experts::{Experts, SharedExpert};
+use fused::FusedExperts;
+use router::Router;
 
 /// What a sparse layer returns.
 #[derive(Debug, Clone)]
@@ -33,6 +38,30 @@ pub struct MoeOutput {
     pub expert_counts: Vec<usize>,
     /// Assignments dropped by the capacity limit (0 when dropless).
     pub dropped: usize,
+    /// The router outputs the aux losses are formed from (models pool these over layers).
+    pub aux: losses::RouterAux,
+}
+
+/// How a sparse layer computes its experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertBackend {
+    /// The fastest that applies (fused, then grouped, then the loop).
+    #[default]
+    Auto,
+    /// The fused CPU inference op (frozen f32 weights, no gradient).
+    Fused,
+    /// The grouped CPU op with a backward pass (f32 SwiGLU experts).
+    Grouped,
+    /// One expert after another with candle ops (any dtype, device or expert kind; the
+    /// reference the others are tested against).
+    Loop,
+}
+
+/// The backend chosen for one forward.
+enum Backend {
+    Fused(Arc<FusedExperts>),
+    Grouped,
+    Loop,
 }
 
 /// A sparse mixture-of-experts feed-forward layer (Mixtral weight names).
@@ -42,10 +71,10 @@ pub struct SparseMoe {
     router: Router,
     experts: Experts,
     shared: Option<SharedExpert>,
-    rng: Mutex<rand::rngs::StdRng>,
     /// Fused inference weights, built on the first fast-path forward (frozen weights only).
     fused: OnceLock<Option<Arc<FusedExperts>>>,
     trainable: bool,
+    backend: ExpertBackend,
 }
 
 impl SparseMoe {
@@ -83,9 +112,9 @@ impl SparseMoe {
             router,
             experts,
             shared,
-            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
             fused: OnceLock::new(),
             trainable,
+            backend: ExpertBackend::Auto,
         })
     }
 
@@ -106,9 +135,7 @@ impl SparseMoe {
 
     /// Reseeds the generator of the router noise (noisy gating and jitter, training only).
     pub fn set_seed(&self, seed: u64) {
-        if let Ok(mut rng) = self.rng.lock() {
-            *rng = rand::rngs::StdRng::seed_from_u64(seed);
-        }
+        self.router.set_seed(seed);
     }
 
     /// Inference forward (no router noise).
@@ -156,8 +183,7 @@ impl SparseMoe {
         }
         let x = xs.reshape((n, h))?; // (n, h)
 
-        let mut noise = |shape: &[usize], kind: NoiseKind| self.noise(shape, kind, xs);
-        let routed = self.router.forward_t(&x, train, &mut noise)?;
+        let routed = self.router.forward_t(&x, train)?;
 
         // One scalar read: NaN or Inf anywhere in the input shows up in the router logits.
         let peak = routed
@@ -175,17 +201,26 @@ impl SparseMoe {
             .capacity_factor
             .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
         let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
-        let mut y = match self.fast_path(&x, train)? {
-            Some(fused) => {
+        let mut y = match self.backend_for(&x, train)? {
+            Backend::Fused(fused) => {
                 // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
                 let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
                 let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
-                kernels::moe_cpu_forward(&x, &fused, &plan, &gate)? // (n, h)
+                fused::moe_cpu_forward(&x, &fused, &plan, &gate)? // (n, h)
             }
-            None => {
+            backend => {
                 let idx = PlanTensors::new(&plan, x.device())?;
                 let gathered = dispatch::gather(&x, &idx)?; // (n_kept, h)
-                let expert_out = self.experts.forward_segments(&gathered, &plan.offsets)?; // (n_kept, h)
+                let grouped = match backend {
+                    Backend::Grouped => self.experts.forward_grouped(&gathered, &plan.offsets)?,
+                    _ => None,
+                };
+                let expert_out = match grouped {
+                    Some(y) => y,
+                    None => self
+                        .experts
+                        .forward_segments_loop(&gathered, &plan.offsets)?,
+                }; // (n_kept, h)
                 let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
                 dispatch::combine(&expert_out, &w, &idx, n)? // (n, h)
             }
@@ -194,19 +229,20 @@ impl SparseMoe {
             y = (y + shared.forward(&x)?)?;
         }
 
-        let lb_ids = if train && self.cfg.noisy_gating {
+        let aux_ids = if train && self.cfg.noisy_gating {
             // The loss counts the clean top-k choices, as transformers does.
             routed
                 .logits
                 .arg_sort_last_dim(false)?
                 .narrow(1, 0, self.cfg.top_k)?
-                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<u32>()?
         } else {
-            routed.experts.clone()
+            ids
         };
-        let load_balancing_loss =
-            losses::load_balancing_from_parts(&routed.probs, &lb_ids, None, self.cfg.num_experts)?;
-        let z_loss = losses::router_z_loss(std::slice::from_ref(&routed.logits))?;
+        let aux = losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
+        let (load_balancing_loss, z_loss) =
+            losses::pooled_aux_losses(&[&aux], None, self.cfg.num_experts, x.device())?;
         Ok(MoeOutput {
             hidden_states: y.reshape(dims)?,
             router_logits: routed.logits,
@@ -214,48 +250,50 @@ impl SparseMoe {
             z_loss,
             expert_counts: plan.counts(),
             dropped: plan.dropped,
+            aux,
         })
     }
 
-    /// The fused weights when the CPU fast path applies: inference mode, f32 on CPU, and
-    /// neither the input nor the expert weights track gradients.
-    fn fast_path(&self, x: &Tensor, train: bool) -> Result<Option<Arc<FusedExperts>>> {
-        if train
-            || self.trainable
-            || x.track_op()
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
-            || std::env::var_os("CANDLE_MOE_NO_FAST_PATH").is_some()
-        {
-            return Ok(None);
-        }
-        if let Some(f) = self.fused.get() {
-            return Ok(f.clone());
-        }
-        let f = FusedExperts::new(&self.experts)?.map(Arc::new);
-        Ok(self.fused.get_or_init(|| f).clone())
+    /// Restricts the expert computation to one backend (default [`ExpertBackend::Auto`]); a
+    /// backend that does not apply to a forward's dtype, device or mode falls back to the loop.
+    pub fn set_backend(&mut self, backend: ExpertBackend) {
+        self.backend = backend;
     }
 
-    fn noise(&self, shape: &[usize], kind: NoiseKind, like: &Tensor) -> Result<Tensor> {
-        let count: usize = shape.iter().product();
-        let mut rng = match self.rng.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
-        let v: Vec<f32> = match kind {
-            NoiseKind::Uniform(lo, hi) => (0..count)
-                .map(|_| rng.random_range(lo..hi) as f32)
-                .collect(),
-            NoiseKind::Normal => (0..count)
-                .map(|_| {
-                    // Box-Muller.
-                    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
-                    let u2: f64 = rng.random();
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-                })
-                .collect(),
-        };
-        Tensor::from_vec(v, shape, like.device())?.to_dtype(DType::F32)
+    /// The expert backend this layer is restricted to.
+    pub fn backend(&self) -> ExpertBackend {
+        self.backend
+    }
+
+    /// The one place the expert computation is chosen: the fused inference op when the layer
+    /// is frozen and nothing needs a gradient (f32 on CPU), else the grouped op (f32 on CPU,
+    /// SwiGLU), else the per-expert loop (any dtype, device, expert kind).
+    fn backend_for(&self, x: &Tensor, train: bool) -> Result<Backend> {
+        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let want = self.backend;
+        if matches!(want, ExpertBackend::Auto | ExpertBackend::Fused)
+            && cpu_f32
+            && !train
+            && !self.trainable
+            && !x.track_op()
+        {
+            let f = match self.fused.get() {
+                Some(f) => f.clone(),
+                None => {
+                    let f = FusedExperts::new(&self.experts)?.map(Arc::new);
+                    self.fused.get_or_init(|| f).clone()
+                }
+            };
+            if let Some(f) = f {
+                return Ok(Backend::Fused(f));
+            }
+        }
+        if matches!(want, ExpertBackend::Auto | ExpertBackend::Grouped)
+            && self.experts.supports_grouped(x)
+        {
+            return Ok(Backend::Grouped);
+        }
+        Ok(Backend::Loop)
     }
 }
 

@@ -1,0 +1,104 @@
+//! Hugging Face checkpoints: Mixtral, Qwen2-MoE and OLMoE `config.json` + safetensors (single
+//! file or sharded with `model.safetensors.index.json`), from a local folder or a hub id.
+//!
+//! Their weight names are mapped onto the crate's Mixtral-named modules
+//! (`mlp.` ↔ `block_sparse_moe.`, `gate_proj/up_proj/down_proj` ↔ `w1/w3/w2`), every tensor's
+//! presence, shape and dtype is checked against the config before it is used, and errors name
+//! the file and the tensor.
+
+mod config;
+
+use std::path::PathBuf;
+
+use candle_nn::VarBuilder;
+
+pub use config::{config_from_hf, read_hf_config};
+
+use crate::error::{Error, Result};
+use crate::io::hub::{resolve, LoadOptions};
+use crate::io::safetensors::{build_error, read_header, var_builder, SharedLog};
+
+/// The Hugging Face model families this crate loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `model_type: "mixtral"`.
+    Mixtral,
+    /// `model_type: "qwen2_moe"`.
+    Qwen2Moe,
+    /// `model_type: "olmoe"`.
+    Olmoe,
+}
+
+/// The crate's (Mixtral) weight name -> the family's weight name.
+pub fn hf_name(family: Family, ours: &str) -> String {
+    match family {
+        Family::Mixtral => ours.to_string(),
+        Family::Qwen2Moe | Family::Olmoe => ours
+            .replace(".block_sparse_moe.", ".mlp.")
+            .replace(".w1.", ".gate_proj.")
+            .replace(".w3.", ".up_proj.")
+            .replace(".w2.", ".down_proj."),
+    }
+}
+
+/// A checked VarBuilder over `files` with the family's tensor names.
+pub(crate) fn family_var_builder(
+    files: &[PathBuf],
+    family: Family,
+    opts: &LoadOptions,
+    varmap: Option<candle_nn::VarMap>,
+) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
+    let (vb, log, names) = var_builder(files, opts, varmap)?;
+    let vb = match family {
+        Family::Mixtral => vb,
+        f => vb.rename_f(move |n: &str| hf_name(f, n)),
+    };
+    Ok((vb, log, names))
+}
+
+/// Checks that the checkpoint has no decoder layers beyond the config's (a config that
+/// disagrees with the weights).
+fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
+    for f in files {
+        for name in read_header(f)?.keys() {
+            if let Some(rest) = name.strip_prefix("model.layers.") {
+                if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
+                    if i >= num_layers {
+                        return Err(Error::tensor(
+                            f,
+                            name.as_str(),
+                            crate::error::CheckpointErrorKind::Unexpected,
+                            format!("tensor `{name}` belongs to layer {i}, but config.json has num_hidden_layers = {num_layers}"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl crate::models::CausalLm {
+    /// Loads a Mixtral, Qwen2-MoE or OLMoE checkpoint from a local directory or a hub id.
+    pub fn from_pretrained(source: &str, opts: &LoadOptions) -> Result<Self> {
+        Ok(Self::from_pretrained_with_tokenizer(source, opts)?.0)
+    }
+
+    /// As [`Self::from_pretrained`], also returning the checkpoint's tokenizer when it has one.
+    pub fn from_pretrained_with_tokenizer(
+        source: &str,
+        opts: &LoadOptions,
+    ) -> Result<(Self, Option<tokenizers::Tokenizer>)> {
+        let r = resolve(source, opts)?;
+        let (family, cfg) = read_hf_config(&r.config)?;
+        check_layer_count(&r.weights, cfg.num_layers)?;
+        let (vb, log, _names) = family_var_builder(&r.weights, family, opts, None)?;
+        let first = r.weights.first().cloned().unwrap_or_default();
+        let model = Self::new(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
+        let tok = match &r.tokenizer {
+            Some(p) => Some(crate::tokenizer::load(p)?),
+            None => None,
+        };
+        Ok((model, tok))
+    }
+}

@@ -1,0 +1,76 @@
+//! Small differentiable tensor ops and helpers every layer shares.
+//!
+//! - [`softmax_last_dim`], [`logsumexp_keepdim`], [`softplus`]: built from primitive ops so they
+//!   have a backward pass (`candle_nn::ops::softmax_last_dim` has none); the max shift is
+//!   detached (it cancels).
+//! - [`compute_dtype`]: the dtype router and loss math run in (f32, or f64 for f64 models).
+//! - [`normal`]: one seeded standard-normal draw (Box–Muller), so the crate needs no
+//!   `rand_distr`.
+//! - [`lock`]: a poison-tolerant `Mutex` lock (a panic elsewhere must not turn every later
+//!   forward into an error).
+
+use std::sync::{Mutex, MutexGuard};
+
+use candle_core::{DType, Result, Tensor, D};
+use rand::Rng;
+
+/// Differentiable softmax over the last dimension.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// let p = candle_moe::ops::softmax_last_dim(&Tensor::new(&[[0f32, 0.0]], &Device::Cpu)?)?;
+/// assert_eq!(p.to_vec2::<f32>()?, [[0.5, 0.5]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    let e = xs.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// Differentiable `log Σ exp` over the last dimension, keeping it (size 1).
+pub fn logsumexp_keepdim(xs: &Tensor) -> Result<Tensor> {
+    let max = xs.max_keepdim(D::Minus1)?.detach();
+    xs.broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&max)
+}
+
+/// Differentiable `log softmax` over the last dimension.
+pub fn log_softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    xs.broadcast_sub(&logsumexp_keepdim(xs)?)
+}
+
+/// Numerically stable `softplus(x) = log(1 + e^x) = relu(x) + log(1 + e^{-|x|})`, differentiable.
+pub fn softplus(xs: &Tensor) -> Result<Tensor> {
+    let relu = xs.relu()?;
+    let tail = (xs.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    relu + tail
+}
+
+/// The dtype router and loss math run in: f32, or f64 for f64 models (never half precision).
+pub fn compute_dtype(model: DType) -> DType {
+    if model == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// One standard normal draw (Box–Muller) from `rng`.
+pub fn normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// Locks `m`, recovering the data of a poisoned lock.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
