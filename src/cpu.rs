@@ -175,3 +175,21 @@ pub(crate) fn segment_tasks(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
     }
     tasks
 }
+
+/// Runs `f` on the f32 data of `ts` read in place (each must be a contiguous f32 CPU tensor).
+pub(crate) fn with_f32_slices<R>(
+    ts: &[candle_core::Tensor],
+    f: impl FnOnce(&[&[f32]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        match (&**st, l.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                slices.push(&v[a..b])
+            }
+            _ => bail!("expert weights must be contiguous f32 CPU tensors"),
+        }
+    }
+    f(&slices)
+}

@@ -35,8 +35,8 @@ pub enum Error {
         path: PathBuf,
         /// The tensor involved, when there is one.
         tensor: Option<String>,
-        /// What kind of problem it is.
-        kind: CheckpointErrorKind,
+        /// What kind of problem it is (see also [`Error::checkpoint_kind`]).
+        kind: Box<CheckpointErrorKind>,
         /// What is wrong, naming the tensor, in words.
         msg: String,
     },
@@ -113,7 +113,7 @@ impl Error {
         Error::Checkpoint {
             path: path.into(),
             tensor: None,
-            kind: CheckpointErrorKind::Corrupt,
+            kind: Box::new(CheckpointErrorKind::Corrupt),
             msg: msg.into(),
         }
     }
@@ -127,7 +127,7 @@ impl Error {
         Error::Checkpoint {
             path: path.into(),
             tensor: Some(tensor.into()),
-            kind,
+            kind: Box::new(kind),
             msg: msg.into(),
         }
     }

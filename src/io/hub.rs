@@ -18,15 +18,19 @@ pub struct LoadOptions {
     pub device: Device,
     /// Hub revision (branch, tag or commit); `None` = `main`.
     pub revision: Option<String>,
+    /// Load the weights as trainable variables (a `VarMap` the model exposes through
+    /// `CausalLm::varmap`); `false` (the default) loads plain tensors for inference.
+    pub trainable: bool,
 }
 
 impl Default for LoadOptions {
-    /// f32 on CPU, revision `main`.
+    /// f32 on CPU, revision `main`, frozen.
     fn default() -> Self {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
             revision: None,
+            trainable: false,
         }
     }
 }

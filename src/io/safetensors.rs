@@ -37,6 +37,124 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Names a checkpoint directory may hold (anything else in a directory being replaced is
+/// refused rather than deleted).
+fn is_checkpoint_entry(name: &str) -> bool {
+    name.ends_with(".safetensors")
+        || name.ends_with(".json")
+        || name == "trainer"
+        || name.starts_with('.')
+}
+
+/// Fsyncs a directory (so a rename in it is durable).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); `false` where unsupported.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (
+        std::ffi::CString::new(a.as_os_str().as_bytes()),
+        std::ffi::CString::new(b.as_os_str().as_bytes()),
+    ) else {
+        return false;
+    };
+    // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
+    unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> bool {
+    false
+}
+
+/// Writes a whole directory atomically: every file into a fresh temporary directory beside it
+/// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
+/// renames, so that after a failure or a kill at any point `dir` holds either the old contents
+/// or the new ones, complete. No temporary is left behind on an error path.
+pub(crate) fn write_dir_atomic(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    fail_after: Option<usize>,
+) -> Result<()> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::io(dir, std::io::Error::other("not a directory name")))?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    if dir.exists() {
+        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !is_checkpoint_entry(&n) {
+                return Err(Error::io(
+                    dir.join(&n),
+                    std::io::Error::other(
+                        "not part of a checkpoint: save into an empty or checkpoint directory",
+                    ),
+                ));
+            }
+        }
+    }
+    let unique = format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let tmp = parent.join(unique);
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir(&tmp)?;
+        for (i, (f, bytes)) in files.iter().enumerate() {
+            if fail_after == Some(i) {
+                return Err(std::io::Error::other("injected failure"));
+            }
+            let mut fh = std::fs::File::create(tmp.join(f))?;
+            fh.write_all(bytes)?;
+            fh.sync_all()?;
+        }
+        sync_dir(&tmp)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::io(dir, e));
+    }
+    let swapped = if dir.exists() {
+        if exchange(&tmp, dir) {
+            Ok(())
+        } else {
+            // Non-Linux fallback: two renames (a short window without `dir`).
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(dir, &old)
+                .and_then(|_| std::fs::rename(&tmp, dir))
+                .map(|_| {
+                    let _ = std::fs::remove_dir_all(&old);
+                })
+        }
+    } else {
+        std::fs::rename(&tmp, dir)
+    };
+    // After an exchange `tmp` holds the old contents; after a failure, the new ones.
+    let _ = std::fs::remove_dir_all(&tmp);
+    swapped.map_err(|e| Error::io(dir, e))?;
+    sync_dir(&parent).map_err(|e| Error::io(&parent, e))
+}
+
 /// Serialises named tensors to safetensors bytes (sorted by name).
 pub fn to_safetensors_bytes(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();

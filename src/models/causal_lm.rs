@@ -33,6 +33,32 @@ pub struct CausalLm {
     trunk: Trunk,
     lm_head: Linear,
     cfg: ModelConfig,
+    params: Vec<(String, Tensor)>,
+    origin: Origin,
+}
+
+/// Where a model came from: what `save_pretrained` needs to write it back, and the variables
+/// that train it.
+#[derive(Clone, Default)]
+pub struct Origin {
+    /// The Hugging Face `config.json` it was loaded from (`None`: built by the crate).
+    pub hf_config: Option<serde_json::Value>,
+    /// The checkpoint's `tokenizer.json`, when it had one.
+    pub tokenizer_json: Option<String>,
+    /// The checkpoint's `generation_config.json`, when it had one.
+    pub generation_config: Option<serde_json::Value>,
+    /// The trainable variables (loaded with `trainable: true`).
+    pub varmap: Option<candle_nn::VarMap>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("hf_config", &self.hf_config.is_some())
+            .field("tokenizer_json", &self.tokenizer_json.is_some())
+            .field("trainable", &self.varmap.is_some())
+            .finish()
+    }
 }
 
 impl CausalLm {
@@ -41,6 +67,7 @@ impl CausalLm {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
+        let (vb, log) = super::recording(vb);
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
         let lm_head = if cfg.tie_word_embeddings {
@@ -49,11 +76,65 @@ impl CausalLm {
             candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         let trunk = Trunk::new(cfg, cfg.num_layers, true, false, embed, vb.pp("model"))?;
+        let params = std::mem::take(&mut *crate::ops::lock(&log));
         Ok(Self {
             trunk,
             lm_head,
             cfg: cfg.clone(),
+            params,
+            origin: Origin::default(),
         })
+    }
+
+    /// The model's parameters under its own names (`model.layers.0.block_sparse_moe.gate.weight`,
+    /// ...), in construction order. For a trainable model these are the variables' tensors.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// The trainable variables when the model was loaded with `trainable: true` (what
+    /// [`Trainer`](crate::Trainer) and candle-nn optimizers train); `None` for frozen models.
+    pub fn varmap(&self) -> Option<&candle_nn::VarMap> {
+        self.origin.varmap.as_ref()
+    }
+
+    /// Where the model came from (its Hugging Face config, tokenizer, variables).
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// Sets where the model came from (used by the loaders).
+    pub fn set_origin(&mut self, origin: Origin) {
+        self.origin = origin;
+    }
+
+    /// Turns the model into an inference model over plain tensors holding the current
+    /// weights (no copy): every fast path applies (fused experts, fused norms and softmax) and
+    /// [`Self::varmap`] becomes `None`.
+    pub fn freeze(&mut self) -> Result<()> {
+        let Some((_, first)) = self.params.first() else {
+            bail!("freeze: the model has no parameters")
+        };
+        let (dtype, dev) = (first.dtype(), first.device().clone());
+        let map: std::collections::HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        let vb = VarBuilder::from_tensors(map, dtype, &dev);
+        let origin = Origin {
+            varmap: None,
+            ..std::mem::take(&mut self.origin)
+        };
+        let mut frozen = Self::new(&self.cfg, vb)?;
+        frozen.origin = origin;
+        *self = frozen;
+        Ok(())
+    }
+
+    /// Whether the parameters are trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        self.params.iter().any(|(_, t)| t.is_variable())
     }
 
     /// The model's configuration.

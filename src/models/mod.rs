@@ -21,7 +21,7 @@ use crate::block::{BlockCtx, LayerCache, TransformerBlock};
 use crate::config::{ModelConfig, PositionKind};
 use crate::layers::{Dropout, Norm};
 
-pub use causal_lm::{CausalLm, CausalLmOutput};
+pub use causal_lm::{CausalLm, CausalLmOutput, Origin};
 pub use classifier::{ClassifierOutput, SequenceClassifier};
 pub use seq2seq::{Encoded, Seq2Seq, Seq2SeqOutput};
 
@@ -304,4 +304,55 @@ pub(crate) fn pool_aux(
     dev: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
     crate::losses::pooled_aux_losses(aux, row_masks, cfg.moe.num_experts, dev)
+}
+
+/// Every parameter a model asked its `VarBuilder` for, under the model's own (Mixtral-style)
+/// names, in request order: what `save_pretrained` writes and `freeze` rebuilds from.
+pub(crate) type ParamLog = std::sync::Arc<std::sync::Mutex<Vec<(String, Tensor)>>>;
+
+/// A `VarBuilder` backend that forwards to `inner` and records what it hands out.
+struct Recorder<'a> {
+    inner: VarBuilder<'a>,
+    log: ParamLog,
+}
+
+impl candle_nn::var_builder::SimpleBackend for Recorder<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        _dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let t = self.inner.get_with_hints_dtype(s, name, h, dtype)?;
+        crate::ops::lock(&self.log).push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        _dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let t = self.inner.get_unchecked_dtype(name, dtype)?;
+        crate::ops::lock(&self.log).push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Wraps `vb` so that every parameter built through it is recorded in the returned log.
+pub(crate) fn recording(vb: VarBuilder<'_>) -> (VarBuilder<'_>, ParamLog) {
+    let log = ParamLog::default();
+    let (dtype, dev) = (vb.dtype(), vb.device().clone());
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend + '_> = Box::new(Recorder {
+        inner: vb,
+        log: log.clone(),
+    });
+    (VarBuilder::from_backend(backend, dtype, dev), log)
 }

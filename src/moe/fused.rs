@@ -2,12 +2,11 @@
 //!
 //! For f32 on CPU with no gradient tracking, each expert's kept assignments form one task (cut
 //! into equal parts only when an expert holds more than a core's share of the rows); the tasks
-//! run on candle's CPU worker pool, each with single-threaded GEMMs on a fused `[w1; w3]` weight
-//! (one `(2f, h)` product instead of two). The products are computed with a column-major output
+//! run on candle's CPU worker pool, each with single-threaded GEMMs that read the experts' own
+//! weight tensors in place (no second copy of the experts is kept). The products are computed with a column-major output
 //! so that the GEMM reads the weights in place rather than repacking them per call (the weights
 //! are the large operand), then transposed back with the gate weight applied; one pass sums
-//! every token's weighted expert outputs. The fused weights are built once per layer, not per
-//! forward. The result equals the candle-ops path (checked against the per-token reference in
+//! every token's weighted expert outputs. The result equals the candle-ops path (checked against the per-token reference in
 //! tests).
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -16,18 +15,19 @@ use super::dispatch::DispatchPlan;
 use super::experts::Experts;
 use crate::cpu;
 
-/// Inference-only weight layout of SwiGLU experts: `w13[e] = [w1_e; w3_e]` `(2f, h)` and
-/// `w2[e]` `(h, f)`, row-major, contiguous.
+/// The weights the fused op reads, in place: per expert `w1` `(f, h)`, `w3` `(f, h)` and `w2`
+/// `(h, f)`, each a contiguous f32 CPU tensor (handles on the experts' own tensors, not copies).
 #[derive(Debug)]
 pub struct FusedExperts {
     h: usize,
     f: usize,
-    w13: Vec<f32>,
-    w2: Vec<f32>,
+    /// `[w1_0, w3_0, w2_0, w1_1, ...]`.
+    ws: Vec<Tensor>,
 }
 
 impl FusedExperts {
-    /// Builds the fused layout; `None` when the experts are not bias-free SwiGLU in f32.
+    /// Collects the weight handles; `None` when the experts are not bias-free SwiGLU in
+    /// contiguous f32 on the CPU.
     pub fn new(experts: &Experts) -> Result<Option<Self>> {
         let ex = experts.experts();
         let Some(first) = ex.first() else {
@@ -38,16 +38,21 @@ impl FusedExperts {
             return Ok(None);
         }
         let (f, h) = w1.dims2()?;
-        let mut w13 = Vec::with_capacity(ex.len() * 2 * f * h);
-        let mut w2s = Vec::with_capacity(ex.len() * h * f);
+        let mut ws = Vec::with_capacity(3 * ex.len());
         for e in ex {
             let (w1, w3, w2) = e.weights();
             let Some(w3) = w3 else { return Ok(None) };
-            w13.extend(w1.flatten_all()?.to_vec1::<f32>()?);
-            w13.extend(w3.flatten_all()?.to_vec1::<f32>()?);
-            w2s.extend(w2.flatten_all()?.to_vec1::<f32>()?);
+            for w in [w1, w3, w2] {
+                if !w.is_contiguous()
+                    || w.dtype() != candle_core::DType::F32
+                    || !w.device().is_cpu()
+                {
+                    return Ok(None);
+                }
+                ws.push(w.clone());
+            }
         }
-        Ok(Some(Self { h, f, w13, w2: w2s }))
+        Ok(Some(Self { h, f, ws }))
     }
 }
 
@@ -121,54 +126,39 @@ impl CustomOp1 for MoeCpuOp<'_> {
             slices.push(a);
             rest = b;
         }
-        let (w13, w2) = (&self.fused.w13, &self.fused.w2);
-        cpu::par_each(
-            tasks.iter().zip(slices).collect(),
-            |_, (t, out)| -> Result<()> {
-                cpu::with_scratch(|[xe, gt, act, yt]| {
-                    let m = t.len;
-                    xe.clear();
-                    for r in t.start..t.start + m {
-                        let tok = plan.token_idx[r] as usize;
-                        xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
-                    }
-                    // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
-                    gt.resize(2 * f * m, 0.0);
-                    matmul_wt_t(
-                        xe,
-                        h,
-                        1,
-                        &w13[t.e * 2 * f * h..(t.e + 1) * 2 * f * h],
-                        &mut gt[..2 * f * m],
-                        m,
-                        h,
-                        2 * f,
-                    )?;
-                    let (g1, g3) = gt[..2 * f * m].split_at(f * m);
-                    act.clear();
-                    act.extend(g1.iter().zip(g3).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)); // actᵀ (f × m)
-                                                                                              // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
-                    yt.resize(h * m, 0.0);
-                    matmul_wt_t(
-                        act,
-                        1,
-                        m,
-                        &w2[t.e * h * f..(t.e + 1) * h * f],
-                        &mut yt[..h * m],
-                        m,
-                        f,
-                        h,
-                    )?;
-                    // Back to row-major (m × h), gate-weighted.
-                    cpu::transpose_into(&yt[..h * m], h, m, out)?;
-                    for (r, row) in out.chunks_mut(h).enumerate() {
-                        let w = self.gate[t.start + r];
-                        row.iter_mut().for_each(|v| *v *= w);
-                    }
-                    Ok(())
-                })
-            },
-        )?;
+        cpu::with_f32_slices(&self.fused.ws, |ws| {
+            cpu::par_each(
+                tasks.iter().zip(slices).collect(),
+                |_, (t, out)| -> Result<()> {
+                    cpu::with_scratch(|[xe, gt, act, yt]| {
+                        let m = t.len;
+                        xe.clear();
+                        for r in t.start..t.start + m {
+                            let tok = plan.token_idx[r] as usize;
+                            xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
+                        }
+                        // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
+                        gt.resize(2 * f * m, 0.0);
+                        let (gt1, gt3) = gt[..2 * f * m].split_at_mut(f * m);
+                        matmul_wt_t(xe, h, 1, ws[3 * t.e], gt1, m, h, f)?;
+                        matmul_wt_t(xe, h, 1, ws[3 * t.e + 1], gt3, m, h, f)?;
+                        let (g1, g3) = gt[..2 * f * m].split_at(f * m);
+                        act.clear();
+                        act.extend(g1.iter().zip(g3).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)); // actᵀ (f × m)
+                                                                                                  // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
+                        yt.resize(h * m, 0.0);
+                        matmul_wt_t(act, 1, m, ws[3 * t.e + 2], &mut yt[..h * m], m, f, h)?;
+                        // Back to row-major (m × h), gate-weighted.
+                        cpu::transpose_into(&yt[..h * m], h, m, out)?;
+                        for (r, row) in out.chunks_mut(h).enumerate() {
+                            let w = self.gate[t.start + r];
+                            row.iter_mut().for_each(|v| *v *= w);
+                        }
+                        Ok(())
+                    })
+                },
+            )
+        })?;
         // Combine: every token sums its kept assignments (inverse of the plan's permutation).
         let mut first = vec![usize::MAX; n];
         let mut next = vec![usize::MAX; kept];

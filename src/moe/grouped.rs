@@ -24,7 +24,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::cpu::{gemm_strided, par_each, segment_tasks, transpose_into, with_scratch, Out};
+use crate::cpu::{
+    gemm_strided, par_each, segment_tasks, transpose_into, with_f32_slices as with_slices,
+    with_scratch, Out,
+};
 
 /// Which product [`segment_products`] computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,19 +168,6 @@ struct ExpertMatmul {
     stash: Stash,
     n: usize,
     k: usize,
-}
-
-/// Runs `f` on the f32 data of contiguous CPU tensors.
-fn with_slices<R>(ts: &[Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (st, l) in &guards {
-        match (&**st, l.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
-            _ => bail!("grouped matmul: expert weights must be contiguous f32 CPU tensors"),
-        }
-    }
-    f(&slices)
 }
 
 impl CustomOp2 for ExpertMatmul {

@@ -55,22 +55,86 @@ fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> 
     }
 }
 
-/// Maps a Hugging Face `config.json` (already parsed) onto a [`ModelConfig`].
-pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
+/// The family named by a config's `model_type`.
+pub(crate) fn family_of(v: &Value, path: &Path) -> Result<Family> {
     let mt = field(v, "model_type")
         .and_then(|m| m.as_str())
         .ok_or_else(|| Error::Config(format!("{}: missing `model_type`", path.display())))?;
-    let family = match mt {
-        "mixtral" => Family::Mixtral,
-        "qwen2_moe" => Family::Qwen2Moe,
-        "olmoe" => Family::Olmoe,
-        other => {
-            return Err(Error::Config(format!(
-                "{}: unknown model_type `{other}` (supported: mixtral, qwen2_moe, olmoe)",
+    match mt {
+        "mixtral" => Ok(Family::Mixtral),
+        "qwen2_moe" => Ok(Family::Qwen2Moe),
+        "olmoe" => Ok(Family::Olmoe),
+        other => Err(Error::Config(format!(
+            "{}: unknown model_type `{other}` (supported: mixtral, qwen2_moe, olmoe)",
+            path.display()
+        ))),
+    }
+}
+
+/// The RoPE base: top-level `rope_theta` (transformers 4.x) or `rope_parameters.rope_theta`
+/// (5.x); both present must agree; missing, the family's default (Mixtral 1e6, others 1e4).
+fn rope_theta(v: &Value, family: Family, path: &Path) -> Result<f64> {
+    let default = match family {
+        Family::Mixtral => 1e6,
+        _ => 10_000.0,
+    };
+    let top = field(v, "rope_theta").map(|_| f64_field(v, "rope_theta", default, path));
+    let nested = field(v, "rope_parameters")
+        .and_then(|p| field(p, "rope_theta"))
+        .map(|x| {
+            x.as_f64().ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: `rope_parameters.rope_theta` must be a number, got {x}",
+                    path.display()
+                ))
+            })
+        });
+    match (top.transpose()?, nested.transpose()?) {
+        (Some(a), Some(b)) if (a - b).abs() > 1e-9 * a.abs().max(1.0) => {
+            Err(Error::Config(format!(
+                "{}: `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree",
                 path.display()
             )))
         }
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Ok(default),
+    }
+}
+
+/// Settings the loader does not implement are refused with the key named, never ignored:
+/// RoPE scaling other than the default, and sliding-window attention.
+fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(p) = field(v, key) {
+            let kind = field(p, "rope_type")
+                .or_else(|| field(p, "type"))
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if kind != "default" {
+                return Err(Error::Config(format!(
+                    "{}: `{key}` of type `{kind}` is not supported (only the default RoPE)",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let sliding = match family {
+        Family::Qwen2Moe => bool_field(v, "use_sliding_window", false, path)?,
+        _ => field(v, "sliding_window").is_some(),
     };
+    if sliding {
+        return Err(Error::Config(format!(
+            "{}: `sliding_window` attention is not supported (set it to null)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Maps a Hugging Face `config.json` (already parsed) onto a [`ModelConfig`].
+pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
+    let family = family_of(v, path)?;
+    reject_unsupported(v, family, path)?;
     let hidden = usize_field(v, "hidden_size", path)?;
     let heads = usize_field(v, "num_attention_heads", path)?;
     let (experts, expert_ffn) = match family {
@@ -129,7 +193,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         num_kv_heads: opt_usize(v, "num_key_value_heads", path)?.unwrap_or(heads),
         head_dim: opt_usize(v, "head_dim", path)?,
         max_position_embeddings: opt_usize(v, "max_position_embeddings", path)?.unwrap_or(4096),
-        rope_theta: f64_field(v, "rope_theta", 10_000.0, path)?,
+        rope_theta: rope_theta(v, family, path)?,
         position: PositionKind::Rope,
         norm_eps: f64_field(v, "rms_norm_eps", 1e-6, path)?,
         norm: NormKind::Rmsnorm,

@@ -7,6 +7,9 @@
 //! the file and the tensor.
 
 mod config;
+mod save;
+
+pub use save::SaveOptions;
 
 use std::path::PathBuf;
 
@@ -78,6 +81,41 @@ fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks that every tensor of the checkpoint was used by the model (a config that disagrees
+/// with the weights, e.g. fewer experts than stored, is an error, not a silent drop).
+fn check_unexpected(log: &SharedLog, names: &[String], path: &std::path::Path) -> Result<()> {
+    let used: std::collections::HashSet<String> = crate::ops::lock(log)
+        .loaded
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    let extra: Vec<&String> = names
+        .iter()
+        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    match extra.first() {
+        None => Ok(()),
+        Some(x) => Err(Error::tensor(
+            path,
+            x.as_str(),
+            crate::error::CheckpointErrorKind::Unexpected,
+            format!(
+                "unexpected tensor `{x}` ({} unused in all): the config does not match the weights",
+                extra.len()
+            ),
+        )),
+    }
+}
+
+/// Reads a JSON file, naming it on error.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 impl crate::models::CausalLm {
     /// Loads a Mixtral, Qwen2-MoE or OLMoE checkpoint from a local directory or a hub id.
     pub fn from_pretrained(source: &str, opts: &LoadOptions) -> Result<Self> {
@@ -92,13 +130,30 @@ impl crate::models::CausalLm {
         let r = resolve(source, opts)?;
         let (family, cfg) = read_hf_config(&r.config)?;
         check_layer_count(&r.weights, cfg.num_layers)?;
-        let (vb, log, _names) = family_var_builder(&r.weights, family, opts, None)?;
+        let varmap = opts.trainable.then(candle_nn::VarMap::new);
+        let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
-        let model = Self::new(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
-        let tok = match &r.tokenizer {
-            Some(p) => Some(crate::tokenizer::load(p)?),
-            None => None,
+        let mut model = Self::new(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
+        check_unexpected(&log, &names, &first)?;
+        let (tok, tokenizer_json) = match &r.tokenizer {
+            Some(p) => (
+                Some(crate::tokenizer::load(p)?),
+                std::fs::read_to_string(p).ok(),
+            ),
+            None => (None, None),
         };
+        let generation_config = r
+            .config
+            .parent()
+            .map(|d| d.join("generation_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok());
+        model.set_origin(crate::models::Origin {
+            hf_config: Some(read_json(&r.config)?),
+            tokenizer_json,
+            generation_config,
+            varmap,
+        });
         Ok((model, tok))
     }
 }

@@ -1,0 +1,233 @@
+//! `save_pretrained`: a model written in the Hugging Face layout of its family (`config.json`
+//! with `model_type`, safetensors under the family's tensor names, sharded with an index above a
+//! size limit, `generation_config.json` and `tokenizer.json` when known), as one atomic
+//! directory write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+
+use super::{config::family_of, hf_name, Family};
+use crate::config::{ExpertKind, ModelConfig, NormKind, PositionKind};
+use crate::error::{Error, Result};
+use crate::io::safetensors::{to_safetensors_bytes, write_dir_atomic};
+use crate::models::CausalLm;
+
+/// How [`CausalLm::save_pretrained_with`] writes.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Largest safetensors file; above it the weights are sharded with an index (as
+    /// transformers' `max_shard_size`). Default 5 GB.
+    pub max_shard_bytes: usize,
+    /// Fault injection for tests: fail after writing this many files.
+    #[doc(hidden)]
+    pub fail_after_files: Option<usize>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        Self {
+            max_shard_bytes: 5_000_000_000,
+            fail_after_files: None,
+        }
+    }
+}
+
+/// transformers' name of a dtype.
+fn dtype_name(dt: DType) -> &'static str {
+    match dt {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// The first setting of `cfg` a transformers `MixtralConfig` cannot express, if any.
+fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
+    let m = &cfg.moe;
+    let checks: [(bool, &str); 13] = [
+        (m.noisy_gating, "noisy gating (`moe.noisy_gating`)"),
+        (
+            m.expert_kind != ExpertKind::Swiglu,
+            "non-SwiGLU experts (`moe.expert_kind`)",
+        ),
+        (m.expert_bias, "expert biases (`moe.expert_bias`)"),
+        (
+            m.capacity_factor.is_some(),
+            "a capacity factor (`moe.capacity_factor`)",
+        ),
+        (
+            !m.norm_topk_prob,
+            "un-renormalised top-k weights (`moe.norm_topk_prob = false`)",
+        ),
+        (m.shared_expert_intermediate_size > 0, "a shared expert"),
+        (cfg.norm != NormKind::Rmsnorm, "LayerNorm (`norm`)"),
+        (cfg.post_norm, "post-norm blocks (`post_norm`)"),
+        (
+            cfg.position != PositionKind::Rope,
+            "learned positions (`position`)",
+        ),
+        (cfg.qk_norm, "q/k norms (`qk_norm`)"),
+        (cfg.attention_bias, "attention biases (`attention_bias`)"),
+        (cfg.type_vocab_size > 0, "token types (`type_vocab_size`)"),
+        (
+            cfg.sparse_step != 1 || !cfg.mlp_only_layers.is_empty(),
+            "dense layers (`sparse_step`, `mlp_only_layers`)",
+        ),
+    ];
+    checks.iter().find(|c| c.0).map(|c| c.1.to_string())
+}
+
+/// A transformers `MixtralConfig` for a crate-built model.
+fn mixtral_config(cfg: &ModelConfig, dtype: DType) -> Result<Value> {
+    if let Some(what) = not_mixtral(cfg) {
+        return Err(Error::Config(format!(
+            "save_pretrained: the model uses {what}, which transformers' Mixtral cannot express"
+        )));
+    }
+    let m = &cfg.moe;
+    Ok(json!({
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim(),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.top_k,
+        "router_aux_loss_coef": m.router_aux_loss_coef,
+        "router_jitter_noise": m.router_jitter_noise,
+        "output_router_logits": false,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "sliding_window": null,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": dtype_name(dtype),
+    }))
+}
+
+/// The family and `config.json` to write for `model`.
+fn hf_config_for(model: &CausalLm, dtype: DType, path: &Path) -> Result<(Family, Value)> {
+    match &model.origin().hf_config {
+        Some(v) => {
+            let family = family_of(v, path)?;
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                let key = if o.contains_key("dtype") {
+                    "dtype"
+                } else {
+                    "torch_dtype"
+                };
+                o.insert(key.into(), json!(dtype_name(dtype)));
+            }
+            Ok((family, v))
+        }
+        None => Ok((Family::Mixtral, mixtral_config(model.config(), dtype)?)),
+    }
+}
+
+/// Serialises `tensors` into one file or shards of at most `max` bytes (plus the index).
+fn shard(
+    tensors: BTreeMap<String, Tensor>,
+    max: usize,
+    dir: &Path,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut groups: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let mut size = 0usize;
+    for (n, t) in tensors {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        if size > 0 && size + bytes > max {
+            groups.push(vec![]);
+            size = 0;
+        }
+        size += bytes;
+        if let Some(g) = groups.last_mut() {
+            g.push((n, t));
+        }
+    }
+    let total: usize = groups.len();
+    let mut files = vec![];
+    let mut weight_map = BTreeMap::new();
+    let mut total_size = 0usize;
+    for (i, g) in groups.into_iter().enumerate() {
+        let name = if total == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{total:05}.safetensors", i + 1)
+        };
+        let map: HashMap<String, Tensor> = g.into_iter().collect();
+        for (n, t) in &map {
+            weight_map.insert(n.clone(), name.clone());
+            total_size += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        files.push((name.clone(), to_safetensors_bytes(&map, &dir.join(&name))?));
+    }
+    if total > 1 {
+        let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+        files.push((
+            "model.safetensors.index.json".into(),
+            serde_json::to_vec_pretty(&index).map_err(|source| Error::Json {
+                path: dir.join("model.safetensors.index.json"),
+                source,
+            })?,
+        ));
+    }
+    Ok(files)
+}
+
+impl CausalLm {
+    /// Writes the model in the Hugging Face layout of its family (a model built by the crate
+    /// is written as `mixtral`, or refused with the setting Mixtral cannot express), so that
+    /// transformers' `AutoModelForCausalLM.from_pretrained(dir)` and this crate's
+    /// [`CausalLm::from_pretrained`] load it. The directory is replaced as a whole: after a
+    /// failure it still holds the previous checkpoint.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_with(dir, &SaveOptions::default())
+    }
+
+    /// [`Self::save_pretrained`] with options (shard size).
+    pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
+        let dir = dir.as_ref();
+        let dtype = self
+            .parameters()
+            .first()
+            .map(|(_, t)| t.dtype())
+            .unwrap_or(DType::F32);
+        let (family, config) = hf_config_for(self, dtype, &dir.join("config.json"))?;
+        let mut tensors = BTreeMap::new();
+        for (name, t) in self.parameters() {
+            let t = t.detach().to_dtype(dtype)?.contiguous()?;
+            tensors.insert(hf_name(family, name), t);
+        }
+        let mut files = shard(tensors, opts.max_shard_bytes, dir)?;
+        let json_bytes = |v: &Value, name: &str| {
+            serde_json::to_vec_pretty(v).map_err(|source| Error::Json {
+                path: dir.join(name),
+                source,
+            })
+        };
+        files.push(("config.json".into(), json_bytes(&config, "config.json")?));
+        let gen = match &self.origin().generation_config {
+            Some(g) => g.clone(),
+            None => json!({"_from_model_config": true, "pad_token_id": config.get("pad_token_id")}),
+        };
+        files.push((
+            "generation_config.json".into(),
+            json_bytes(&gen, "generation_config.json")?,
+        ));
+        if let Some(t) = &self.origin().tokenizer_json {
+            files.push(("tokenizer.json".into(), t.as_bytes().to_vec()));
+        }
+        write_dir_atomic(dir, &files, opts.fail_after_files)
+    }
+}
