@@ -68,7 +68,7 @@ impl TransformerBlock {
     pub fn new(cfg: &ModelConfig, layer: usize, cross: bool, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
         let ffn = if cfg.is_sparse_layer(layer) {
-            FeedForward::Sparse(Box::new(SparseMoe::new(
+            FeedForward::Sparse(Box::new(SparseMoe::new_validated(
                 &cfg.moe,
                 vb.pp("block_sparse_moe"),
             )?))

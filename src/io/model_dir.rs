@@ -88,7 +88,7 @@ macro_rules! impl_dir_io {
                 dtype: DType,
                 device: &Device,
             ) -> Result<(Self, VarMap)> {
-                let (m, vm, _) = load_with(dir.as_ref(), dtype, device, |c, vb| <$ty>::new(c, vb))?;
+                let (m, vm, _) = load_with(dir.as_ref(), dtype, device, |c, vb| <$ty>::new_validated(c, vb))?;
                 Ok((m, vm))
             }
         }

@@ -67,6 +67,11 @@ impl CausalLm {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
+        Self::new_validated(cfg, vb)
+    }
+
+    /// [`Self::new`] for a configuration already validated (the loaders validate it once).
+    pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (vb, log) = super::recording(vb);
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
@@ -126,7 +131,7 @@ impl CausalLm {
             varmap: None,
             ..std::mem::take(&mut self.origin)
         };
-        let mut frozen = Self::new(&self.cfg, vb)?;
+        let mut frozen = Self::new_validated(&self.cfg, vb)?;
         frozen.origin = origin;
         *self = frozen;
         Ok(())

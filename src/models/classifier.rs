@@ -37,6 +37,11 @@ impl SequenceClassifier {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
+        Self::new_validated(cfg, vb)
+    }
+
+    /// [`Self::new`] for a configuration already validated (the loaders validate it once).
+    pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.num_labels == 0 {
             bail!("num_labels must be > 0")
         }

@@ -50,6 +50,11 @@ impl Seq2Seq {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
+        Self::new_validated(cfg, vb)
+    }
+
+    /// [`Self::new`] for a configuration already validated (the loaders validate it once).
+    pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let shared: Embedding =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("shared"))?;
         let lm_head = if cfg.tie_word_embeddings {

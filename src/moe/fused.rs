@@ -159,32 +159,40 @@ impl CustomOp1 for MoeCpuOp<'_> {
                 },
             )
         })?;
-        // Combine: every token sums its kept assignments (inverse of the plan's permutation).
-        let mut first = vec![usize::MAX; n];
-        let mut next = vec![usize::MAX; kept];
-        for r in (0..kept).rev() {
-            let tok = plan.token_idx[r] as usize;
-            next[r] = first[tok];
-            first[tok] = r;
-        }
-        let mut out = vec![0f32; n * h];
-        let per_part = n
-            .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
-            .max(16);
-        cpu::par_each(out.chunks_mut(per_part * h).collect(), |p, rows| {
-            for (i, row) in rows.chunks_mut(h).enumerate() {
-                let mut r = first[p * per_part + i];
-                while r != usize::MAX {
-                    for (o, v) in row.iter_mut().zip(&ys[r * h..(r + 1) * h]) {
-                        *o += v;
-                    }
-                    r = next[r];
-                }
-            }
-            Ok(())
-        })?;
+        let out = combine(&ys, plan, n, h)?;
         Ok((CpuStorage::F32(out), Shape::from((n, h))))
     }
+}
+
+/// Sums every token's kept, gate-weighted expert outputs (`ys` in plan order) into `(n, h)`
+/// rows: the inverse of the plan's permutation, in parallel over row blocks.
+fn combine(ys: &[f32], plan: &DispatchPlan, n: usize, h: usize) -> Result<Vec<f32>> {
+    let kept = plan.num_kept();
+    // Combine: every token sums its kept assignments (inverse of the plan's permutation).
+    let mut first = vec![usize::MAX; n];
+    let mut next = vec![usize::MAX; kept];
+    for r in (0..kept).rev() {
+        let tok = plan.token_idx[r] as usize;
+        next[r] = first[tok];
+        first[tok] = r;
+    }
+    let mut out = vec![0f32; n * h];
+    let per_part = n
+        .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
+        .max(16);
+    cpu::par_each(out.chunks_mut(per_part * h).collect(), |p, rows| {
+        for (i, row) in rows.chunks_mut(h).enumerate() {
+            let mut r = first[p * per_part + i];
+            while r != usize::MAX {
+                for (o, v) in row.iter_mut().zip(&ys[r * h..(r + 1) * h]) {
+                    *o += v;
+                }
+                r = next[r];
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Runs the fused op.

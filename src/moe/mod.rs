@@ -17,10 +17,11 @@ pub mod router;
 
 use crate::config::MoeConfig;
 use crate::losses;
+use dispatch::DispatchPlan;
 use dispatch::PlanTensors;
 use experts::{Experts, SharedExpert};
 use fused::FusedExperts;
-use router::Router;
+use router::{Router, RouterOutput};
 
 /// What a sparse layer returns.
 #[derive(Debug, Clone)]
@@ -40,6 +41,24 @@ pub struct MoeOutput {
     pub dropped: usize,
     /// The router outputs the aux losses are formed from (models pool these over layers).
     pub aux: losses::RouterAux,
+}
+
+/// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
+/// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
+/// Inf anywhere in the input shows up there), which is an error.
+fn host_ids(routed: &RouterOutput) -> Result<Vec<u32>> {
+    let peak = routed.logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
+    let diff = (&peak - &peak)?; // 0 when finite, NaN otherwise
+    let bad = diff
+        .ne(&diff.zeros_like()?)?
+        .to_dtype(DType::U32)?
+        .reshape(1)?;
+    let ids = routed.experts.flatten_all()?;
+    let mut host = Tensor::cat(&[&ids, &bad], 0)?.to_vec1::<u32>()?;
+    if host.pop() != Some(0) {
+        bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
+    }
+    Ok(host)
 }
 
 /// How a sparse layer computes its experts.
@@ -86,7 +105,13 @@ impl SparseMoe {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
-        let router = Router::new(cfg, vb.clone())?;
+        Self::new_validated(cfg, vb)
+    }
+
+    /// [`Self::new`] for a configuration the caller has validated (a model validates its
+    /// whole configuration once, not once per layer).
+    pub(crate) fn new_validated(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
+        let router = Router::new_validated(cfg, vb.clone())?;
         let experts = Experts::new(
             cfg.num_experts,
             cfg.hidden_size,
@@ -153,82 +178,19 @@ impl SparseMoe {
     /// - `xs`: `(b, t, h)` or `(n, h)` -> `hidden_states` of the same shape,
     ///   `router_logits` `(b·t, E)`
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<MoeOutput> {
-        let h = self.cfg.hidden_size;
-        let dims = xs.dims().to_vec();
-        match dims.as_slice() {
-            [_, _] | [_, _, _] => {}
-            _ => bail!(
-                "SparseMoe: input must be (batch, seq, hidden) or (tokens, hidden), got shape {:?}",
-                dims
-            ),
-        }
-        if dims[dims.len() - 1] != h {
-            bail!(
-                "SparseMoe: input hidden size {} does not match config hidden_size {h}",
-                dims[dims.len() - 1]
-            )
-        }
-        if !xs.dtype().is_float() {
-            bail!(
-                "SparseMoe: input must be a float tensor, got {:?}",
-                xs.dtype()
-            )
-        }
-        let n: usize = dims[..dims.len() - 1].iter().product();
-        if n == 0 {
-            bail!(
-                "SparseMoe: empty input (shape {:?}): no tokens to route",
-                dims
-            )
-        }
-        let x = xs.reshape((n, h))?; // (n, h)
-
+        let (dims, n) = self.check_input(xs)?;
+        let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
         let routed = self.router.forward_t(&x, train)?;
-
-        // One scalar read: NaN or Inf anywhere in the input shows up in the router logits.
-        let peak = routed
-            .logits
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if !peak.is_finite() {
-            bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
-        }
-        let ids = routed.experts.flatten_all()?.to_vec1::<u32>()?;
+        let ids = host_ids(&routed)?;
         let cap = self
             .cfg
             .capacity_factor
             .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
         let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
-        let mut y = match self.backend_for(&x, train)? {
-            Backend::Fused(fused) => {
-                // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
-                let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
-                let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
-                fused::moe_cpu_forward(&x, &fused, &plan, &gate)? // (n, h)
-            }
-            backend => {
-                let idx = PlanTensors::new(&plan, x.device())?;
-                let gathered = dispatch::gather(&x, &idx)?; // (n_kept, h)
-                let grouped = match backend {
-                    Backend::Grouped => self.experts.forward_grouped(&gathered, &plan.offsets)?,
-                    _ => None,
-                };
-                let expert_out = match grouped {
-                    Some(y) => y,
-                    None => self
-                        .experts
-                        .forward_segments_loop(&gathered, &plan.offsets)?,
-                }; // (n_kept, h)
-                let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
-                dispatch::combine(&expert_out, &w, &idx, n)? // (n, h)
-            }
-        };
+        let mut y = self.experts_forward(&x, &routed, &plan, train)?; // (n, h)
         if let Some(shared) = &self.shared {
             y = (y + shared.forward(&x)?)?;
         }
-
         let aux_ids = if train && self.cfg.noisy_gating {
             // The loss counts the clean top-k choices, as transformers does.
             routed
@@ -252,6 +214,70 @@ impl SparseMoe {
             dropped: plan.dropped,
             aux,
         })
+    }
+
+    /// Checks the input's shape and dtype; returns its dims and token count.
+    fn check_input(&self, xs: &Tensor) -> Result<(Vec<usize>, usize)> {
+        let h = self.cfg.hidden_size;
+        let dims = xs.dims().to_vec();
+        if !matches!(dims.len(), 2 | 3) {
+            bail!(
+                "SparseMoe: input must be (batch, seq, hidden) or (tokens, hidden), got shape {:?}",
+                dims
+            )
+        }
+        if dims[dims.len() - 1] != h {
+            bail!(
+                "SparseMoe: input hidden size {} does not match config hidden_size {h}",
+                dims[dims.len() - 1]
+            )
+        }
+        if !xs.dtype().is_float() {
+            bail!(
+                "SparseMoe: input must be a float tensor, got {:?}",
+                xs.dtype()
+            )
+        }
+        let n: usize = dims[..dims.len() - 1].iter().product();
+        if n == 0 {
+            bail!(
+                "SparseMoe: empty input (shape {:?}): no tokens to route",
+                dims
+            )
+        }
+        Ok((dims, n))
+    }
+
+    /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend.
+    fn experts_forward(
+        &self,
+        x: &Tensor,
+        routed: &RouterOutput,
+        plan: &DispatchPlan,
+        train: bool,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let backend = self.backend_for(x, train)?;
+        if let Backend::Fused(fused) = &backend {
+            // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
+            let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
+            let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
+            return fused::moe_cpu_forward(x, fused, plan, &gate); // (n, h)
+        }
+        let idx = PlanTensors::new(plan, x.device())?;
+        let gathered = dispatch::gather(x, &idx)?; // (n_kept, h)
+        let grouped = match backend {
+            Backend::Grouped => self.experts.forward_grouped(&gathered, &plan.offsets)?,
+            _ => None,
+        };
+        let expert_out = match grouped {
+            Some(y) => y,
+            None => self
+                .experts
+                .forward_segments_loop(&gathered, &plan.offsets)?,
+        }; // (n_kept, h)
+        let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
+        dispatch::combine(&expert_out, &w, &idx, n) // (n, h)
     }
 
     /// Restricts the expert computation to one backend (default [`ExpertBackend::Auto`]); a

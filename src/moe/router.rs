@@ -57,6 +57,11 @@ impl Router {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
         }
+        Self::new_validated(cfg, vb)
+    }
+
+    /// [`Self::new`] for a configuration the caller has validated.
+    pub(crate) fn new_validated(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         let gate = candle_nn::linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))?;
         let noise = if cfg.noisy_gating {
             // Start with little noise: zero-initialised noise projection gives softplus(0) = ln 2.

@@ -133,7 +133,7 @@ impl crate::models::CausalLm {
         let varmap = opts.trainable.then(candle_nn::VarMap::new);
         let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
-        let mut model = Self::new(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
+        let mut model = Self::new_validated(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
         check_unexpected(&log, &names, &first)?;
         let (tok, tokenizer_json) = match &r.tokenizer {
             Some(p) => (
