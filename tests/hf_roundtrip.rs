@@ -256,10 +256,13 @@ fn failed_save_leaves_the_previous_checkpoint() {
     }
     new.save_pretrained(&out).unwrap();
     assert_same_params(&new, &load(&out, false), "after a good save");
-    // A directory holding other files is refused, not emptied.
+    // Other files of the directory are kept; a foreign sub-directory is refused, not deleted.
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    new.save_pretrained(&out).unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    std::fs::create_dir(out.join("runs")).unwrap();
     assert!(new.save_pretrained(&out).is_err());
-    assert!(out.join("notes.txt").exists());
+    assert!(out.join("runs").exists() && out.join("config.json").exists());
 }
 
 /// What transformers computed on the directories `gen_roundtrip.py` made the crate save:

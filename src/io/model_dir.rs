@@ -2,20 +2,22 @@
 //! `tokenizer.json` when there is one; training state beside them (`optimizer.safetensors`,
 //! `trainer_state.json`).
 //!
-//! Every file is written to a temporary name in the same directory, synced, and renamed over
-//! the old one, so an interrupted save never leaves a broken checkpoint. Loading checks every
-//! tensor's presence, shape and dtype against the model built from the config, and names the
-//! offending tensor and file.
+//! The directory is written as a whole (a fresh temporary directory, fsynced, swapped in), so an
+//! interrupted save never leaves a broken or mixed checkpoint. Loading checks every tensor's
+//! presence, shape and dtype against the model built from the config before reading it, and
+//! names the offending tensor and file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::io::hub::LoadOptions;
 use crate::io::safetensors::{
-    fill_varmap, parse_safetensors, read_file, to_safetensors_bytes, varmap_tensors, write_atomic,
+    build_error, check_unused, to_safetensors_bytes, var_builder, varmap_tensors, write_dir_atomic,
 };
 
 /// File name of the weights inside a model directory.
@@ -25,31 +27,48 @@ pub const CONFIG: &str = "config.json";
 /// File name of the tokenizer inside a model directory.
 pub const TOKENIZER: &str = "tokenizer.json";
 
-/// Saves a model directory: `config.json`, `model.safetensors` and, when given, `tokenizer.json`.
+/// The files of a model directory in the crate's layout: `config.json` (the crate's
+/// [`ModelConfig`]), `model.safetensors` and, when given, `tokenizer.json`.
+pub fn model_files(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    tokenizer_json: Option<&str>,
+    dir: &Path,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    cfg.validate()?;
+    let mut files = vec![(
+        WEIGHTS.to_string(),
+        to_safetensors_bytes(tensors, &dir.join(WEIGHTS))?,
+    )];
+    let json = serde_json::to_vec_pretty(cfg).map_err(|source| Error::Json {
+        path: dir.join(CONFIG),
+        source,
+    })?;
+    files.push((CONFIG.to_string(), json));
+    if let Some(t) = tokenizer_json {
+        files.push((TOKENIZER.to_string(), t.as_bytes().to_vec()));
+    }
+    Ok(files)
+}
+
+/// Saves a model directory in the crate's layout ([`model_files`]), replacing `dir` as a
+/// whole: after a failure or a kill it holds the old checkpoint or the new one, never a mix.
+/// (A [`CausalLm`](crate::CausalLm) whose configuration transformers can express is better
+/// saved with `save_pretrained`, which transformers also reads.)
 pub fn save(
     dir: &Path,
     cfg: &ModelConfig,
     varmap: &VarMap,
     tokenizer_json: Option<&str>,
 ) -> Result<()> {
-    cfg.validate()?;
-    let weights = dir.join(WEIGHTS);
-    let bytes = to_safetensors_bytes(&varmap_tensors(varmap)?, &weights)?;
-    write_atomic(&weights, &bytes)?;
-    let json = serde_json::to_string_pretty(cfg).map_err(|source| Error::Json {
-        path: dir.join(CONFIG),
-        source,
-    })?;
-    write_atomic(&dir.join(CONFIG), json.as_bytes())?;
-    if let Some(t) = tokenizer_json {
-        write_atomic(&dir.join(TOKENIZER), t.as_bytes())?;
-    }
-    Ok(())
+    let files = model_files(cfg, &varmap_tensors(varmap)?, tokenizer_json, dir)?;
+    write_dir_atomic(dir, &files, None)
 }
 
-/// Builds a model from `dir/config.json` with `build`, then loads `dir/model.safetensors` into
-/// it with every tensor checked. Returns the model, its `VarMap` (for further training) and the
-/// config.
+/// Builds a model from `dir/config.json` with `build` over the checked weights of
+/// `dir/model.safetensors` as trainable variables: every tensor's shape is checked against the
+/// file's header before anything is read or allocated, nothing is randomly initialised, and a
+/// tensor the model does not use is an error. Returns the model, its `VarMap` and the config.
 pub fn load_with<M>(
     dir: &Path,
     dtype: DType,
@@ -57,13 +76,18 @@ pub fn load_with<M>(
     build: impl FnOnce(&ModelConfig, candle_nn::VarBuilder) -> candle_core::Result<M>,
 ) -> Result<(M, VarMap, ModelConfig)> {
     let cfg = ModelConfig::from_file(dir.join(CONFIG))?;
-    let varmap = VarMap::new();
-    let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, device);
-    let model = build(&cfg, vb)?;
     let weights: PathBuf = dir.join(WEIGHTS);
-    let bytes = read_file(&weights)?;
-    let tensors = parse_safetensors(&bytes, &weights, dtype, device)?;
-    fill_varmap(&varmap, &tensors, &weights)?;
+    let varmap = VarMap::new();
+    let opts = LoadOptions {
+        dtype,
+        device: device.clone(),
+        revision: None,
+        trainable: true,
+    };
+    let (vb, log, names) =
+        var_builder(std::slice::from_ref(&weights), &opts, Some(varmap.clone()))?;
+    let model = build(&cfg, vb).map_err(|e| build_error(&log, e, &weights))?;
+    check_unused(&log, &names, &weights)?;
     Ok((model, varmap, cfg))
 }
 
@@ -88,13 +112,41 @@ macro_rules! impl_dir_io {
                 dtype: DType,
                 device: &Device,
             ) -> Result<(Self, VarMap)> {
-                let (m, vm, _) = load_with(dir.as_ref(), dtype, device, |c, vb| <$ty>::new_validated(c, vb))?;
+                let (m, vm, _) = load_with(dir.as_ref(), dtype, device, |c, vb| {
+                    <$ty>::new_validated(c, vb)
+                })?;
                 Ok((m, vm))
             }
         }
     };
 }
 
-impl_dir_io!(crate::models::CausalLm);
+impl crate::models::CausalLm {
+    /// Loads a model directory for further training: the Hugging Face layout written by
+    /// `save_pretrained` (any supported family) or the crate's layout written by [`save`];
+    /// every tensor checked. Returns the model and its `VarMap`.
+    pub fn load(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<(Self, VarMap)> {
+        let dir = dir.as_ref();
+        let cfg_path = dir.join(CONFIG);
+        let v = crate::io::hf::read_json(&cfg_path)?;
+        if v.get("model_type").is_some() {
+            let opts = LoadOptions {
+                dtype,
+                device: device.clone(),
+                revision: None,
+                trainable: true,
+            };
+            let m = Self::from_pretrained(&dir.to_string_lossy(), &opts)?;
+            let vm = m
+                .varmap()
+                .cloned()
+                .ok_or_else(|| Error::checkpoint(&cfg_path, "trainable load without variables"))?;
+            return Ok((m, vm));
+        }
+        let (m, vm, _) = load_with(dir, dtype, device, |c, vb| Self::new_validated(c, vb))?;
+        Ok((m, vm))
+    }
+}
+
 impl_dir_io!(crate::models::Seq2Seq);
 impl_dir_io!(crate::models::SequenceClassifier);

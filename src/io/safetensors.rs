@@ -37,13 +37,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Names a checkpoint directory may hold (anything else in a directory being replaced is
-/// refused rather than deleted).
+/// Entries a checkpoint directory's new version replaces (everything else is carried over).
 fn is_checkpoint_entry(name: &str) -> bool {
-    name.ends_with(".safetensors")
-        || name.ends_with(".json")
-        || name == "trainer"
-        || name.starts_with('.')
+    name.ends_with(".safetensors") || name.ends_with(".json") || name == "trainer"
 }
 
 /// Fsyncs a directory (so a rename in it is durable).
@@ -82,6 +78,7 @@ fn exchange(_a: &Path, _b: &Path) -> bool {
 /// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
 /// renames, so that after a failure or a kill at any point `dir` holds either the old contents
 /// or the new ones, complete. No temporary is left behind on an error path.
+/// `files` are `(relative path, bytes)`; a path may have one sub-directory (`trainer/...`).
 pub(crate) fn write_dir_atomic(
     dir: &Path,
     files: &[(String, Vec<u8>)],
@@ -97,19 +94,26 @@ pub(crate) fn write_dir_atomic(
         .ok_or_else(|| Error::io(dir, std::io::Error::other("not a directory name")))?
         .to_string_lossy()
         .into_owned();
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(dir, e))?;
+    // Files of the directory's own that are not checkpoint files (a plot, notes) are carried
+    // into the new directory as hard links; a foreign sub-directory is refused, never deleted.
+    let mut carry = vec![];
     if dir.exists() {
         let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if !is_checkpoint_entry(&n) {
+            if is_checkpoint_entry(&n) || files.iter().any(|(f, _)| *f == n) {
+                continue;
+            }
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
                 return Err(Error::io(
                     dir.join(&n),
                     std::io::Error::other(
-                        "not part of a checkpoint: save into an empty or checkpoint directory",
+                        "a directory that is not part of a checkpoint: save into an empty or checkpoint directory",
                     ),
                 ));
             }
+            carry.push(n);
         }
     }
     let unique = format!(
@@ -124,9 +128,23 @@ pub(crate) fn write_dir_atomic(
             if fail_after == Some(i) {
                 return Err(std::io::Error::other("injected failure"));
             }
-            let mut fh = std::fs::File::create(tmp.join(f))?;
+            let target = tmp.join(f);
+            if let Some(sub) = target.parent() {
+                std::fs::create_dir_all(sub)?;
+            }
+            let mut fh = std::fs::File::create(&target)?;
             fh.write_all(bytes)?;
             fh.sync_all()?;
+        }
+        for n in &carry {
+            if std::fs::hard_link(dir.join(n), tmp.join(n)).is_err() {
+                std::fs::copy(dir.join(n), tmp.join(n))?;
+            }
+        }
+        if files.iter().any(|(f, _)| f.contains('/')) {
+            for sub in files.iter().filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0)) {
+                sync_dir(&tmp.join(sub))?;
+            }
         }
         sync_dir(&tmp)
     };
@@ -318,10 +336,10 @@ pub(crate) fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_slice(&buf)
-        .map_err(|e| Error::checkpoint(path, format!("corrupt header: {e}")))?;
+        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: corrupt header: {e}")))?;
     let obj = v
         .as_object()
-        .ok_or_else(|| Error::checkpoint(path, "corrupt header: not a JSON object"))?;
+        .ok_or_else(|| Error::checkpoint(path, "not a valid safetensors file: corrupt header: not a JSON object"))?;
     let mut out = HashMap::new();
     for (name, info) in obj {
         if name == "__metadata__" {
@@ -519,6 +537,29 @@ pub(crate) fn var_builder(
     });
     let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
     Ok((vb, log, names))
+}
+
+/// Checks that every tensor of the checkpoint was used by the model (a config that disagrees
+/// with the weights, e.g. fewer experts than stored, is an error, not a silent drop).
+pub(crate) fn check_unused(log: &SharedLog, names: &[String], path: &Path) -> Result<()> {
+    let used: std::collections::HashSet<String> =
+        lock(log).loaded.iter().map(|(n, _)| n.clone()).collect();
+    let extra: Vec<&String> = names
+        .iter()
+        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    match extra.first() {
+        None => Ok(()),
+        Some(x) => Err(Error::tensor(
+            path,
+            x.as_str(),
+            CheckpointErrorKind::Unexpected,
+            format!(
+                "unexpected tensor `{x}` ({} unused in all): the config does not match the weights",
+                extra.len()
+            ),
+        )),
+    }
 }
 
 /// The error a model build over a [`var_builder`] failed with: the structured one the backend

@@ -19,7 +19,7 @@ pub use config::{config_from_hf, read_hf_config};
 
 use crate::error::{Error, Result};
 use crate::io::hub::{resolve, LoadOptions};
-use crate::io::safetensors::{build_error, read_header, var_builder, SharedLog};
+use crate::io::safetensors::{build_error, check_unused, read_header, var_builder, SharedLog};
 
 /// The Hugging Face model families this crate loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,32 +81,6 @@ fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
     Ok(())
 }
 
-/// Checks that every tensor of the checkpoint was used by the model (a config that disagrees
-/// with the weights, e.g. fewer experts than stored, is an error, not a silent drop).
-fn check_unexpected(log: &SharedLog, names: &[String], path: &std::path::Path) -> Result<()> {
-    let used: std::collections::HashSet<String> = crate::ops::lock(log)
-        .loaded
-        .iter()
-        .map(|(n, _)| n.clone())
-        .collect();
-    let extra: Vec<&String> = names
-        .iter()
-        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
-        .collect();
-    match extra.first() {
-        None => Ok(()),
-        Some(x) => Err(Error::tensor(
-            path,
-            x.as_str(),
-            crate::error::CheckpointErrorKind::Unexpected,
-            format!(
-                "unexpected tensor `{x}` ({} unused in all): the config does not match the weights",
-                extra.len()
-            ),
-        )),
-    }
-}
-
 /// Reads a JSON file, naming it on error.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -134,7 +108,7 @@ impl crate::models::CausalLm {
         let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
         let mut model = Self::new_validated(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
-        check_unexpected(&log, &names, &first)?;
+        check_unused(&log, &names, &first)?;
         let (tok, tokenizer_json) = match &r.tokenizer {
             Some(p) => (
                 Some(crate::tokenizer::load(p)?),
