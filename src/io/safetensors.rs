@@ -78,6 +78,30 @@ fn exchange(_a: &Path, _b: &Path) -> bool {
 /// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
 /// renames, so that after a failure or a kill at any point `dir` holds either the old contents
 /// or the new ones, complete. No temporary is left behind on an error path.
+/// Removes temporaries of `name` left by processes that no longer run (a save killed midway),
+/// so they do not pile up; another live process's temporary is left alone (Linux only).
+fn remove_stale_temporaries(parent: &Path, name: &str) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = n.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 /// `files` are `(relative path, bytes)`; a path may have one sub-directory (`trainer/...`).
 pub(crate) fn write_dir_atomic(
     dir: &Path,
@@ -116,6 +140,7 @@ pub(crate) fn write_dir_atomic(
             carry.push(n);
         }
     }
+    remove_stale_temporaries(&parent, &name);
     let unique = format!(
         ".{name}.tmp-{}-{}",
         std::process::id(),
@@ -142,7 +167,10 @@ pub(crate) fn write_dir_atomic(
             }
         }
         if files.iter().any(|(f, _)| f.contains('/')) {
-            for sub in files.iter().filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0)) {
+            for sub in files
+                .iter()
+                .filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0))
+            {
                 sync_dir(&tmp.join(sub))?;
             }
         }
@@ -335,11 +363,18 @@ pub(crate) fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
     }
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
-    let v: Value = serde_json::from_slice(&buf)
-        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: corrupt header: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| Error::checkpoint(path, "not a valid safetensors file: corrupt header: not a JSON object"))?;
+    let v: Value = serde_json::from_slice(&buf).map_err(|e| {
+        Error::checkpoint(
+            path,
+            format!("not a valid safetensors file: corrupt header: {e}"),
+        )
+    })?;
+    let obj = v.as_object().ok_or_else(|| {
+        Error::checkpoint(
+            path,
+            "not a valid safetensors file: corrupt header: not a JSON object",
+        )
+    })?;
     let mut out = HashMap::new();
     for (name, info) in obj {
         if name == "__metadata__" {

@@ -13,6 +13,7 @@ use candle_nn::VarMap;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+pub mod checkpoint;
 pub mod init;
 pub mod optim;
 pub mod schedule;
@@ -180,6 +181,11 @@ fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
 }
 
 impl Trainer {
+    /// The optimizer (its moments are part of a checkpoint).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
     /// A trainer over every variable of `varmap`.
     pub fn new(varmap: &VarMap, cfg: TrainConfig) -> Result<Self> {
         let opt = AdamW::new(varmap, &cfg)?;

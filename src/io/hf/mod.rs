@@ -9,7 +9,7 @@
 mod config;
 mod save;
 
-pub use save::SaveOptions;
+pub use save::{SaveOptions, CRATE_CONFIG_KEY};
 
 use std::path::PathBuf;
 
@@ -81,6 +81,41 @@ fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
     Ok(())
 }
 
+/// The family and configuration of a Hugging Face `config.json`; a crate-built model's own
+/// configuration (under [`save::CRATE_CONFIG_KEY`]) is used when present and consistent.
+fn config_and_family(
+    v: &serde_json::Value,
+    path: &std::path::Path,
+) -> Result<(Family, crate::config::ModelConfig)> {
+    let (family, hf) = config_from_hf(v, path)?;
+    let Some(own) = v.get(save::CRATE_CONFIG_KEY) else {
+        return Ok((family, hf));
+    };
+    let own: crate::config::ModelConfig =
+        serde_json::from_value(own.clone()).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    own.validate()?;
+    let same = own.vocab_size == hf.vocab_size
+        && own.hidden_size == hf.hidden_size
+        && own.num_layers == hf.num_layers
+        && own.num_heads == hf.num_heads
+        && own.num_kv_heads == hf.num_kv_heads
+        && own.moe.num_experts == hf.moe.num_experts
+        && own.moe.top_k == hf.moe.top_k
+        && own.moe.intermediate_size == hf.moe.intermediate_size
+        && own.tie_word_embeddings == hf.tie_word_embeddings;
+    if family != Family::Mixtral || !same {
+        return Err(Error::Config(format!(
+            "{}: `{}` contradicts the Hugging Face keys of the same file",
+            path.display(),
+            save::CRATE_CONFIG_KEY
+        )));
+    }
+    Ok((family, own))
+}
+
 /// Reads a JSON file, naming it on error.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -102,7 +137,8 @@ impl crate::models::CausalLm {
         opts: &LoadOptions,
     ) -> Result<(Self, Option<tokenizers::Tokenizer>)> {
         let r = resolve(source, opts)?;
-        let (family, cfg) = read_hf_config(&r.config)?;
+        let v = read_json(&r.config)?;
+        let (family, cfg) = config_and_family(&v, &r.config)?;
         check_layer_count(&r.weights, cfg.num_layers)?;
         let varmap = opts.trainable.then(candle_nn::VarMap::new);
         let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
@@ -123,7 +159,7 @@ impl crate::models::CausalLm {
             .and_then(|p| std::fs::read_to_string(p).ok())
             .and_then(|t| serde_json::from_str(&t).ok());
         model.set_origin(crate::models::Origin {
-            hf_config: Some(read_json(&r.config)?),
+            hf_config: Some(v),
             tokenizer_json,
             generation_config,
             varmap,

@@ -35,6 +35,9 @@ impl Default for SaveOptions {
     }
 }
 
+/// The key of `config.json` under which a crate-built model keeps its [`ModelConfig`].
+pub const CRATE_CONFIG_KEY: &str = "candle_moe_config";
+
 /// transformers' name of a dtype.
 fn dtype_name(dt: DType) -> &'static str {
     match dt {
@@ -113,6 +116,9 @@ fn mixtral_config(cfg: &ModelConfig, dtype: DType) -> Result<Value> {
         "attention_dropout": 0.0,
         "pad_token_id": cfg.pad_token_id,
         "torch_dtype": dtype_name(dtype),
+        // The crate's whole configuration (dropout, z-loss, ...), which transformers ignores
+        // and this crate's loader prefers.
+        "candle_moe_config": cfg,
     }))
 }
 
@@ -198,6 +204,44 @@ impl CausalLm {
     /// [`Self::save_pretrained`] with options (shard size).
     pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
         let dir = dir.as_ref();
+        let files = self.pretrained_files(opts, dir)?;
+        write_dir_atomic(dir, &files, opts.fail_after_files)
+    }
+
+    /// Whether [`Self::save_pretrained`] can write this model (loaded from a Hugging Face
+    /// checkpoint, or built with a configuration transformers' Mixtral expresses).
+    pub fn is_hf_expressible(&self) -> bool {
+        self.origin().hf_config.is_some() || not_mixtral(self.config()).is_none()
+    }
+
+    /// The files of a model directory for this model: the Hugging Face layout when
+    /// [`Self::is_hf_expressible`], else the crate's layout
+    /// ([`model_files`](crate::io::model_dir::model_files)); `tokenizer_json` overrides the
+    /// tokenizer the model was loaded with.
+    pub fn checkpoint_files(
+        &self,
+        tokenizer_json: Option<&str>,
+        dir: &Path,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        if self.is_hf_expressible() {
+            let mut files = self.pretrained_files(&SaveOptions::default(), dir)?;
+            if let Some(t) = tokenizer_json {
+                files.retain(|(n, _)| n != "tokenizer.json");
+                files.push(("tokenizer.json".into(), t.as_bytes().to_vec()));
+            }
+            return Ok(files);
+        }
+        let tensors: HashMap<String, Tensor> = self
+            .parameters()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
+        let tok = tokenizer_json.or(self.origin().tokenizer_json.as_deref());
+        crate::io::model_dir::model_files(self.config(), &tensors, tok, dir)
+    }
+
+    /// The files [`Self::save_pretrained_with`] writes.
+    fn pretrained_files(&self, opts: &SaveOptions, dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
         let dtype = self
             .parameters()
             .first()
@@ -228,6 +272,6 @@ impl CausalLm {
         if let Some(t) = &self.origin().tokenizer_json {
             files.push(("tokenizer.json".into(), t.as_bytes().to_vec()));
         }
-        write_dir_atomic(dir, &files, opts.fail_after_files)
+        Ok(files)
     }
 }
