@@ -9,10 +9,10 @@
 //! pass over the scores that skips the masked keys.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
-use crate::layers::Norm;
+use crate::layers::{Norm, Proj};
 use crate::ops::softmax_last_dim;
 
 /// Precomputed RoPE tables.
@@ -193,23 +193,15 @@ impl candle_core::CustomOp1 for ScaledCausalSoftmax {
 /// Multi-head / grouped-query attention, self or cross.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-}
-
-fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    if bias {
-        candle_nn::linear(i, o, vb)
-    } else {
-        candle_nn::linear_no_bias(i, o, vb)
-    }
 }
 
 impl Attention {
@@ -233,16 +225,26 @@ impl Attention {
             (None, None)
         };
         Ok(Self {
-            q_proj: linear(h, nh * hd, qkv_bias, vb.pp("q_proj"))?,
-            k_proj: linear(h, nkv * hd, qkv_bias, vb.pp("k_proj"))?,
-            v_proj: linear(h, nkv * hd, qkv_bias, vb.pp("v_proj"))?,
-            o_proj: linear(nh * hd, h, o_bias, vb.pp("o_proj"))?,
+            q_proj: Proj::new(h, nh * hd, qkv_bias, vb.pp("q_proj"))?,
+            k_proj: Proj::new(h, nkv * hd, qkv_bias, vb.pp("k_proj"))?,
+            v_proj: Proj::new(h, nkv * hd, qkv_bias, vb.pp("v_proj"))?,
+            o_proj: Proj::new(nh * hd, h, o_bias, vb.pp("o_proj"))?,
             q_norm,
             k_norm,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
         })
+    }
+
+    /// The four projections with their names, for attaching or merging adapters.
+    pub fn projs_mut(&mut self) -> [(&'static str, &mut Proj); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
     }
 
     fn heads(&self, xs: &Tensor, n: usize) -> Result<Tensor> {

@@ -99,6 +99,16 @@ impl TransformerBlock {
         })
     }
 
+    /// The self-attention, mutably (to attach or merge adapters).
+    pub fn attention_mut(&mut self) -> &mut Attention {
+        &mut self.attn
+    }
+
+    /// The feed-forward, mutably (to attach or merge adapters).
+    pub fn feed_forward_mut(&mut self) -> &mut FeedForward {
+        &mut self.ffn
+    }
+
     /// The feed-forward of this block.
     pub fn feed_forward(&self) -> &FeedForward {
         &self.ffn

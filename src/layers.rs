@@ -129,3 +129,140 @@ impl Dropout {
         xs * mask
     }
 }
+
+/// A low-rank adapter (Hu et al. 2021, LoRA) on a linear projection: `y = W x + s · B (A x)`
+/// with `A` `(r, in)`, `B` `(out, r)`, `s = alpha / r`; applied in split form (the full `ΔW`
+/// is only formed when merging).
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `(r, in)`, trainable.
+    pub a: Tensor,
+    /// `(out, r)`, trainable (zero at the start, so the adapter starts as the identity).
+    pub b: Tensor,
+    /// `alpha / r`.
+    pub scale: f64,
+}
+
+/// How [`Lora`] adapters are attached to a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r`.
+    pub rank: usize,
+    /// Scale numerator (`s = alpha / r`).
+    pub alpha: f64,
+    /// Adapters on the attention projections (`q, k, v, o`).
+    pub attention: bool,
+    /// Adapters on every expert's (and dense feed-forward's) `w1, w3, w2`.
+    pub experts: bool,
+    /// Seed of `A`'s initialisation.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    /// Rank 8, alpha 16, attention and experts.
+    fn default() -> Self {
+        Self {
+            rank: 8,
+            alpha: 16.0,
+            attention: true,
+            experts: true,
+            seed: 0,
+        }
+    }
+}
+
+/// A linear projection with an optional [`Lora`] adapter.
+#[derive(Debug, Clone)]
+pub struct Proj {
+    base: candle_nn::Linear,
+    lora: Option<Lora>,
+}
+
+impl Proj {
+    /// `in -> out`, bias optional, weights `weight` (`bias`) under `vb`.
+    pub fn new(i: usize, o: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::from_linear(candle_nn::linear_b(i, o, bias, vb)?))
+    }
+
+    /// Wraps an existing linear layer.
+    pub fn from_linear(base: candle_nn::Linear) -> Self {
+        Self { base, lora: None }
+    }
+
+    /// The base layer.
+    pub fn base(&self) -> &candle_nn::Linear {
+        &self.base
+    }
+
+    /// The base weight `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+
+    /// The adapter, if any.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches a fresh adapter: `A` uniform in `±1/sqrt(in)` from `rng`, `B` zero, both new
+    /// variables registered in `varmap` as `{name}.lora_A.weight` / `{name}.lora_B.weight`.
+    pub fn attach_lora(
+        &mut self,
+        cfg: &LoraConfig,
+        name: &str,
+        varmap: &candle_nn::VarMap,
+        rng: &mut StdRng,
+    ) -> Result<()> {
+        let (o, i) = self.base.weight().dims2()?;
+        let (dt, dev) = (
+            self.base.weight().dtype(),
+            self.base.weight().device().clone(),
+        );
+        let r = cfg.rank;
+        if r == 0 {
+            bail!("LoRA rank must be > 0")
+        }
+        let bound = 1.0 / (i as f64).sqrt();
+        let a: Vec<f32> = (0..r * i)
+            .map(|_| rng.random_range(-bound..bound) as f32)
+            .collect();
+        let a = candle_core::Var::from_tensor(&Tensor::from_vec(a, (r, i), &dev)?.to_dtype(dt)?)?;
+        let b = candle_core::Var::zeros((o, r), dt, &dev)?;
+        let mut data = lock(varmap.data());
+        data.insert(format!("{name}.lora_A.weight"), a.clone());
+        data.insert(format!("{name}.lora_B.weight"), b.clone());
+        self.lora = Some(Lora {
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale: cfg.alpha / r as f64,
+        });
+        Ok(())
+    }
+
+    /// The merged weight `W + s · B A` (the base weight when there is no adapter).
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        let w = self.base.weight();
+        match &self.lora {
+            None => Ok(w.clone()),
+            Some(l) => {
+                let delta = (l.b.matmul(&l.a)? * l.scale)?; // (out, in)
+                (w.detach() + delta.detach().to_dtype(w.dtype())?)?.contiguous()
+            }
+        }
+    }
+}
+
+impl Module for Proj {
+    /// # Shapes
+    /// - `xs`: `(..., in)` -> `(..., out)`
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(xs)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let low = xs.broadcast_matmul(&l.a.t()?)?; // (..., r)
+                y + (low.broadcast_matmul(&l.b.t()?)? * l.scale)?
+            }
+        }
+    }
+}

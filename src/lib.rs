@@ -63,6 +63,7 @@ pub use block::TransformerBlock;
 pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
 pub use error::{Error, Result};
 pub use io::hub::LoadOptions;
+pub use layers::LoraConfig;
 pub use models::generate::{Sampler, SamplingConfig};
 pub use models::{
     CausalLm, CausalLmOutput, ClassifierOutput, DecodeCache, LayerRouting, Seq2Seq, Seq2SeqOutput,

@@ -259,7 +259,10 @@ fn failed_save_leaves_the_previous_checkpoint() {
     // Other files of the directory are kept; a foreign sub-directory is refused, not deleted.
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
     new.save_pretrained(&out).unwrap();
-    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
     std::fs::create_dir(out.join("runs")).unwrap();
     assert!(new.save_pretrained(&out).is_err());
     assert!(out.join("runs").exists() && out.join("config.json").exists());
@@ -330,6 +333,23 @@ fn export_model(name: &str) -> CausalLm {
     if name == "crate_mixtral" {
         return crate_model(7);
     }
+    if let Some(fam) = name.strip_prefix("lora_merged_") {
+        let mut m = load(&fixture(fam), false);
+        let vm = m
+            .add_lora(&candle_moe::layers::LoraConfig {
+                rank: 4,
+                seed: 9,
+                ..Default::default()
+            })
+            .unwrap();
+        let (x, y) = batch();
+        let mut trainer = Trainer::new(&vm, train_cfg(5)).unwrap();
+        for _ in 0..5 {
+            trainer.step(&loss_parts(&m, &x, &y).unwrap()).unwrap();
+        }
+        m.merge_lora().unwrap();
+        return m;
+    }
     let fam = name.strip_prefix("finetuned_").unwrap_or(name);
     let mut m = load(&fixture(fam), true);
     let vm = m.varmap().unwrap().clone();
@@ -349,6 +369,7 @@ fn export_model(name: &str) -> CausalLm {
 fn export() {
     let dir = PathBuf::from(std::env::var("CANDLE_MOE_EXPORT").expect("set CANDLE_MOE_EXPORT"));
     for name in [
+        "lora_merged_qwen2_moe",
         "crate_mixtral",
         "finetuned_mixtral",
         "finetuned_qwen2_moe",
@@ -356,4 +377,51 @@ fn export() {
     ] {
         export_model(name).save_pretrained(dir.join(name)).unwrap();
     }
+}
+
+/// Resident memory of this process in bytes (Linux `/proc/self/statm`).
+fn rss() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn frozen_model_takes_the_fused_path_with_one_copy_of_the_experts() {
+    let mut cfg = ModelConfig::tiny(96);
+    cfg.hidden_size = 256;
+    cfg.moe.hidden_size = 256;
+    cfg.moe.intermediate_size = 512;
+    cfg.moe.num_experts = 8;
+    cfg.num_layers = 2;
+    let vm = VarMap::new();
+    let mut m =
+        CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    m.save_pretrained(tmp.path().join("m")).unwrap();
+    drop(m);
+    drop(vm);
+    let mut m = load(&tmp.path().join("m"), true);
+    let x = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+    let moe = |m: &CausalLm| match m.layers()[0].feed_forward() {
+        candle_moe::block::FeedForward::Sparse(s) => (**s).chosen_backend(
+            &Tensor::zeros((4, 256), DType::F32, &Device::Cpu).unwrap(),
+            false,
+        ),
+        _ => panic!("sparse layer expected"),
+    };
+    assert_ne!(moe(&m).unwrap(), candle_moe::moe::ExpertBackend::Fused);
+    m.freeze().unwrap();
+    assert_eq!(moe(&m).unwrap(), candle_moe::moe::ExpertBackend::Fused);
+    let expert_bytes = 2 * 8 * 3 * 256 * 512 * 4;
+    let before = rss();
+    m.forward(&x).unwrap();
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "expert weights {expert_bytes} B; resident growth on the first fused forward {grown} B"
+    );
+    assert!(
+        grown < expert_bytes / 4,
+        "the fused path grew the process by {grown} B for {expert_bytes} B of experts"
+    );
 }

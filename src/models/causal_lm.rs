@@ -30,11 +30,11 @@ pub struct CausalLmOutput {
 /// `lm_head.weight` unless the head is tied to the embeddings.
 #[derive(Debug)]
 pub struct CausalLm {
-    trunk: Trunk,
+    pub(super) trunk: Trunk,
     lm_head: Linear,
-    cfg: ModelConfig,
-    params: Vec<(String, Tensor)>,
-    origin: Origin,
+    pub(super) cfg: ModelConfig,
+    pub(super) params: Vec<(String, Tensor)>,
+    pub(super) origin: Origin,
 }
 
 /// Where a model came from: what `save_pretrained` needs to write it back, and the variables

@@ -9,6 +9,7 @@
 //! and per-layer routing statistics.
 
 pub mod causal_lm;
+mod lora;
 pub mod classifier;
 pub mod generate;
 pub mod seq2seq;
@@ -131,15 +132,33 @@ pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Resul
             cfg.max_position_embeddings
         )
     }
-    let ids = ids.to_dtype(DType::U32)?;
-    let max = ids.max_all()?.to_scalar::<u32>()?;
-    if max as usize >= cfg.vocab_size {
-        bail!(
-            "token id {max} is out of range for vocab_size {}",
-            cfg.vocab_size
-        )
+    // Range-check in the ids' own dtype before any cast, so that a negative or huge id cannot
+    // wrap around into the vocabulary.
+    let vocab = cfg.vocab_size;
+    match ids.dtype() {
+        DType::U8 | DType::U32 => {
+            let ids = ids.to_dtype(DType::U32)?;
+            let max = ids.max_all()?.to_scalar::<u32>()?;
+            if max as usize >= vocab {
+                bail!("token id {max} is out of range for vocab_size {vocab}")
+            }
+            Ok(ids)
+        }
+        DType::I16 | DType::I32 | DType::I64 => {
+            // Widening to i64 is lossless for every signed dtype.
+            let wide = ids.to_dtype(DType::I64)?;
+            let min = wide.min_all()?.to_scalar::<i64>()?;
+            if min < 0 {
+                bail!("token id {min} is negative: ids must be in 0..{vocab}")
+            }
+            let max = wide.max_all()?.to_scalar::<i64>()?;
+            if max as u64 >= vocab as u64 {
+                bail!("token id {max} is out of range for vocab_size {vocab}")
+            }
+            wide.to_dtype(DType::U32)
+        }
+        d => bail!("input_ids must be integer token ids (u8, u32, i16, i32 or i64), got {d:?}"),
     }
-    Ok(ids)
 }
 
 impl Trunk {
@@ -214,6 +233,10 @@ impl Trunk {
 
     pub(crate) fn layers(&self) -> &[TransformerBlock] {
         &self.layers
+    }
+
+    pub(crate) fn layers_mut(&mut self) -> &mut [TransformerBlock] {
+        &mut self.layers
     }
 
     /// # Shapes

@@ -11,13 +11,14 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::config::ExpertKind;
+use crate::layers::Proj;
 
 /// One feed-forward expert (also the dense FFN of dense blocks).
 #[derive(Debug, Clone)]
 pub struct Expert {
-    w1: Linear,
-    w3: Option<Linear>,
-    w2: Linear,
+    w1: Proj,
+    w3: Option<Proj>,
+    w2: Proj,
 }
 
 impl Expert {
@@ -35,13 +36,7 @@ impl Expert {
         bias: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let lin = |i, o, vb| {
-            if bias {
-                candle_nn::linear(i, o, vb)
-            } else {
-                candle_nn::linear_no_bias(i, o, vb)
-            }
-        };
+        let lin = |i, o, vb| Proj::new(i, o, bias, vb);
         let w1 = lin(hidden, inter, vb.pp("w1"))?;
         let w3 = match kind {
             ExpertKind::Swiglu => Some(lin(hidden, inter, vb.pp("w3"))?),
@@ -53,16 +48,17 @@ impl Expert {
 
     /// Builds an expert from existing weight tensors (`w3` is `None` for a GELU MLP).
     pub fn from_weights(w1: Tensor, w3: Option<Tensor>, w2: Tensor) -> Self {
+        let p = |w| Proj::from_linear(Linear::new(w, None));
         Self {
-            w1: Linear::new(w1, None),
-            w3: w3.map(|w| Linear::new(w, None)),
-            w2: Linear::new(w2, None),
+            w1: p(w1),
+            w3: w3.map(p),
+            w2: p(w2),
         }
     }
 
     /// Whether the projections carry biases.
     pub fn has_bias(&self) -> bool {
-        self.w1.bias().is_some()
+        self.w1.base().bias().is_some()
     }
 
     /// Whether any weight is a trainable variable (gradients may be needed).
@@ -70,6 +66,28 @@ impl Expert {
         self.w1.weight().is_variable()
             || self.w2.weight().is_variable()
             || self.w3.as_ref().is_some_and(|w| w.weight().is_variable())
+    }
+
+    /// The projections with their names (`w1`, `w3`, `w2`), for attaching or merging adapters.
+    pub fn projs_mut(&mut self) -> Vec<(&'static str, &mut Proj)> {
+        let mut v = vec![("w1", &mut self.w1)];
+        if let Some(w3) = self.w3.as_mut() {
+            v.push(("w3", w3));
+        }
+        v.push(("w2", &mut self.w2));
+        v
+    }
+
+    /// Whether any projection carries a LoRA adapter.
+    pub fn has_lora(&self) -> bool {
+        self.w1.lora().is_some()
+            || self.w2.lora().is_some()
+            || self.w3.as_ref().is_some_and(|w| w.lora().is_some())
+    }
+
+    /// The projections `(w1, w3, w2)` with their adapters.
+    pub fn projs(&self) -> (&Proj, Option<&Proj>, &Proj) {
+        (&self.w1, self.w3.as_ref(), &self.w2)
     }
 
     /// The weights `(w1, w3, w2)`.
@@ -123,6 +141,11 @@ impl Experts {
         &self.experts
     }
 
+    /// The experts, mutably (to attach or merge adapters).
+    pub fn experts_mut(&mut self) -> &mut [Expert] {
+        &mut self.experts
+    }
+
     /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of `xs` for every expert, each on
     /// its own contiguous segment, and stacks the results in the same order.
     ///
@@ -153,18 +176,18 @@ impl Experts {
     /// [`Self::supports_grouped`]); `None` when it does not apply. Differentiable (see
     /// `moe::grouped`).
     pub fn forward_grouped(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
-        let w1: Vec<&Tensor> = self.experts.iter().map(|e| e.w1.weight()).collect();
-        let w3: Option<Vec<&Tensor>> = self
-            .experts
-            .iter()
-            .map(|e| e.w3.as_ref().map(|l| l.weight()))
-            .collect();
+        let w1: Vec<&Proj> = self.experts.iter().map(|e| &e.w1).collect();
+        let w3: Option<Vec<&Proj>> = self.experts.iter().map(|e| e.w3.as_ref()).collect();
         let Some(w3) = w3 else { return Ok(None) };
-        let w2: Vec<&Tensor> = self.experts.iter().map(|e| e.w2.weight()).collect();
-        let g = super::grouped::expert_matmul(xs, &w1, offsets)?; // (n, f)
-        let u = super::grouped::expert_matmul(xs, &w3, offsets)?; // (n, f)
+        let w2: Vec<&Proj> = self.experts.iter().map(|e| &e.w2).collect();
+        let (Some(g), Some(u)) = (
+            grouped_proj(xs, &w1, offsets)?,
+            grouped_proj(xs, &w3, offsets)?,
+        ) else {
+            return Ok(None);
+        }; // (n, f) each
         let h = (g.silu()? * u)?;
-        Ok(Some(super::grouped::expert_matmul(&h, &w2, offsets)?)) // (n, h)
+        grouped_proj(&h, &w2, offsets) // (n, h)
     }
 
     /// The plain loop: each expert's three matmuls on its segment, one expert after another
@@ -185,6 +208,26 @@ impl Experts {
             1 => Ok(outs.remove(0)),
             _ => Tensor::cat(&outs, 0),
         }
+    }
+}
+
+/// One projection of every expert over the expert segments, with the grouped op: the base
+/// weights, plus `s · (x Aᵀ) Bᵀ` per expert when every expert has an adapter (split form, no
+/// `ΔW` formed); `None` when only some experts have adapters (the loop handles that).
+fn grouped_proj(xs: &Tensor, projs: &[&Proj], offsets: &[usize]) -> Result<Option<Tensor>> {
+    let w: Vec<&Tensor> = projs.iter().map(|p| p.weight()).collect();
+    let y = super::grouped::expert_matmul(xs, &w, offsets)?;
+    let loras: Option<Vec<_>> = projs.iter().map(|p| p.lora()).collect();
+    match loras {
+        Some(l) if !l.is_empty() => {
+            let a: Vec<&Tensor> = l.iter().map(|l| &l.a).collect();
+            let b: Vec<&Tensor> = l.iter().map(|l| &l.b).collect();
+            let low = super::grouped::expert_matmul(xs, &a, offsets)?; // (n, r)
+            let delta = super::grouped::expert_matmul(&low, &b, offsets)?; // (n, out)
+            Ok(Some((y + (delta * l[0].scale)?)?))
+        }
+        _ if projs.iter().any(|p| p.lora().is_some()) => Ok(None),
+        _ => Ok(Some(y)),
     }
 }
 

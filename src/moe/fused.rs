@@ -42,6 +42,9 @@ impl FusedExperts {
         for e in ex {
             let (w1, w3, w2) = e.weights();
             let Some(w3) = w3 else { return Ok(None) };
+            if e.has_lora() {
+                return Ok(None);
+            }
             for w in [w1, w3, w2] {
                 if !w.is_contiguous()
                     || w.dtype() != candle_core::DType::F32

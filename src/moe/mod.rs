@@ -48,7 +48,7 @@ pub struct MoeOutput {
 /// Inf anywhere in the input shows up there), which is an error.
 fn host_ids(routed: &RouterOutput) -> Result<Vec<u32>> {
     let peak = routed.logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
-    let diff = (&peak - &peak)?; // 0 when finite, NaN otherwise
+    let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
     let bad = diff
         .ne(&diff.zeros_like()?)?
         .to_dtype(DType::U32)?
@@ -156,6 +156,13 @@ impl SparseMoe {
     /// The routed experts.
     pub fn experts(&self) -> &Experts {
         &self.experts
+    }
+
+    /// The routed experts, mutably (to attach or merge adapters); the fused inference weights
+    /// are rebuilt on the next forward.
+    pub fn experts_mut(&mut self) -> &mut Experts {
+        self.fused = OnceLock::new();
+        &mut self.experts
     }
 
     /// Reseeds the generator of the router noise (noisy gating and jitter, training only).
@@ -289,6 +296,16 @@ impl SparseMoe {
     /// The expert backend this layer is restricted to.
     pub fn backend(&self) -> ExpertBackend {
         self.backend
+    }
+
+    /// The backend a forward of `xs` (in training mode or not) would use.
+    pub fn chosen_backend(&self, xs: &Tensor, train: bool) -> Result<ExpertBackend> {
+        let x = xs.flatten_to(xs.rank().saturating_sub(2))?;
+        Ok(match self.backend_for(&x, train)? {
+            Backend::Fused(_) => ExpertBackend::Fused,
+            Backend::Grouped => ExpertBackend::Grouped,
+            Backend::Loop => ExpertBackend::Loop,
+        })
     }
 
     /// The one place the expert computation is chosen: the fused inference op when the layer
