@@ -45,6 +45,29 @@ fn concat_rows(gate_logits: &[Tensor]) -> Result<Tensor> {
 /// - `gate_logits`: each `(batch · seq, E)` (or `(batch, seq, E)`)
 /// - `attention_mask`: `(batch, seq)`, 1 = real token, 0 = padding; every layer shares it
 /// - returns a scalar f32
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use candle_moe::losses::load_balancing_loss;
+///
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// // 4 tokens, 4 experts, top-2: token i prefers experts i and i + 1 (mod 4), so every expert
+/// // gets the same share of the slots and the same mean probability: balanced, loss = top_k.
+/// let row = [2f32, 1.0, 0.0, -1.0];
+/// let rotate = |i: usize| (0..4).map(move |e| row[(e + 4 - i) % 4]);
+/// let balanced: Vec<f32> = (0..4).flat_map(rotate).collect();
+/// let logits = Tensor::from_vec(balanced, (4, 4), &dev)?;
+/// let lb = load_balancing_loss(&[logits], 4, 2, None)?.to_scalar::<f32>()?;
+/// assert!((lb - 2.0).abs() < 1e-5);
+///
+/// // Every token prefers experts 0 and 1: the loss rises above top_k.
+/// let collapsed = Tensor::from_vec(row.repeat(4), (4, 4), &dev)?;
+/// let lb = load_balancing_loss(&[collapsed], 4, 2, None)?.to_scalar::<f32>()?;
+/// assert!(lb > 3.0);
+/// # Ok(())
+/// # }
+/// ```
 pub fn load_balancing_loss(
     gate_logits: &[Tensor],
     num_experts: usize,
@@ -229,6 +252,19 @@ pub fn pooled_aux_losses(
 ///
 /// # Shapes
 /// - `router_logits`: each `(tokens, E)` -> scalar f32
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_moe::losses::router_z_loss;
+///
+/// # fn main() -> candle_core::Result<()> {
+/// // Zero logits over E = 8 experts: logsumexp = ln 8 for every row, so the loss is (ln 8)².
+/// let logits = Tensor::zeros((5, 8), DType::F32, &Device::Cpu)?;
+/// let z = router_z_loss(&[logits])?.to_scalar::<f32>()?;
+/// assert!((z - 8f32.ln().powi(2)).abs() < 1e-5);
+/// # Ok(())
+/// # }
+/// ```
 pub fn router_z_loss(router_logits: &[Tensor]) -> Result<Tensor> {
     let logits = concat_rows(router_logits)?;
     logsumexp_keepdim(&logits)?.sqr()?.mean_all()
@@ -236,8 +272,12 @@ pub fn router_z_loss(router_logits: &[Tensor]) -> Result<Tensor> {
 
 /// Mean cross entropy of `logits` against `targets`, skipping targets equal to `ignore_index`.
 ///
+/// Every target must be a class id below `C`, except those equal to `ignore_index` (which may
+/// be `>= C`, as a sentinel); targets are range-checked in their own dtype, so a negative i64
+/// id is an error, not a wrapped-around class. No rows, or only ignored ones, is an error.
+///
 /// # Shapes
-/// - `logits`: `(n, C)`, `targets`: `(n,)` u32 -> scalar f32
+/// - `logits`: `(n, C)`, `targets`: `(n,)` integer (u8, u32, i16, i32, i64) -> scalar f32
 pub fn cross_entropy(
     logits: &Tensor,
     targets: &Tensor,
@@ -251,12 +291,41 @@ pub fn cross_entropy(
             targets.dims1()?
         )
     }
-    let max_t = targets
-        .to_dtype(DType::U32)?
-        .max_all()?
-        .to_scalar::<u32>()?;
-    if (max_t as usize) >= c && ignore_index.is_none_or(|ig| max_t != ig) {
-        bail!("cross_entropy: target id {max_t} is out of range for {c} classes")
+    if n == 0 {
+        bail!("cross_entropy: no targets (0 rows of logits)")
+    }
+    // Range-check every target in its own dtype before any cast: an `ignore_index` at or above
+    // `C` is a valid sentinel, but any other target must be below `C`.
+    let targets = match targets.dtype() {
+        DType::U8 | DType::U32 => targets.to_dtype(DType::U32)?,
+        DType::I16 | DType::I32 | DType::I64 => {
+            let wide = targets.to_dtype(DType::I64)?;
+            let min = wide.min_all()?.to_scalar::<i64>()?;
+            if min < 0 {
+                bail!("cross_entropy: target id {min} is negative")
+            }
+            if wide.max_all()?.to_scalar::<i64>()? > u32::MAX as i64 {
+                bail!("cross_entropy: target ids do not fit in u32")
+            }
+            wide.to_dtype(DType::U32)?
+        }
+        d => bail!("cross_entropy: targets must be integer class ids, got {d:?}"),
+    };
+    // With an ignore index the targets go to the host anyway (for the mask).
+    let host = match ignore_index {
+        Some(_) => Some(targets.to_vec1::<u32>()?),
+        None => None,
+    };
+    let out_of_range = match (ignore_index, &host) {
+        (Some(ig), Some(t)) => t.iter().copied().find(|&x| x != ig && x as usize >= c),
+        // Only the max is needed when nothing is exempt.
+        _ => {
+            let max_t = targets.max_all()?.to_scalar::<u32>()?;
+            ((max_t as usize) >= c).then_some(max_t)
+        }
+    };
+    if let Some(bad) = out_of_range {
+        bail!("cross_entropy: target id {bad} is out of range for {c} classes")
     }
     let log_probs = logits.broadcast_sub(&logsumexp_keepdim(&logits)?)?;
     match ignore_index {
@@ -265,7 +334,7 @@ pub fn cross_entropy(
             picked.mean_all()?.neg()
         }
         Some(ig) => {
-            let t = targets.to_vec1::<u32>()?;
+            let t = host.unwrap_or_default();
             let keep: Vec<f32> = t.iter().map(|&x| if x == ig { 0.0 } else { 1.0 }).collect();
             let count: f32 = keep.iter().sum();
             if count == 0.0 {

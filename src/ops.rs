@@ -6,7 +6,7 @@
 //! - [`compute_dtype`]: the dtype router and loss math run in (f32, or f64 for f64 models).
 //! - [`normal`]: one seeded standard-normal draw (Box–Muller), so the crate needs no
 //!   `rand_distr`.
-//! - [`lock`]: a poison-tolerant `Mutex` lock (a panic elsewhere must not turn every later
+//! - `lock` (crate-internal): a poison-tolerant `Mutex` lock (a panic elsewhere must not turn every later
 //!   forward into an error).
 
 use std::sync::{Mutex, MutexGuard};

@@ -41,6 +41,29 @@ pub fn capacity(capacity_factor: f64, tokens: usize, top_k: usize, num_experts: 
 }
 
 /// Builds the plan from the router's expert ids (`tokens × k`, row-major).
+///
+/// ```
+/// use candle_moe::moe::dispatch::plan;
+///
+/// # fn main() -> candle_core::Result<()> {
+/// // 3 tokens, top-2, 3 experts: token 0 -> (2, 0), token 1 -> (0, 1), token 2 -> (2, 0).
+/// let ids = [2, 0, 0, 1, 2, 0];
+/// let p = plan(&ids, 2, 3, None)?;
+/// // Expert-contiguous and in token order: expert 0 gets tokens 0, 1, 2; expert 1 token 1;
+/// // expert 2 tokens 0 and 2.
+/// assert_eq!(p.offsets, vec![0, 3, 4, 6]);
+/// assert_eq!(p.token_idx, vec![0, 1, 2, 1, 0, 2]);
+/// assert_eq!(p.slot_idx, vec![1, 2, 5, 3, 0, 4]);
+/// assert_eq!((p.counts(), p.dropped), (vec![3, 1, 2], 0));
+///
+/// // A capacity of 2 per expert keeps each expert's first two assignments in token order.
+/// let p = plan(&ids, 2, 3, Some(2))?;
+/// assert_eq!(p.counts(), vec![2, 1, 2]);
+/// assert_eq!(p.routed, vec![3, 1, 2]);
+/// assert_eq!(p.dropped, 1);
+/// # Ok(())
+/// # }
+/// ```
 pub fn plan(
     expert_ids: &[u32],
     top_k: usize,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod classic;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
