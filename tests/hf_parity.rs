@@ -1,6 +1,8 @@
 //! Hugging Face checkpoints: tiny random Mixtral, Qwen2-MoE (sharded) and OLMoE models written
 //! by transformers (`tests/fixtures/gen_hf_models.py`) load and compute what transformers
 //! computed; the hub cache layout loads offline; bad checkpoints name the file and tensor.
+//! The same for the transformers 5.x fixtures (`tests/fixtures/gen_hf_models_v5.py`, in
+//! `tests/fixtures/hf_v5/`): v5-style config.json, top-1 routing, tied embeddings.
 
 use std::path::{Path, PathBuf};
 
@@ -9,14 +11,26 @@ use candle_moe::{CausalLm, LoadOptions};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
+    fixture_in("hf", name)
+}
+
+/// `tests/fixtures/<set>/<name>` (set: `hf` for transformers 4.x, `hf_v5` for 5.x).
+fn fixture_in(set: &str, name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
+        .join("tests/fixtures")
+        .join(set)
         .join(name)
 }
 
 fn expected(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap())
-        .unwrap()
+    expected_in("hf", name)
+}
+
+fn expected_in(set: &str, name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture_in(set, name).join("expected.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn ids(v: &Value) -> Tensor {
@@ -43,9 +57,16 @@ fn flat(v: &Value, out: &mut Vec<f64>) {
 }
 
 fn check_family(name: &str) {
-    let exp = expected(name);
-    let model = CausalLm::from_pretrained(fixture(name).to_str().unwrap(), &LoadOptions::default())
-        .unwrap();
+    check_fixture("hf", name)
+}
+
+fn check_fixture(set: &str, name: &str) {
+    let exp = expected_in(set, name);
+    let model = CausalLm::from_pretrained(
+        fixture_in(set, name).to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     let input = ids(&exp["input_ids"]);
     let out = model.forward(&input).unwrap();
     let got = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -91,6 +112,47 @@ fn qwen2_moe_sharded_matches_transformers() {
 #[test]
 fn olmoe_matches_transformers() {
     check_family("olmoe");
+}
+
+#[test]
+fn v5_mixtral_top1_tied_matches_transformers() {
+    check_fixture("hf_v5", "mixtral");
+}
+
+#[test]
+fn v5_qwen2_moe_sharded_matches_transformers() {
+    check_fixture("hf_v5", "qwen2_moe");
+}
+
+#[test]
+fn v5_olmoe_top1_matches_transformers() {
+    check_fixture("hf_v5", "olmoe");
+}
+
+/// The v5 configs map as transformers 5 reads them: `rope_parameters`, `dtype`, `head_dim:
+/// null`, top-1, tied embeddings, and a key left out taking the class default.
+#[test]
+fn v5_configs_map_as_transformers_reads_them() {
+    let cfg = |name: &str| {
+        candle_moe::io::hf::read_hf_config(&fixture_in("hf_v5", name).join("config.json"))
+            .unwrap()
+            .1
+    };
+    let m = cfg("mixtral");
+    assert_eq!(m.rope_theta, 5e5);
+    assert_eq!(m.moe.top_k, 1);
+    assert!(m.tie_word_embeddings && m.moe.norm_topk_prob);
+    assert_eq!(m.head_dim(), 8);
+    assert_eq!(m.moe.router_aux_loss_coef, 0.02);
+    let q = cfg("qwen2_moe");
+    assert_eq!(q.rope_theta, 2e4);
+    assert!(q.moe.norm_topk_prob && q.attention_bias);
+    // Not in this config.json: Qwen2MoeConfig's default.
+    assert_eq!(q.moe.router_aux_loss_coef, 0.001);
+    let o = cfg("olmoe");
+    assert_eq!(o.rope_theta, 5e4);
+    assert_eq!(o.moe.top_k, 1);
+    assert!(!o.moe.norm_topk_prob && o.qk_norm);
 }
 
 #[test]

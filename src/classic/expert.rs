@@ -12,7 +12,10 @@
 use candle_core::{bail, DType, Device, Result, Tensor, Var, D};
 
 use super::linalg::{multinomial_ascent, solve_spd};
-use super::{append_bias, log_softmax_last, tensor_to_host, weights_to_host, LN_2PI};
+use super::{
+    append_bias, gaussian_log_density, gaussian_targets, tensor_to_host, weights_to_host, LN_2PI,
+};
+use crate::ops::log_softmax_last_dim;
 
 /// An expert of a classic mixture of experts: a conditional density `P_k(y | x)` with a mean
 /// prediction and a weighted maximum-likelihood M-step.
@@ -173,20 +176,7 @@ impl LinearGaussianExpert {
     }
 
     fn check_ys(&self, xs: &Tensor, ys: &Tensor) -> Result<Tensor> {
-        let ys = if ys.rank() == 1 && self.out_dim == 1 {
-            ys.unsqueeze(1)?
-        } else {
-            ys.clone()
-        };
-        if ys.dims() != [xs.dim(0)?, self.out_dim] {
-            bail!(
-                "LinearGaussianExpert: targets must be ({}, {}), got {:?}",
-                xs.dim(0)?,
-                self.out_dim,
-                ys.shape()
-            )
-        }
-        ys.to_dtype(DType::F64)
+        gaussian_targets("LinearGaussianExpert", xs, ys, self.out_dim)
     }
 
     /// `Σ_n w_n log N(y_n | x_n U, σ²)` on host buffers.
@@ -243,11 +233,7 @@ impl Expert for LinearGaussianExpert {
     fn log_likelihood(&self, xs: &Tensor, ys: &Tensor) -> Result<Tensor> {
         let mu = self.predict(xs)?; // (n, out)
         let ys = self.check_ys(xs, ys)?;
-        let lv = self.log_var.as_tensor().unsqueeze(0)?; // (1, out)
-        let r2 = (ys - mu)?.sqr()?; // (n, out)
-        let quad = r2.broadcast_div(&lv.exp()?)?;
-        let per = ((quad.broadcast_add(&lv)? + LN_2PI)? * -0.5)?; // (n, out)
-        per.sum(D::Minus1) // (n,)
+        gaussian_log_density(&mu, &ys, self.log_var.as_tensor()) // (n,)
     }
 
     fn m_step(&mut self, xs: &Tensor, ys: &Tensor, weights: &Tensor) -> Result<()> {
@@ -390,7 +376,8 @@ impl SoftmaxExpert {
             )
         }
         let xs = xs.to_dtype(DType::F64)?;
-        log_softmax_last(&append_bias(&xs)?.matmul(self.weight.as_tensor())?) // (n, C)
+        log_softmax_last_dim(&append_bias(&xs)?.matmul(self.weight.as_tensor())?)
+        // (n, C)
     }
 }
 

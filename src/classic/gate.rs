@@ -10,7 +10,8 @@ use candle_core::{bail, DType, Device, Result, Tensor, Var, D};
 use rand::Rng;
 
 use super::linalg::multinomial_ascent;
-use super::{append_bias, log_softmax_last, tensor_to_host};
+use super::{append_bias, tensor_to_host};
+use crate::ops::{log_softmax_last_dim, normal};
 
 /// A linear softmax gate over `n_out` alternatives (experts or sub-trees).
 ///
@@ -138,7 +139,7 @@ impl SoftmaxGate {
     /// # Shapes
     /// - `xs`: `(n, in_dim)` → `(n, n_out)`
     pub fn log_probs(&self, xs: &Tensor) -> Result<Tensor> {
-        log_softmax_last(&self.logits(xs)?)
+        log_softmax_last_dim(&self.logits(xs)?)
     }
 
     /// Gate probabilities `g_k(x)`.
@@ -187,11 +188,4 @@ impl SoftmaxGate {
         }
         xs.to_dtype(DType::F64)
     }
-}
-
-/// A standard normal draw (Box–Muller), so the crate needs no `rand_distr`.
-pub(crate) fn normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
-    let u1: f64 = rng.random::<f64>().max(1e-300);
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }

@@ -16,8 +16,8 @@ use rand::Rng;
 
 use super::expert::Expert;
 use super::gate::SoftmaxGate;
-use super::logsumexp_last;
 use super::mixture::{EmConfig, EmReport};
+use super::{gated_sum, logsumexp_last};
 
 /// A node of a hierarchical mixture of experts.
 pub enum HmeNode<E: Expert = Box<dyn Expert>> {
@@ -85,18 +85,8 @@ impl<E: Expert> HmeNode<E> {
             HmeNode::Leaf(e) => e.predict(xs)?.to_dtype(DType::F64),
             HmeNode::Gate { gate, children } => {
                 let g = gate.probs(xs)?; // (n, C)
-                let mut out: Option<Tensor> = None;
-                for (c, child) in children.iter().enumerate() {
-                    let term = child.predict(xs)?.broadcast_mul(&g.i((.., c..c + 1))?)?; // (n, out)
-                    out = Some(match out {
-                        None => term,
-                        Some(o) => (o + term)?,
-                    });
-                }
-                match out {
-                    Some(o) => Ok(o),
-                    None => bail!("HierarchicalMoe: a gate without children"),
-                }
+                let preds = children.iter().map(|child| child.predict(xs)); // (n, out) each
+                gated_sum(&g, preds, "HierarchicalMoe: a gate without children")
             }
         }
     }
@@ -332,28 +322,7 @@ impl<E: Expert> HierarchicalMoe<E> {
     /// EM until `cfg.max_iters` iterations or a mean per-example log-likelihood change below
     /// `cfg.tol`; same report as [`MixtureOfExperts::fit_em`](super::MixtureOfExperts::fit_em).
     pub fn fit_em(&mut self, xs: &Tensor, ys: &Tensor, cfg: &EmConfig) -> Result<EmReport> {
-        let n = xs.dim(0)?.max(1) as f64;
-        let mut trace: Vec<f64> = Vec::with_capacity(cfg.max_iters + 1);
-        let mut converged = false;
-        let mut iterations = 0;
-        for _ in 0..cfg.max_iters {
-            let ll = self.em_step(xs, ys, cfg)?;
-            iterations += 1;
-            let stop = trace
-                .last()
-                .is_some_and(|prev| ((ll - prev) / n).abs() < cfg.tol);
-            trace.push(ll);
-            if stop {
-                converged = true;
-                break;
-            }
-        }
-        trace.push(self.log_likelihood(xs, ys)?);
-        Ok(EmReport {
-            log_likelihood: trace,
-            iterations,
-            converged,
-        })
+        super::em::run_em(self, xs, ys, cfg)
     }
 
     /// Breaks the symmetry before EM: every gate gets random weights (see

@@ -15,8 +15,8 @@ use candle_core::{bail, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use rand::Rng;
 
-use super::gate::normal;
-use super::{log_softmax_last, logsumexp_last, tensor_to_host, LN_2PI};
+use super::{logsumexp_last, tensor_to_host, LN_2PI};
+use crate::ops::{log_softmax_last_dim, normal};
 
 /// The mixture parameters an [`MdnHead`] produces.
 #[derive(Debug, Clone)]
@@ -241,7 +241,7 @@ impl MdnHead {
         let n: usize = lead.iter().product();
         let flat = xs.reshape((n, self.in_dim))?; // (N, H)
         let (k, d) = (self.n_components, self.out_dim);
-        let log_pi = log_softmax_last(&self.pi.forward(&flat)?)?; // (N, K)
+        let log_pi = log_softmax_last_dim(&self.pi.forward(&flat)?)?; // (N, K)
         let mu = self.mu.forward(&flat)?.reshape((n, k, d))?; // (N, K, D)
         let log_sigma = self.log_sigma.forward(&flat)?.reshape((n, k, d))?; // (N, K, D)
         let with = |extra: &[usize]| -> Vec<usize> {

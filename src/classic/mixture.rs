@@ -14,7 +14,7 @@ use rand::Rng;
 
 use super::expert::Expert;
 use super::gate::SoftmaxGate;
-use super::logsumexp_last;
+use super::{gated_sum, logsumexp_last};
 
 /// Settings of EM training.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,19 +134,11 @@ impl<E: Expert> MixtureOfExperts<E> {
     /// - `xs`: `(n, in_dim)` → `(n, out_dim)`
     pub fn predict(&self, xs: &Tensor) -> Result<Tensor> {
         let g = self.gate.probs(xs)?; // (n, K)
-        let mut out: Option<Tensor> = None;
-        for (k, e) in self.experts.iter().enumerate() {
-            let pk = e.predict(xs)?.to_dtype(DType::F64)?; // (n, out)
-            let term = pk.broadcast_mul(&g.i((.., k..k + 1))?)?;
-            out = Some(match out {
-                None => term,
-                Some(o) => (o + term)?,
-            });
-        }
-        match out {
-            Some(o) => Ok(o),
-            None => bail!("MixtureOfExperts: no experts"),
-        }
+        let preds = self
+            .experts
+            .iter()
+            .map(|e| e.predict(xs)?.to_dtype(DType::F64)); // (n, out) each
+        gated_sum(&g, preds, "MixtureOfExperts: no experts")
     }
 
     /// Predictive variance of the mixture, `Σ_k g_k (σ²_k + μ_k²) − ŷ²` (regression experts only).
@@ -267,28 +259,7 @@ impl<E: Expert> MixtureOfExperts<E> {
     /// # Shapes
     /// - `xs`: `(n, in_dim)`, `ys`: `(n, out_dim)` (regression) or `(n,)` class ids
     pub fn fit_em(&mut self, xs: &Tensor, ys: &Tensor, cfg: &EmConfig) -> Result<EmReport> {
-        let n = xs.dim(0)?.max(1) as f64;
-        let mut trace = Vec::with_capacity(cfg.max_iters + 1);
-        let mut converged = false;
-        let mut iterations = 0;
-        for _ in 0..cfg.max_iters {
-            let ll = self.em_step(xs, ys, cfg)?;
-            iterations += 1;
-            let stop = trace
-                .last()
-                .is_some_and(|prev: &f64| ((ll - prev) / n).abs() < cfg.tol);
-            trace.push(ll);
-            if stop {
-                converged = true;
-                break;
-            }
-        }
-        trace.push(self.log_likelihood(xs, ys)?);
-        Ok(EmReport {
-            log_likelihood: trace,
-            iterations,
-            converged,
-        })
+        super::em::run_em(self, xs, ys, cfg)
     }
 
     /// Initialises from given responsibilities `(n, K)`: one M-step (experts and gate).

@@ -45,6 +45,7 @@
 //! # }
 //! ```
 
+mod em;
 mod expert;
 mod gate;
 mod hierarchical;
@@ -54,6 +55,7 @@ mod mixture;
 mod neural;
 pub mod series;
 
+pub use em::{fit_em_restarts, EmModel, Restarts};
 pub use expert::{Expert, LinearGaussianExpert, SoftmaxExpert};
 pub use gate::SoftmaxGate;
 pub use hierarchical::{HierarchicalMoe, HmeNode};
@@ -61,7 +63,7 @@ pub use mdn::{MdnHead, MdnOutput};
 pub use mixture::{EmConfig, EmReport, GradientConfig, GradientReport, MixtureOfExperts};
 pub use neural::{GruWindow, NeuralExpert, NeuralExpertConfig};
 
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, DType, IndexOp, Result, Tensor, D};
 
 /// `ln(2π)`.
 pub(crate) const LN_2PI: f64 = 1.837_877_066_409_345_5;
@@ -73,25 +75,66 @@ pub(crate) fn append_bias(xs: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[xs, &ones], 1) // (n, d + 1)
 }
 
-/// Differentiable `log softmax` over the last dimension (the max is detached; the result does not
-/// depend on it).
-pub(crate) fn log_softmax_last(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach(); // (…, 1)
-    let shifted = xs.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (…, 1)
-    shifted.broadcast_sub(&lse)
-}
-
 /// Differentiable `log Σ exp` over the last dimension, removing it.
 pub(crate) fn logsumexp_last(xs: &Tensor) -> Result<Tensor> {
-    let max = xs.max_keepdim(D::Minus1)?.detach(); // (…, 1)
-    let lse = xs
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .broadcast_add(&max)?; // (…, 1)
-    lse.squeeze(D::Minus1)
+    crate::ops::logsumexp_keepdim(xs)?.squeeze(D::Minus1)
+}
+
+/// Regression targets `(n, out_dim)` (a `(n,)` vector when `out_dim` is 1) as f64; `who`
+/// names the expert in the error.
+pub(crate) fn gaussian_targets(
+    who: &str,
+    xs: &Tensor,
+    ys: &Tensor,
+    out_dim: usize,
+) -> Result<Tensor> {
+    let ys = if ys.rank() == 1 && out_dim == 1 {
+        ys.unsqueeze(1)?
+    } else {
+        ys.clone()
+    };
+    if ys.dims() != [xs.dim(0)?, out_dim] {
+        bail!(
+            "{who}: targets must be ({}, {out_dim}), got {:?}",
+            xs.dim(0)?,
+            ys.shape()
+        )
+    }
+    ys.to_dtype(DType::F64)
+}
+
+/// `log N(y_n | μ_n, diag σ²)` per example, with `log σ²` of shape `(out,)`.
+///
+/// # Shapes
+/// - `mu`, `ys`: `(n, out)`; `log_var`: `(out,)` → `(n,)`
+pub(crate) fn gaussian_log_density(mu: &Tensor, ys: &Tensor, log_var: &Tensor) -> Result<Tensor> {
+    let lv = log_var.unsqueeze(0)?; // (1, out)
+    let quad = (ys - mu)?.sqr()?.broadcast_div(&lv.exp()?)?; // (n, out)
+    ((quad.broadcast_add(&lv)? + LN_2PI)? * -0.5)?.sum(D::Minus1) // (n,)
+}
+
+/// `Σ_c g[:, c] · pred_c`: the gate-weighted sum of the `(n, out)` predictions, summed in order;
+/// `empty` is the error without any prediction.
+///
+/// # Shapes
+/// - `g`: `(n, C)`; every prediction `(n, out)` f64 → `(n, out)`
+pub(crate) fn gated_sum(
+    g: &Tensor,
+    preds: impl IntoIterator<Item = Result<Tensor>>,
+    empty: &str,
+) -> Result<Tensor> {
+    let mut out: Option<Tensor> = None;
+    for (c, pred) in preds.into_iter().enumerate() {
+        let term = pred?.broadcast_mul(&g.i((.., c..c + 1))?)?; // (n, out)
+        out = Some(match out {
+            None => term,
+            Some(o) => (o + term)?,
+        });
+    }
+    match out {
+        Some(o) => Ok(o),
+        None => bail!("{empty}"),
+    }
 }
 
 /// All values of a tensor, row-major, as `f64` on the host.

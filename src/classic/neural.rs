@@ -7,12 +7,12 @@
 //! log-likelihood `Σ_n h_n log N(y_n | f(x_n), σ²)` ends lower than it started, the step is
 //! undone, so EM stays monotone.
 
-use candle_core::{bail, DType, Module, Result, Tensor, Var, D};
+use candle_core::{bail, DType, Module, Result, Tensor, Var};
 use candle_nn::rnn::{GRUConfig, GRU, RNN};
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
 use super::expert::Expert;
-use super::{tensor_to_host, weights_to_host, LN_2PI};
+use super::{gaussian_log_density, gaussian_targets, tensor_to_host, weights_to_host};
 
 /// Settings of a [`NeuralExpert`]'s M-step.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,20 +98,7 @@ impl NeuralExpert {
     }
 
     fn ys(&self, xs: &Tensor, ys: &Tensor) -> Result<Tensor> {
-        let ys = if ys.rank() == 1 && self.out_dim == 1 {
-            ys.unsqueeze(1)?
-        } else {
-            ys.clone()
-        };
-        if ys.dims() != [xs.dim(0)?, self.out_dim] {
-            bail!(
-                "NeuralExpert: targets must be ({}, {}), got {:?}",
-                xs.dim(0)?,
-                self.out_dim,
-                ys.shape()
-            )
-        }
-        ys.to_dtype(DType::F64)
+        gaussian_targets("NeuralExpert", xs, ys, self.out_dim)
     }
 
     /// `Σ_n w_n log N(y_n | f(x_n), σ²)` with the current parameters.
@@ -153,9 +140,7 @@ impl Expert for NeuralExpert {
     fn log_likelihood(&self, xs: &Tensor, ys: &Tensor) -> Result<Tensor> {
         let mu = self.predict(xs)?; // (n, out)
         let ys = self.ys(xs, ys)?;
-        let lv = self.log_var.as_tensor().unsqueeze(0)?; // (1, out)
-        let quad = (ys - mu)?.sqr()?.broadcast_div(&lv.exp()?)?;
-        ((quad.broadcast_add(&lv)? + LN_2PI)? * -0.5)?.sum(D::Minus1) // (n,)
+        gaussian_log_density(&mu, &ys, self.log_var.as_tensor()) // (n,)
     }
 
     fn m_step(&mut self, xs: &Tensor, ys: &Tensor, weights: &Tensor) -> Result<()> {

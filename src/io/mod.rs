@@ -2,6 +2,7 @@
 //! checked and written ([`safetensors`]), the Hugging Face families ([`hf`]), BERT encoders
 //! ([`bert`]) and the crate's own model directories ([`model_dir`]).
 
+pub mod atomic;
 pub mod bert;
 pub mod hf;
 pub mod hub;

@@ -15,9 +15,10 @@ use candle_nn::VarMap;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::io::atomic::write_dir_atomic;
 use crate::io::hub::LoadOptions;
 use crate::io::safetensors::{
-    build_error, check_unused, to_safetensors_bytes, var_builder, varmap_tensors, write_dir_atomic,
+    build_error, check_unused, to_safetensors_bytes, var_builder, varmap_tensors,
 };
 
 /// File name of the weights inside a model directory.
@@ -55,6 +56,36 @@ pub fn model_files(
 /// whole: after a failure or a kill it holds the old checkpoint or the new one, never a mix.
 /// (A [`CausalLm`](crate::CausalLm) whose configuration transformers can express is better
 /// saved with `save_pretrained`, which transformers also reads.)
+///
+/// A round trip through [`CausalLm::load`](crate::CausalLm::load):
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_moe::io::model_dir;
+/// use candle_moe::{CausalLm, ModelConfig};
+/// use candle_nn::{VarBuilder, VarMap};
+///
+/// # fn main() -> candle_moe::Result<()> {
+/// let dev = Device::Cpu;
+/// let mut cfg = ModelConfig::tiny(32);
+/// (cfg.hidden_size, cfg.moe.hidden_size, cfg.num_layers) = (16, 16, 1);
+/// (cfg.moe.intermediate_size, cfg.dense_intermediate_size) = (16, 16);
+/// let varmap = VarMap::new();
+/// let model = CausalLm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+///
+/// let dir = std::env::temp_dir().join(format!("candle_moe_doc_save_{}", std::process::id()));
+/// model_dir::save(&dir, &cfg, &varmap, None)?;
+/// let (loaded, _varmap) = CausalLm::load(&dir, DType::F32, &dev)?;
+/// assert_eq!(loaded.config(), &cfg);
+///
+/// let ids = Tensor::new(&[[1u32, 2, 3]], &dev)?;
+/// let before = model.forward(&ids)?.logits.to_vec3::<f32>()?;
+/// let after = loaded.forward(&ids)?.logits.to_vec3::<f32>()?;
+/// assert_eq!(before, after);
+/// std::fs::remove_dir_all(&dir).map_err(|e| candle_moe::Error::io(&dir, e))?;
+/// # Ok(())
+/// # }
+/// ```
 pub fn save(
     dir: &Path,
     cfg: &ModelConfig,

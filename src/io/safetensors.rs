@@ -2,7 +2,7 @@
 //! every tensor against the headers, parsing and serialising named tensors, and atomic writes.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -14,192 +14,6 @@ use serde_json::Value;
 use crate::error::{CheckpointErrorKind, Error, Result};
 use crate::io::hub::LoadOptions;
 use crate::ops::lock;
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Entries a checkpoint directory's new version replaces (everything else is carried over).
-fn is_checkpoint_entry(name: &str) -> bool {
-    name.ends_with(".safetensors") || name.ends_with(".json") || name == "trainer"
-}
-
-/// Fsyncs a directory (so a rename in it is durable).
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); `false` where unsupported.
-#[cfg(target_os = "linux")]
-fn exchange(a: &Path, b: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let (Ok(a), Ok(b)) = (
-        std::ffi::CString::new(a.as_os_str().as_bytes()),
-        std::ffi::CString::new(b.as_os_str().as_bytes()),
-    ) else {
-        return false;
-    };
-    // SAFETY: two valid NUL-terminated paths; renameat2 only reads them.
-    unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        ) == 0
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn exchange(_a: &Path, _b: &Path) -> bool {
-    false
-}
-
-/// Writes a whole directory atomically: every file into a fresh temporary directory beside it
-/// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
-/// renames, so that after a failure or a kill at any point `dir` holds either the old contents
-/// or the new ones, complete. No temporary is left behind on an error path.
-/// Removes temporaries of `name` left by processes that no longer run (a save killed midway),
-/// so they do not pile up; another live process's temporary is left alone (Linux only).
-fn remove_stale_temporaries(parent: &Path, name: &str) {
-    if !cfg!(target_os = "linux") {
-        return;
-    }
-    let prefix = format!(".{name}.tmp-");
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = n.strip_prefix(&prefix) else {
-            continue;
-        };
-        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-/// `files` are `(relative path, bytes)`; a path may have one sub-directory (`trainer/...`).
-pub(crate) fn write_dir_atomic(
-    dir: &Path,
-    files: &[(String, Vec<u8>)],
-    fail_after: Option<usize>,
-) -> Result<()> {
-    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::io(dir, std::io::Error::other("not a directory name")))?
-        .to_string_lossy()
-        .into_owned();
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(dir, e))?;
-    // Files of the directory's own that are not checkpoint files (a plot, notes) are carried
-    // into the new directory as hard links; a foreign sub-directory is refused, never deleted.
-    let mut carry = vec![];
-    if dir.exists() {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if is_checkpoint_entry(&n) || files.iter().any(|(f, _)| *f == n) {
-                continue;
-            }
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
-                return Err(Error::io(
-                    dir.join(&n),
-                    std::io::Error::other(
-                        "a directory that is not part of a checkpoint: save into an empty or checkpoint directory",
-                    ),
-                ));
-            }
-            carry.push(n);
-        }
-    }
-    remove_stale_temporaries(&parent, &name);
-    let unique = format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let tmp = parent.join(unique);
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir(&tmp)?;
-        for (i, (f, bytes)) in files.iter().enumerate() {
-            if fail_after == Some(i) {
-                return Err(std::io::Error::other("injected failure"));
-            }
-            let target = tmp.join(f);
-            if let Some(sub) = target.parent() {
-                std::fs::create_dir_all(sub)?;
-            }
-            let mut fh = std::fs::File::create(&target)?;
-            fh.write_all(bytes)?;
-            fh.sync_all()?;
-        }
-        for n in &carry {
-            if std::fs::hard_link(dir.join(n), tmp.join(n)).is_err() {
-                std::fs::copy(dir.join(n), tmp.join(n))?;
-            }
-        }
-        if files.iter().any(|(f, _)| f.contains('/')) {
-            for sub in files
-                .iter()
-                .filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0))
-            {
-                sync_dir(&tmp.join(sub))?;
-            }
-        }
-        sync_dir(&tmp)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(Error::io(dir, e));
-    }
-    let swapped = if dir.exists() {
-        if exchange(&tmp, dir) {
-            Ok(())
-        } else {
-            // Non-Linux fallback: two renames (a short window without `dir`).
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(dir, &old)
-                .and_then(|_| std::fs::rename(&tmp, dir))
-                .map(|_| {
-                    let _ = std::fs::remove_dir_all(&old);
-                })
-        }
-    } else {
-        std::fs::rename(&tmp, dir)
-    };
-    // After an exchange `tmp` holds the old contents; after a failure, the new ones.
-    let _ = std::fs::remove_dir_all(&tmp);
-    swapped.map_err(|e| Error::io(dir, e))?;
-    sync_dir(&parent).map_err(|e| Error::io(&parent, e))
-}
 
 /// Serialises named tensors to safetensors bytes (sorted by name).
 pub fn to_safetensors_bytes(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
@@ -240,9 +54,38 @@ pub fn set_checked(var: &candle_core::Var, t: &Tensor, what: &str, path: &Path) 
     Ok(())
 }
 
-/// Reads a whole file, naming it on error.
+/// Reads a whole weights file, naming it on error; only a regular file (links followed) is
+/// read: a device such as `/dev/zero` or a FIFO is refused before it is opened.
 pub fn read_file(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    regular_weights(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Checks, without opening it, that a weights file is a regular file (links followed); returns
+/// its size.
+fn regular_weights(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::checkpoint(
+            path,
+            "not a regular file (a directory, device, FIFO or socket): refused",
+        ));
+    }
+    Ok(meta.len())
+}
+
+/// Bits per element of a safetensors dtype name (`None` for an unknown one).
+fn dtype_bits(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "E8M0" => 8,
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "U16" | "I16" | "F16" | "BF16" => 16,
+        "U32" | "I32" | "F32" => 32,
+        "U64" | "I64" | "F64" | "C64" => 64,
+        _ => return None,
+    })
 }
 
 fn st_dtype(d: safetensors::Dtype) -> Option<DType> {
@@ -346,21 +189,32 @@ pub(crate) struct HeaderEntry {
     shape: Vec<usize>,
 }
 
-/// Reads a safetensors header (without the tensor data) and checks that the file is long
-/// enough for every tensor it declares.
+/// The largest safetensors header the reader accepts (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Reads a safetensors header (without the tensor data) and checks it against the file: a
+/// regular file (links followed, checked before opening), a header within the file, and for
+/// every tensor `start <= end`, its data inside the file (overflow-checked) and a byte length of
+/// exactly `elem_count × dtype size` (overflow-checked).
 pub(crate) fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
+    regular_weights(path)?;
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::checkpoint(path, "not a regular file: refused"));
+    }
+    let size = meta.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|_| Error::checkpoint(path, "truncated: shorter than the 8-byte header length"))?;
     let n = u64::from_le_bytes(len);
-    if n > 100_000_000 || 8 + n > size {
+    let data_start = n.checked_add(8).filter(|&e| n <= MAX_HEADER && e <= size);
+    let Some(data_start) = data_start else {
         return Err(Error::checkpoint(
             path,
             format!("corrupt or truncated: header of {n} bytes in a file of {size}"),
         ));
-    }
+    };
     let mut buf = vec![0u8; n as usize];
     f.read_exact(&mut buf).map_err(|e| Error::io(path, e))?;
     let v: Value = serde_json::from_slice(&buf).map_err(|e| {
@@ -392,20 +246,50 @@ pub(crate) fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
             .iter()
             .map(|d| {
                 d.as_u64()
-                    .map(|u| u as usize)
+                    .and_then(|u| usize::try_from(u).ok())
                     .ok_or_else(|| bad("bad shape"))
             })
             .collect::<Result<_>>()?;
-        let end = info
+        let offsets: Vec<u64> = info
             .get("data_offsets")
             .and_then(|o| o.as_array())
-            .and_then(|o| o.get(1))
-            .and_then(|e| e.as_u64())
-            .ok_or_else(|| bad("no data_offsets"))?;
-        if 8 + n + end > size {
+            .filter(|o| o.len() == 2)
+            .and_then(|o| o.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| bad("no data_offsets (two non-negative integers)"))?;
+        let (start, end) = (offsets[0], offsets[1]);
+        if start > end {
             return Err(bad(&format!(
-                "data ends at byte {} but the file has {size}: truncated",
-                8 + n + end
+                "corrupt header: data_offsets start {start} is after end {end}"
+            )));
+        }
+        match data_start.checked_add(end) {
+            Some(stop) if stop <= size => {}
+            Some(stop) => {
+                return Err(bad(&format!(
+                    "data ends at byte {stop} but the file has {size}: truncated"
+                )))
+            }
+            None => {
+                return Err(bad(&format!(
+                    "corrupt header: data_offsets end {end} overflows (file of {size} bytes): truncated or corrupt"
+                )))
+            }
+        }
+        let bits = dtype_bits(dtype).ok_or_else(|| bad(&format!("unknown dtype `{dtype}`")))?;
+        let want = shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .and_then(|elems| elems.checked_mul(bits))
+            .map(|b| b.div_ceil(8));
+        let Some(want) = want else {
+            return Err(bad(&format!(
+                "corrupt header: shape {shape:?} of {dtype} overflows"
+            )));
+        };
+        if end - start != want {
+            return Err(bad(&format!(
+                "corrupt header: data_offsets [{start}, {end}] hold {} bytes, but shape {shape:?} of {dtype} needs {want}",
+                end - start
             )));
         }
         out.insert(
@@ -551,9 +435,23 @@ pub(crate) fn var_builder(
     opts: &LoadOptions,
     varmap: Option<VarMap>,
 ) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
-    let mut headers = HashMap::new();
+    let mut headers: HashMap<String, HeaderEntry> = HashMap::new();
     for f in files {
-        headers.extend(read_header(f)?);
+        for (name, h) in read_header(f)? {
+            if let Some(prev) = headers.get(&name) {
+                return Err(Error::tensor(
+                    f,
+                    name.as_str(),
+                    CheckpointErrorKind::Corrupt,
+                    format!(
+                        "tensor `{name}` is stored twice, in {} and in {}",
+                        prev.file.display(),
+                        f.display()
+                    ),
+                ));
+            }
+            headers.insert(name, h);
+        }
     }
     let first = files.first().cloned().unwrap_or_default();
     // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader (candle's

@@ -1,8 +1,20 @@
 //! Sampling: greedy, temperature, top-k (Fan et al. 2018) and nucleus / top-p (Holtzman et al.
 //! 2020), seeded. Beam search for encoder-decoders lives in [`crate::models::seq2seq`].
+//!
+//! # Rules for unusual inputs
+//! - The config must be valid ([`SamplingConfig::validate`]): `temperature` finite and `>= 0`
+//!   (`0` = greedy), `top_k` `None` or `>= 1`, `top_p` `None` or in `(0, 1]`. [`Sampler::sample`]
+//!   checks it first and returns an error naming the field.
+//! - A NaN anywhere in the logits is an error, as are empty logits and logits that are all
+//!   `-inf` (no token can be chosen).
+//! - `+inf` logits take all the probability: greedy picks the first of them, sampling picks
+//!   uniformly among those that survive `top_k` (then `top_p` over that uniform distribution).
+//! - `-inf` logits have probability zero and are never sampled.
 
 use candle_core::{bail, DType, Result, Tensor};
 use rand::{Rng, SeedableRng};
+
+use crate::error::Error;
 
 /// How to pick the next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +46,32 @@ impl Default for SamplingConfig {
     }
 }
 
+impl SamplingConfig {
+    /// Checks the sampling parameters: `temperature` finite and `>= 0`, `top_k` `None` or
+    /// `>= 1`, `top_p` `None` or in `(0, 1]`. The error ([`Error::Config`]) names the field.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let t = self.temperature;
+        if !t.is_finite() || t < 0.0 {
+            return Err(Error::Config(format!(
+                "sampling: temperature must be finite and >= 0 (0 = greedy), got {t}"
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Config(
+                "sampling: top_k must be >= 1 (or None for no limit), got 0".into(),
+            ));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Config(format!(
+                    "sampling: top_p must be in (0, 1] (or None for no limit), got {p}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A seeded token sampler.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -48,41 +86,53 @@ impl Sampler {
         Self { cfg, rng }
     }
 
-    /// Picks a token from `logits` `(vocab,)`.
+    /// Picks a token from `logits` `(vocab,)` (see the module docs for NaN / `inf` logits).
+    ///
+    /// Errors when the config is invalid ([`SamplingConfig::validate`]), the logits are empty,
+    /// contain a NaN, or are all `-inf`.
     pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        self.cfg
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if logits.is_empty() {
             bail!("sample: empty logits")
         }
-        if logits.iter().any(|v| v.is_nan()) {
-            bail!("sample: logits contain NaN")
+        if let Some(i) = logits.iter().position(|v| v.is_nan()) {
+            bail!("sample: logits contain NaN (first at index {i})")
         }
-        let argmax = |v: &[f32]| {
-            v.iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| {
-                    if x > b.1 {
-                        (i, x)
-                    } else {
-                        b
-                    }
-                })
-                .0 as u32
-        };
-        if self.cfg.temperature <= 0.0 {
-            return Ok(argmax(&logits));
+        if logits.iter().all(|&v| v == f32::NEG_INFINITY) {
+            bail!("sample: every logit is -inf, no token can be chosen")
         }
+        if self.cfg.temperature == 0.0 {
+            // Greedy: the first of the largest logits (not all are -inf, checked above).
+            let mut best = 0usize;
+            for (i, &x) in logits.iter().enumerate() {
+                if x > logits[best] {
+                    best = i;
+                }
+            }
+            return Ok(best as u32);
+        }
+        // Stable sort, most likely first: ties (e.g. several +inf) keep index order.
         let mut idx: Vec<usize> = (0..logits.len()).collect();
         idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         if let Some(k) = self.cfg.top_k {
-            idx.truncate(k.max(1));
+            idx.truncate(k);
         }
-        let t = self.cfg.temperature as f32;
+        let t = self.cfg.temperature;
         let m = logits[idx[0]];
-        let mut p: Vec<f64> = idx
-            .iter()
-            .map(|&i| (((logits[i] - m) / t) as f64).exp())
-            .collect();
+        let mut p: Vec<f64> = if m == f32::INFINITY {
+            // +inf logits share all the probability, uniformly.
+            idx.iter()
+                .map(|&i| if logits[i] == f32::INFINITY { 1.0 } else { 0.0 })
+                .collect()
+        } else {
+            // In f64 so that a tiny temperature gives 0 / t = 0 for the max, not NaN.
+            idx.iter()
+                .map(|&i| ((logits[i] as f64 - m as f64) / t).exp())
+                .collect()
+        };
         let s: f64 = p.iter().sum();
         p.iter_mut().for_each(|v| *v /= s);
         if let Some(top_p) = self.cfg.top_p {
@@ -102,12 +152,18 @@ impl Sampler {
         }
         let u: f64 = self.rng.random();
         let mut acc = 0.0;
+        let mut last = idx[0];
         for (j, v) in p.iter().enumerate() {
+            if *v <= 0.0 {
+                continue;
+            }
+            last = idx[j];
             acc += v;
             if u < acc {
                 return Ok(idx[j] as u32);
             }
         }
-        Ok(idx[idx.len() - 1] as u32)
+        // Rounding left `u` above the total: the last token with non-zero probability.
+        Ok(last as u32)
     }
 }

@@ -8,7 +8,20 @@ use crate::losses::cross_entropy;
 use crate::models::CausalLm;
 use crate::train::LossParts;
 
+/// Checks a batch size and a window length (both at least 1).
+fn check_sizes(what: &str, b: usize, t: usize) -> Result<()> {
+    if b == 0 {
+        candle_core::bail!("{what}: batch size must be at least 1, got 0")
+    }
+    if t == 0 {
+        candle_core::bail!("{what}: window (sequence length) must be at least 1 token, got 0")
+    }
+    Ok(())
+}
+
 /// A training batch of `b` random windows of `t + 1` tokens: inputs `(b, t)`, targets `(b·t,)`.
+///
+/// Errors when `b` or `t` is 0 or the stream is shorter than `t + 2` tokens.
 pub fn batch(
     stream: &[u32],
     b: usize,
@@ -16,7 +29,8 @@ pub fn batch(
     rng: &mut impl Rng,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    if stream.len() < t + 2 {
+    check_sizes("language model batch", b, t)?;
+    if stream.len() < t.saturating_add(2) {
         candle_core::bail!(
             "token stream of {} tokens is shorter than a window of {}",
             stream.len(),
@@ -60,6 +74,8 @@ pub struct Eval {
 }
 
 /// Mean NLL over up to `max_windows` non-overlapping windows of `t` tokens, batched by `b`.
+///
+/// Errors when `t`, `b` or `max_windows` is 0 or the stream is shorter than one window.
 pub fn evaluate(
     model: &CausalLm,
     stream: &[u32],
@@ -68,6 +84,10 @@ pub fn evaluate(
     max_windows: usize,
     dev: &Device,
 ) -> Result<Eval> {
+    check_sizes("evaluate", b, t)?;
+    if max_windows == 0 {
+        candle_core::bail!("evaluate: max_windows must be at least 1, got 0")
+    }
     let n_win = ((stream.len().saturating_sub(1)) / t).min(max_windows);
     if n_win == 0 {
         candle_core::bail!(
@@ -119,7 +139,12 @@ pub fn evaluate(
 }
 
 /// NLL (nats/token) of `valid` under the add-one-smoothed unigram distribution of `train`.
+/// NaN when there is nothing to measure (`valid` empty or `vocab` 0); ids outside the
+/// vocabulary get the smoothing count only.
 pub fn unigram_nll(train: &[u32], valid: &[u32], vocab: usize) -> f64 {
+    if valid.is_empty() || vocab == 0 {
+        return f64::NAN;
+    }
     let mut c = vec![1f64; vocab];
     for &t in train {
         if (t as usize) < vocab {
@@ -131,5 +156,5 @@ pub fn unigram_nll(train: &[u32], valid: &[u32], vocab: usize) -> f64 {
         .iter()
         .map(|&t| -(c.get(t as usize).copied().unwrap_or(1.0) / total).ln())
         .sum();
-    nll / valid.len().max(1) as f64
+    nll / valid.len() as f64
 }

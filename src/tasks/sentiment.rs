@@ -8,7 +8,20 @@ use crate::losses::cross_entropy;
 use crate::models::SequenceClassifier;
 use crate::train::LossParts;
 
+/// Checks a batch size and a maximum length (both at least 1).
+fn check_sizes(what: &str, b: usize, max_len: usize) -> Result<()> {
+    if b == 0 {
+        candle_core::bail!("{what}: batch size must be at least 1, got 0")
+    }
+    if max_len == 0 {
+        candle_core::bail!("{what}: max_len must be at least 1 token, got 0")
+    }
+    Ok(())
+}
+
 /// A batch of `b` random examples truncated to `max_len`: `(ids, mask, labels)`.
+///
+/// Errors when `b` or `max_len` is 0 or there are no examples.
 pub fn batch(
     data: &[(Vec<u32>, u32)],
     b: usize,
@@ -17,8 +30,9 @@ pub fn batch(
     rng: &mut impl Rng,
     dev: &Device,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    check_sizes("sentiment batch", b, max_len)?;
     if data.is_empty() {
-        candle_core::bail!("no training examples")
+        candle_core::bail!("sentiment batch: no training examples")
     }
     let picked: Vec<&(Vec<u32>, u32)> = (0..b)
         .map(|_| &data[rng.random_range(0..data.len())])
@@ -50,7 +64,8 @@ pub fn loss_parts(
     })
 }
 
-/// Predicted labels for every example (batches of `b`, truncated to `max_len`).
+/// Predicted labels for every example (batches of `b`, truncated to `max_len`; an empty
+/// example is read as one padding token). Errors when `b` or `max_len` is 0.
 pub fn predict(
     model: &SequenceClassifier,
     data: &[Vec<u32>],
@@ -59,8 +74,9 @@ pub fn predict(
     pad: u32,
     dev: &Device,
 ) -> Result<Vec<u32>> {
+    check_sizes("sentiment predict", b, max_len)?;
     let mut out = Vec::with_capacity(data.len());
-    for chunk in data.chunks(b.max(1)) {
+    for chunk in data.chunks(b) {
         let rows: Vec<Vec<u32>> = chunk
             .iter()
             .map(|r| {

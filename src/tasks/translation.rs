@@ -21,6 +21,9 @@ pub struct Specials {
 }
 
 /// A teacher-forced batch of `b` random pairs; sequences are truncated to `max_len` tokens.
+/// Returns `[src, src_mask, tgt_in, tgt_mask, tgt_out]`.
+///
+/// Errors when `b` or `max_len` is 0 or there are no pairs.
 pub fn batch(
     pairs: &[(Vec<u32>, Vec<u32>)],
     b: usize,
@@ -29,8 +32,14 @@ pub fn batch(
     rng: &mut impl Rng,
     dev: &Device,
 ) -> Result<[Tensor; 5]> {
+    if b == 0 {
+        candle_core::bail!("translation batch: batch size must be at least 1, got 0")
+    }
+    if max_len == 0 {
+        candle_core::bail!("translation batch: max_len must be at least 1 token, got 0")
+    }
     if pairs.is_empty() {
-        candle_core::bail!("no training pairs")
+        candle_core::bail!("translation batch: no training pairs")
     }
     let picked: Vec<&(Vec<u32>, Vec<u32>)> = (0..b)
         .map(|_| &pairs[rng.random_range(0..pairs.len())])

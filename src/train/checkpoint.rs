@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::Trainer;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{to_safetensors_bytes, write_dir_atomic};
+use crate::io::atomic::write_dir_atomic;
+use crate::io::safetensors::to_safetensors_bytes;
 
 /// The manifest's file name.
 pub const MANIFEST: &str = "checkpoint.json";

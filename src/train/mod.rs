@@ -21,7 +21,8 @@ pub mod schedule;
 pub use optim::AdamW;
 
 use crate::error::{Error, Result};
-use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes, write_atomic};
+use crate::io::atomic::write_atomic;
+use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes};
 use crate::models::LayerRouting;
 
 /// Hyper-parameters of a training run.
@@ -86,6 +87,56 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Rejects nonsense with [`Error::Config`] naming the field: `steps >= 1`; `lr` finite
+    /// and `> 0`; `eps` finite and `> 0`; `beta1`,
+    /// `beta2` in `[0, 1)`; `weight_decay` finite and `>= 0`; `grad_clip` `None` or finite and
+    /// `> 0`; `min_lr_ratio` in `[0, 1]`; `aux_loss_coef`, `z_loss_coef` finite and `>= 0`;
+    /// `max_nonfinite_in_row >= 1`. [`Trainer::new`] calls it. (`warmup_steps > steps` is
+    /// allowed: the learning rate then never reaches its peak, as `..Default::default()` with a
+    /// short run gives.)
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, rule: &str, v: String| -> Result<()> {
+            Err(Error::Config(format!(
+                "train: {field} must be {rule}, got {v}"
+            )))
+        };
+        if self.steps == 0 {
+            return bad("steps", "at least 1", "0".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", "finite and > 0", self.lr.to_string());
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad("eps", "finite and > 0", self.eps.to_string());
+        }
+        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(field, "in [0, 1)", b.to_string());
+            }
+        }
+        for (field, c) in [
+            ("weight_decay", self.weight_decay),
+            ("aux_loss_coef", self.aux_loss_coef),
+            ("z_loss_coef", self.z_loss_coef),
+        ] {
+            if !(c.is_finite() && c >= 0.0) {
+                return bad(field, "finite and >= 0", c.to_string());
+            }
+        }
+        if let Some(c) = self.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return bad("grad_clip", "None or finite and > 0", format!("Some({c})"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad("min_lr_ratio", "in [0, 1]", self.min_lr_ratio.to_string());
+        }
+        if self.max_nonfinite_in_row == 0 {
+            return bad("max_nonfinite_in_row", "at least 1", "0".into());
+        }
+        Ok(())
+    }
+
     /// Learning rate at `step` (0-based): linear warmup, then cosine decay to
     /// `min_lr_ratio · lr` at `steps`.
     pub fn lr_at(&self, step: usize) -> f64 {
@@ -118,33 +169,90 @@ pub struct StepStats {
     /// Step index (1-based after the update).
     pub step: usize,
     /// Total loss.
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub loss: f64,
     /// Task loss.
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub task: f64,
     /// Load-balancing loss (unscaled).
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub load_balancing: f64,
     /// Router z-loss (unscaled).
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub z_loss: f64,
     /// Learning rate used.
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub lr: f64,
     /// Global gradient norm before clipping.
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub grad_norm: f64,
     /// Mean over sparse layers of max/mean expert load (1 = perfectly balanced).
-    #[serde(deserialize_with = "f64_or_nan")]
+    #[serde(with = "json_f64")]
     pub imbalance: f64,
     /// Whether the update was skipped (non-finite loss or gradient).
     pub skipped: bool,
 }
 
-/// Non-finite values are written as JSON `null`; read them back as NaN.
-fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+/// Lossless JSON for `f64`: finite values as numbers, non-finite ones as the strings `"NaN"`,
+/// `"Infinity"` and `"-Infinity"` (JSON has no literal for them). Reading also accepts `null`
+/// as NaN (files written before this rule) and `"inf"` / `"+Infinity"` spellings.
+mod json_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else if v.is_nan() {
+            s.serialize_str("NaN")
+        } else if *v > 0.0 {
+            s.serialize_str("Infinity")
+        } else {
+            s.serialize_str("-Infinity")
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Num(f64),
+        Str(String),
+        Null(()),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Option::<Repr>::deserialize(d)? {
+            None | Some(Repr::Null(())) => Ok(f64::NAN),
+            Some(Repr::Num(v)) => Ok(v),
+            Some(Repr::Str(s)) => match s.to_ascii_lowercase().as_str() {
+                "nan" => Ok(f64::NAN),
+                "infinity" | "+infinity" | "inf" | "+inf" => Ok(f64::INFINITY),
+                "-infinity" | "-inf" => Ok(f64::NEG_INFINITY),
+                _ => Err(serde::de::Error::custom(format!(
+                    "expected a number, \"NaN\", \"Infinity\" or \"-Infinity\", got \"{s}\""
+                ))),
+            },
+        }
+    }
+
+    /// A float that (de)serialises by these rules, for use inside containers.
+    #[derive(serde::Serialize, Deserialize)]
+    struct F(#[serde(with = "self")] f64);
+
+    /// `Vec<(usize, f64)>` with the floats by these rules.
+    pub mod pairs {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[(usize, f64)], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|&(i, x)| (i, super::F(x))))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
+            Ok(Vec::<(usize, super::F)>::deserialize(d)?
+                .into_iter()
+                .map(|(i, f)| (i, f.0))
+                .collect())
+        }
+    }
 }
 
 /// Saved between runs to resume exactly.
@@ -159,10 +267,54 @@ pub struct TrainerState {
     /// Training history so far.
     pub history: Vec<StepStats>,
     /// Evaluations so far: (step, value).
+    #[serde(with = "json_f64::pairs")]
     pub evals: Vec<(usize, f64)>,
 }
 
 /// Drives optimisation of one `VarMap`.
+///
+/// Three steps on one fixed batch of a tiny [`CausalLm`](crate::CausalLm):
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_moe::losses::cross_entropy;
+/// use candle_moe::train::LossParts;
+/// use candle_moe::{CausalLm, ModelConfig, TrainConfig, Trainer};
+/// use candle_nn::{VarBuilder, VarMap};
+///
+/// # fn main() -> candle_moe::Result<()> {
+/// let dev = Device::Cpu;
+/// let mut cfg = ModelConfig::tiny(32);
+/// (cfg.hidden_size, cfg.moe.hidden_size, cfg.num_layers) = (16, 16, 1);
+/// (cfg.moe.intermediate_size, cfg.dense_intermediate_size) = (16, 16);
+/// let varmap = VarMap::new();
+/// let model = CausalLm::new(&cfg, VarBuilder::from_varmap(&varmap, DType::F32, &dev))?;
+///
+/// // Next-token prediction on 0 1 2 … 15, as two sequences of 8.
+/// let ids = Tensor::arange(0u32, 16, &dev)?.reshape((2, 8))?;
+/// let (inp, tgt) = (ids.narrow(1, 0, 7)?, ids.narrow(1, 1, 7)?.flatten_all()?);
+/// let (steps, lr, warmup_steps, progress) = (3, 1e-2, 0, false);
+/// let train = TrainConfig { steps, lr, warmup_steps, progress, ..Default::default() };
+/// let mut trainer = Trainer::new(&varmap, train)?;
+/// trainer.run(
+///     |_rng| {
+///         let out = model.forward_t(&inp, None, true)?; // training mode
+///         Ok(LossParts {
+///             task: cross_entropy(&out.logits.reshape((14, 32))?, &tgt, None)?,
+///             load_balancing: out.load_balancing_loss,
+///             z_loss: out.z_loss,
+///             routing: out.routing,
+///         })
+///     },
+///     || Ok(0.0), // no validation set here
+///     |_| Ok(()), // no checkpoints
+/// )?;
+/// let history = &trainer.state.history;
+/// assert_eq!((trainer.state.step, history.len()), (3, 3));
+/// assert!(history[2].task < history[0].task);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Trainer {
     /// The run's hyper-parameters.
@@ -186,8 +338,10 @@ impl Trainer {
         &self.opt
     }
 
-    /// A trainer over every variable of `varmap`.
+    /// A trainer over every variable of `varmap`; errors when `cfg` is invalid
+    /// ([`TrainConfig::validate`]).
     pub fn new(varmap: &VarMap, cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
         let opt = AdamW::new(varmap, &cfg)?;
         let state = TrainerState {
             step: 0,
@@ -212,8 +366,10 @@ impl Trainer {
         )
     }
 
-    /// Applies one step: total loss, backward, clipping, update. A non-finite loss or gradient
-    /// skips the update and is counted; too many in a row is an error.
+    /// Applies one step: total loss, backward, clipping, update. A non-finite loss or gradient,
+    /// or an update that would make a parameter non-finite (e.g. a learning rate that
+    /// overflows), skips the update (parameters and moments unchanged) and is counted; too many
+    /// in a row is an error.
     pub fn step(&mut self, parts: &LossParts) -> Result<StepStats> {
         let total = ((&parts.task + (&parts.load_balancing * self.cfg.aux_loss_coef)?)?
             + (&parts.z_loss * self.cfg.z_loss_coef)?)?;
@@ -253,21 +409,10 @@ impl Trainer {
         if !stats.grad_norm.is_finite() {
             grads = None;
         }
-        match grads {
-            None => {
-                stats.skipped = true;
-                self.nonfinite_in_row += 1;
-                self.state.skipped_total += 1;
-                if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row {
-                    self.state.history.push(stats.clone());
-                    return Err(Error::Training(format!(
-                        "{} non-finite steps in a row (loss {loss}, grad norm {}) at step {}; the last checkpoint is untouched",
-                        self.nonfinite_in_row, stats.grad_norm, self.state.step
-                    )));
-                }
-            }
+        let mut why = "non-finite loss or gradient";
+        let applied = match grads {
+            None => false,
             Some(mut g) => {
-                self.nonfinite_in_row = 0;
                 if let Some(max) = self.cfg.grad_clip {
                     if stats.grad_norm > max {
                         let s = max / stats.grad_norm;
@@ -279,8 +424,27 @@ impl Trainer {
                     }
                 }
                 self.opt.lr = lr;
-                self.opt.step(&g)?;
-                self.state.step += 1;
+                // Applied only if every new parameter is finite.
+                let ok = self.opt.try_step(&g)?;
+                if !ok {
+                    why = "update would make a parameter non-finite";
+                }
+                ok
+            }
+        };
+        if applied {
+            self.nonfinite_in_row = 0;
+            self.state.step += 1;
+        } else {
+            stats.skipped = true;
+            self.nonfinite_in_row += 1;
+            self.state.skipped_total += 1;
+            if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row {
+                self.state.history.push(stats.clone());
+                return Err(Error::Training(format!(
+                    "{} non-finite steps in a row (last: {why}; loss {loss}, grad norm {}, lr {lr}) at step {}; the last checkpoint is untouched",
+                    self.nonfinite_in_row, stats.grad_norm, self.state.step
+                )));
             }
         }
         stats.step = self.state.step;
@@ -381,6 +545,10 @@ impl Trainer {
     }
 
     /// Restores what [`Trainer::save_state`] wrote (the weights are loaded separately).
+    ///
+    /// All or nothing: the state file, the seed and every optimizer moment (present, right
+    /// shape) are checked before anything changes, so a failed load leaves the trainer and its
+    /// optimizer as they were.
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
@@ -388,6 +556,14 @@ impl Trainer {
             path: sp.clone(),
             source,
         })?;
+        if state.seed != self.cfg.seed {
+            return Err(Error::Config(format!(
+                "resume: checkpoint {} was trained with seed {}, this run has seed {}",
+                sp.display(),
+                state.seed,
+                self.cfg.seed
+            )));
+        }
         let p = dir.join("optimizer.safetensors");
         let dev = self
             .opt
@@ -402,18 +578,10 @@ impl Trainer {
             .map(|v| v.dtype())
             .unwrap_or(DType::F32);
         let t = parse_safetensors(&read_file(&p)?, &p, dtype, &dev)?;
+        // Checks every moment first; only then sets them (infallibly, shapes and dtypes match).
         self.opt.load_state(&t, state.step, &p)?;
-        if state.seed != self.cfg.seed {
-            bail_cfg(format!(
-                "resume: checkpoint was trained with seed {}, this run has seed {}",
-                state.seed, self.cfg.seed
-            ))?;
-        }
+        self.nonfinite_in_row = 0;
         self.state = state;
         Ok(())
     }
-}
-
-fn bail_cfg(msg: String) -> Result<()> {
-    Err(Error::Config(msg))
 }

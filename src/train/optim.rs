@@ -11,8 +11,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 
 use super::TrainConfig;
-use crate::error::{Error, Result};
-use crate::io::safetensors::set_checked;
+use crate::error::{CheckpointErrorKind, Error, Result};
 use crate::ops::lock;
 
 /// AdamW with named, checkpointable moments (candle-nn's update rule).
@@ -65,14 +64,35 @@ impl AdamW {
         self.step_t
     }
 
-    /// One update from `grads`.
+    /// One update from `grads`; an error (and nothing changed) when the update would make a
+    /// parameter or a moment non-finite (see [`AdamW::try_step`]).
     pub fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.step_t += 1;
+        if !self.try_step(grads)? {
+            candle_core::bail!(
+                "AdamW: the update at step {} would make a parameter non-finite (lr {}); nothing was changed",
+                self.step_t + 1,
+                self.lr
+            )
+        }
+        Ok(())
+    }
+
+    /// One update from `grads`, applied only when every new parameter and second moment is
+    /// finite: returns `false` (parameters, moments and step count unchanged) otherwise.
+    ///
+    /// The check costs one reduction per updated tensor, all summed on the device into one
+    /// scalar read by the host. (The first moment is a convex combination of finite gradients,
+    /// so it overflows only where the second moment does.)
+    pub fn try_step(&mut self, grads: &GradStore) -> candle_core::Result<bool> {
+        let step_t = self.step_t + 1;
         let lr = self.lr;
         let lr_lambda = lr * self.weight_decay;
         let (b1, b2) = (self.beta1, self.beta2);
-        let scale_m = 1f64 / (1f64 - b1.powi(self.step_t as i32));
-        let scale_v = 1f64 / (1f64 - b2.powi(self.step_t as i32));
+        let scale_m = 1f64 / (1f64 - b1.powi(step_t as i32));
+        let scale_v = 1f64 / (1f64 - b2.powi(step_t as i32));
+        let mut updates = Vec::new();
+        // `x * 0` is 0 for finite x and NaN for ±inf or NaN, and its sum cannot overflow.
+        let mut probe: Option<Tensor> = None;
         for (_, theta, m, v) in &self.vars {
             if let Some(g) = grads.get(theta) {
                 let next_m = ((m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
@@ -82,12 +102,27 @@ impl AdamW {
                 let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
                 let adjusted = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
                 let next_theta = (next_theta - (adjusted * lr)?)?;
-                m.set(&next_m)?;
-                v.set(&next_v)?;
-                theta.set(&next_theta)?;
+                let bad = ((&next_theta * 0.0)?.sum_all()? + (&next_v * 0.0)?.sum_all()?)?
+                    .to_dtype(candle_core::DType::F32)?;
+                probe = Some(match probe {
+                    Some(p) => (p + bad)?,
+                    None => bad,
+                });
+                updates.push((theta, m, v, next_theta, next_m, next_v));
             }
         }
-        Ok(())
+        if let Some(p) = probe {
+            if !p.to_scalar::<f32>()?.is_finite() {
+                return Ok(false);
+            }
+        }
+        for (theta, m, v, next_theta, next_m, next_v) in updates {
+            m.set(&next_m)?;
+            v.set(&next_v)?;
+            theta.set(&next_theta)?;
+        }
+        self.step_t = step_t;
+        Ok(true)
     }
 
     /// The moments as named tensors (`{name}.m`, `{name}.v`).
@@ -100,13 +135,30 @@ impl AdamW {
         out
     }
 
-    /// Restores moments and step count.
+    /// Restores moments and step count, all or nothing: every moment must be present in `t`
+    /// with its variable's shape, else an error names it and nothing is changed.
     pub fn load_state(
         &mut self,
         t: &HashMap<String, Tensor>,
         step_t: usize,
         path: &Path,
     ) -> Result<()> {
+        let staged = self.check_state(t, path)?;
+        for (var, x) in staged {
+            var.set(&x)?;
+        }
+        self.step_t = step_t;
+        Ok(())
+    }
+
+    /// Checks that `t` holds every moment with the right shape and returns them converted to
+    /// each variable's dtype and device, paired with their variables; changes nothing.
+    pub(crate) fn check_state(
+        &self,
+        t: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Vec<(&Var, Tensor)>> {
+        let mut staged = Vec::with_capacity(2 * self.vars.len());
         for (n, _, m, v) in &self.vars {
             for (suffix, var) in [("m", m), ("v", v)] {
                 let key = format!("{n}.{suffix}");
@@ -114,14 +166,29 @@ impl AdamW {
                     Error::tensor(
                         path,
                         &key,
-                        crate::error::CheckpointErrorKind::Missing,
+                        CheckpointErrorKind::Missing,
                         format!("missing optimizer tensor `{key}`"),
                     )
                 })?;
-                set_checked(var, x, &key, path)?;
+                if x.dims() != var.dims() {
+                    return Err(Error::tensor(
+                        path,
+                        &key,
+                        CheckpointErrorKind::Shape {
+                            expected: var.dims().to_vec(),
+                            found: x.dims().to_vec(),
+                        },
+                        format!(
+                            "optimizer tensor `{key}` has shape {:?}, expected {:?}",
+                            x.dims(),
+                            var.dims()
+                        ),
+                    ));
+                }
+                let x = x.to_dtype(var.dtype())?.to_device(var.device())?;
+                staged.push((var, x));
             }
         }
-        self.step_t = step_t;
-        Ok(())
+        Ok(staged)
     }
 }

@@ -1,5 +1,14 @@
 //! Hugging Face `config.json` -> [`ModelConfig`]: the keys each family's transformers config
-//! class defines, with that class's defaults.
+//! class defines, under both their transformers 4.x and 5.x spellings, with that class's
+//! defaults (transformers 5.24 `configuration_{mixtral,qwen2_moe,olmoe}.py`, the same values as
+//! 4.x), and configs whose keys contradict each other refused with both keys named.
+//!
+//! Spellings read: `dtype` (5.x) / `torch_dtype` (4.x); `rope_parameters.rope_theta` (5.x) /
+//! `rope_theta` (4.x); `rope_parameters.rope_type` (5.x) / `rope_scaling.{rope_type,type}`
+//! (4.x); `num_local_experts` / `num_experts` (Mixtral and OLMoE map one onto the other);
+//! Qwen2-MoE `qkv_bias` (5.x; 4.x always has the biases); `head_dim: null` (= hidden / heads);
+//! `num_key_value_heads: null` (= heads). Both spellings present with different values is an
+//! error.
 
 use std::path::Path;
 
@@ -13,45 +22,149 @@ fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
-fn usize_field(v: &Value, key: &str, path: &Path) -> Result<usize> {
-    let x = field(v, key)
-        .ok_or_else(|| Error::Config(format!("{}: missing `{key}`", path.display())))?;
-    x.as_u64().map(|u| u as usize).ok_or_else(|| {
-        Error::Config(format!(
-            "{}: `{key}` must be a non-negative integer, got {x}",
-            path.display()
-        ))
-    })
+fn cfg_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Config(format!("{}: {msg}", path.display()))
 }
 
-fn opt_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
-    match field(v, key) {
-        None => Ok(None),
-        Some(_) => usize_field(v, key, path).map(Some),
+fn as_usize(x: &Value, key: &str, path: &Path) -> Result<usize> {
+    x.as_u64()
+        .and_then(|u| usize::try_from(u).ok())
+        .ok_or_else(|| {
+            cfg_err(
+                path,
+                format!("`{key}` must be a non-negative integer, got {x}"),
+            )
+        })
+}
+
+/// The value of the first of `keys` present (not null); when several are present (the 4.x and
+/// 5.x spellings of one setting) they must agree.
+fn spelled<'a>(v: &'a Value, keys: &[&str], path: &Path) -> Result<Option<(&'a Value, String)>> {
+    let mut found: Option<(&Value, String)> = None;
+    for k in keys {
+        if let Some(x) = field(v, k) {
+            match &found {
+                Some((y, k0)) if !same_value(x, y) => {
+                    return Err(cfg_err(
+                        path,
+                        format!("`{k0}` ({y}) and `{k}` ({x}) are two spellings of one setting and disagree"),
+                    ))
+                }
+                Some(_) => {}
+                None => found = Some((x, k.to_string())),
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
+        _ => a == b,
+    }
+}
+
+fn usize_of(v: &Value, keys: &[&str], default: usize, path: &Path) -> Result<usize> {
+    match spelled(v, keys, path)? {
+        None => Ok(default),
+        Some((x, k)) => as_usize(x, &k, path),
     }
 }
 
 fn f64_field(v: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
     match field(v, key) {
         None => Ok(default),
-        Some(x) => x.as_f64().ok_or_else(|| {
-            Error::Config(format!(
-                "{}: `{key}` must be a number, got {x}",
-                path.display()
-            ))
-        }),
+        Some(x) => x
+            .as_f64()
+            .ok_or_else(|| cfg_err(path, format!("`{key}` must be a number, got {x}"))),
     }
 }
 
 fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
     match field(v, key) {
         None => Ok(default),
-        Some(x) => x.as_bool().ok_or_else(|| {
-            Error::Config(format!(
-                "{}: `{key}` must be true or false, got {x}",
-                path.display()
-            ))
-        }),
+        Some(x) => x
+            .as_bool()
+            .ok_or_else(|| cfg_err(path, format!("`{key}` must be true or false, got {x}"))),
+    }
+}
+
+/// The defaults of a family's transformers config class (5.24; 4.x has the same values).
+struct Defaults {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    /// `None`: the number of attention heads.
+    num_key_value_heads: Option<usize>,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    num_experts_per_tok: usize,
+    num_experts: usize,
+    router_aux_loss_coef: f64,
+    norm_topk_prob: bool,
+    /// Qwen2-MoE's expert width and shared-expert width.
+    moe_intermediate_size: usize,
+    shared_expert_intermediate_size: usize,
+}
+
+fn defaults(family: Family) -> Defaults {
+    match family {
+        // MixtralConfig: default_theta 1e6, max_position_embeddings 4096 * 32.
+        Family::Mixtral => Defaults {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: Some(8),
+            max_position_embeddings: 4096 * 32,
+            rms_norm_eps: 1e-5,
+            rope_theta: 1e6,
+            num_experts_per_tok: 2,
+            num_experts: 8,
+            router_aux_loss_coef: 0.001,
+            norm_topk_prob: true,
+            moe_intermediate_size: 0,
+            shared_expert_intermediate_size: 0,
+        },
+        Family::Qwen2Moe => Defaults {
+            vocab_size: 151936,
+            hidden_size: 2048,
+            intermediate_size: 5632,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            num_key_value_heads: Some(16),
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            num_experts_per_tok: 4,
+            num_experts: 60,
+            router_aux_loss_coef: 0.001,
+            norm_topk_prob: false,
+            moe_intermediate_size: 1408,
+            shared_expert_intermediate_size: 5632,
+        },
+        Family::Olmoe => Defaults {
+            vocab_size: 50304,
+            hidden_size: 2048,
+            intermediate_size: 2048,
+            num_hidden_layers: 16,
+            num_attention_heads: 16,
+            num_key_value_heads: None,
+            max_position_embeddings: 4096,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            num_experts_per_tok: 8,
+            num_experts: 64,
+            router_aux_loss_coef: 0.01,
+            norm_topk_prob: false,
+            moe_intermediate_size: 0,
+            shared_expert_intermediate_size: 0,
+        },
     }
 }
 
@@ -59,62 +172,72 @@ fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> 
 pub(crate) fn family_of(v: &Value, path: &Path) -> Result<Family> {
     let mt = field(v, "model_type")
         .and_then(|m| m.as_str())
-        .ok_or_else(|| Error::Config(format!("{}: missing `model_type`", path.display())))?;
+        .ok_or_else(|| cfg_err(path, "missing `model_type`"))?;
     match mt {
         "mixtral" => Ok(Family::Mixtral),
         "qwen2_moe" => Ok(Family::Qwen2Moe),
         "olmoe" => Ok(Family::Olmoe),
-        other => Err(Error::Config(format!(
-            "{}: unknown model_type `{other}` (supported: mixtral, qwen2_moe, olmoe)",
-            path.display()
-        ))),
+        other => Err(cfg_err(
+            path,
+            format!("unknown model_type `{other}` (supported: mixtral, qwen2_moe, olmoe)"),
+        )),
     }
 }
 
 /// The RoPE base: top-level `rope_theta` (transformers 4.x) or `rope_parameters.rope_theta`
 /// (5.x); both present must agree; missing, the family's default (Mixtral 1e6, others 1e4).
-fn rope_theta(v: &Value, family: Family, path: &Path) -> Result<f64> {
-    let default = match family {
-        Family::Mixtral => 1e6,
-        _ => 10_000.0,
-    };
+fn rope_theta(v: &Value, default: f64, path: &Path) -> Result<f64> {
     let top = field(v, "rope_theta").map(|_| f64_field(v, "rope_theta", default, path));
     let nested = field(v, "rope_parameters")
         .and_then(|p| field(p, "rope_theta"))
         .map(|x| {
             x.as_f64().ok_or_else(|| {
-                Error::Config(format!(
-                    "{}: `rope_parameters.rope_theta` must be a number, got {x}",
-                    path.display()
-                ))
+                cfg_err(
+                    path,
+                    format!("`rope_parameters.rope_theta` must be a number, got {x}"),
+                )
             })
         });
-    match (top.transpose()?, nested.transpose()?) {
+    let theta = match (top.transpose()?, nested.transpose()?) {
         (Some(a), Some(b)) if (a - b).abs() > 1e-9 * a.abs().max(1.0) => {
-            Err(Error::Config(format!(
-                "{}: `rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree",
-                path.display()
-            )))
+            return Err(cfg_err(
+                path,
+                format!("`rope_theta` ({a}) and `rope_parameters.rope_theta` ({b}) disagree"),
+            ))
         }
-        (Some(a), _) | (None, Some(a)) => Ok(a),
-        (None, None) => Ok(default),
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => default,
+    };
+    if !(theta > 0.0 && theta.is_finite()) {
+        return Err(cfg_err(
+            path,
+            format!("`rope_theta` must be a positive number, got {theta}"),
+        ));
     }
+    Ok(theta)
 }
 
 /// Settings the loader does not implement are refused with the key named, never ignored:
-/// RoPE scaling other than the default, and sliding-window attention.
+/// RoPE scaling other than the default, sliding-window attention, activations other than SiLU.
 fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
     for key in ["rope_scaling", "rope_parameters"] {
         if let Some(p) = field(v, key) {
-            let kind = field(p, "rope_type")
-                .or_else(|| field(p, "type"))
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
+            if !p.is_object() {
+                return Err(cfg_err(path, format!("`{key}` must be an object, got {p}")));
+            }
+            let kind = spelled(p, &["rope_type", "type"], path)?
+                .map(|(t, k)| {
+                    t.as_str().map(str::to_string).ok_or_else(|| {
+                        cfg_err(path, format!("`{key}.{k}` must be a string, got {t}"))
+                    })
+                })
+                .transpose()?
+                .unwrap_or_else(|| "default".into());
             if kind != "default" {
-                return Err(Error::Config(format!(
-                    "{}: `{key}` of type `{kind}` is not supported (only the default RoPE)",
-                    path.display()
-                )));
+                return Err(cfg_err(
+                    path,
+                    format!("`{key}` of type `{kind}` is not supported (only the default RoPE)"),
+                ));
             }
         }
     }
@@ -123,94 +246,198 @@ fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
         _ => field(v, "sliding_window").is_some(),
     };
     if sliding {
-        return Err(Error::Config(format!(
-            "{}: `sliding_window` attention is not supported (set it to null)",
-            path.display()
-        )));
+        return Err(cfg_err(
+            path,
+            "`sliding_window` attention is not supported (set it to null)",
+        ));
+    }
+    if let Some(t) = field(v, "layer_types") {
+        let kinds = t
+            .as_array()
+            .ok_or_else(|| cfg_err(path, format!("`layer_types` must be a list, got {t}")))?;
+        if let Some(k) = kinds.iter().find(|k| k.as_str() != Some("full_attention")) {
+            return Err(cfg_err(
+                path,
+                format!("`layer_types` entry {k} is not supported (only \"full_attention\")"),
+            ));
+        }
+    }
+    if let Some(act) = field(v, "hidden_act") {
+        if act.as_str() != Some("silu") {
+            return Err(cfg_err(
+                path,
+                format!("`hidden_act` {act} is not supported (only \"silu\")"),
+            ));
+        }
+    }
+    if family == Family::Olmoe && field(v, "clip_qkv").is_some() {
+        return Err(cfg_err(path, "`clip_qkv` is not supported"));
+    }
+    // The weights' dtype under either spelling (the loader converts to `LoadOptions::dtype`).
+    if let Some((d, k)) = spelled(v, &["dtype", "torch_dtype"], path)? {
+        if !d.is_string() {
+            return Err(cfg_err(path, format!("`{k}` must be a string, got {d}")));
+        }
     }
     Ok(())
 }
 
 /// Maps a Hugging Face `config.json` (already parsed) onto a [`ModelConfig`].
 pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
+    if !v.is_object() {
+        return Err(cfg_err(path, "not a JSON object"));
+    }
     let family = family_of(v, path)?;
     reject_unsupported(v, family, path)?;
-    let hidden = usize_field(v, "hidden_size", path)?;
-    let heads = usize_field(v, "num_attention_heads", path)?;
-    let (experts, expert_ffn) = match family {
-        Family::Mixtral => (
-            usize_field(v, "num_local_experts", path)?,
-            usize_field(v, "intermediate_size", path)?,
-        ),
-        Family::Qwen2Moe => (
-            usize_field(v, "num_experts", path)?,
-            usize_field(v, "moe_intermediate_size", path)?,
-        ),
-        Family::Olmoe => (
-            usize_field(v, "num_experts", path)?,
-            usize_field(v, "intermediate_size", path)?,
-        ),
+    let d = defaults(family);
+    let hidden = usize_of(v, &["hidden_size"], d.hidden_size, path)?;
+    let heads = usize_of(v, &["num_attention_heads"], d.num_attention_heads, path)?;
+    let kv_heads = match spelled(v, &["num_key_value_heads"], path)? {
+        Some((x, k)) => as_usize(x, &k, path)?,
+        // Absent: the class default; `null`: the number of heads (the classes' __post_init__).
+        None if v.get("num_key_value_heads").is_some() => heads,
+        None => d.num_key_value_heads.unwrap_or(heads),
     };
-    if family == Family::Olmoe && field(v, "clip_qkv").is_some() {
-        return Err(Error::Config(format!(
-            "{}: `clip_qkv` is not supported",
-            path.display()
-        )));
+    if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(cfg_err(
+            path,
+            format!("`num_key_value_heads` ({kv_heads}) must be > 0 and divide `num_attention_heads` ({heads})"),
+        ));
+    }
+    let head_dim = match spelled(v, &["head_dim"], path)? {
+        Some((x, k)) => Some(as_usize(x, &k, path)?),
+        None => None,
+    };
+    match head_dim {
+        // OLMoE's q_norm / k_norm are sized hidden_size and (hidden / heads) * kv_heads.
+        Some(hd) if family == Family::Olmoe && hd.checked_mul(heads) != Some(hidden) => {
+            return Err(cfg_err(
+                path,
+                format!("`head_dim` ({hd}) × `num_attention_heads` ({heads}) must equal `hidden_size` ({hidden}) for OLMoE"),
+            ))
+        }
+        Some(0) => return Err(cfg_err(path, "`head_dim` must be > 0")),
+        None if !hidden.is_multiple_of(heads) => {
+            return Err(cfg_err(
+                path,
+                format!("`hidden_size` ({hidden}) must be divisible by `num_attention_heads` ({heads}) when `head_dim` is not set"),
+            ))
+        }
+        _ => {}
+    }
+    let intermediate = usize_of(v, &["intermediate_size"], d.intermediate_size, path)?;
+    let experts_keys: &[&str] = match family {
+        Family::Mixtral => &["num_local_experts", "num_experts"],
+        Family::Olmoe => &["num_experts", "num_local_experts"],
+        Family::Qwen2Moe => &["num_experts"],
+    };
+    let experts = usize_of(v, experts_keys, d.num_experts, path)?;
+    let expert_ffn = match family {
+        Family::Qwen2Moe => usize_of(v, &["moe_intermediate_size"], d.moe_intermediate_size, path)?,
+        _ => intermediate,
+    };
+    let top_k = usize_of(v, &["num_experts_per_tok"], d.num_experts_per_tok, path)?;
+    if top_k == 0 || top_k > experts {
+        return Err(cfg_err(
+            path,
+            format!("`num_experts_per_tok` ({top_k}) must be between 1 and the number of experts ({experts})"),
+        ));
     }
     let moe = MoeConfig {
         hidden_size: hidden,
         intermediate_size: expert_ffn,
         num_experts: experts,
-        top_k: usize_field(v, "num_experts_per_tok", path)?,
-        norm_topk_prob: bool_field(v, "norm_topk_prob", family == Family::Mixtral, path)?,
+        top_k,
+        // transformers' Mixtral always renormalises (its config has no such key).
+        norm_topk_prob: match family {
+            Family::Mixtral => true,
+            _ => bool_field(v, "norm_topk_prob", d.norm_topk_prob, path)?,
+        },
         capacity_factor: None,
-        router_jitter_noise: f64_field(v, "router_jitter_noise", 0.0, path)?,
+        router_jitter_noise: match family {
+            Family::Mixtral => f64_field(v, "router_jitter_noise", 0.0, path)?,
+            _ => 0.0,
+        },
         noisy_gating: false,
-        router_aux_loss_coef: f64_field(v, "router_aux_loss_coef", 0.01, path)?,
+        router_aux_loss_coef: f64_field(v, "router_aux_loss_coef", d.router_aux_loss_coef, path)?,
         router_z_loss_coef: 0.0,
         expert_kind: ExpertKind::Swiglu,
         expert_bias: false,
-        shared_expert_intermediate_size: if family == Family::Qwen2Moe {
-            opt_usize(v, "shared_expert_intermediate_size", path)?.unwrap_or(0)
-        } else {
-            0
+        shared_expert_intermediate_size: match family {
+            Family::Qwen2Moe => usize_of(
+                v,
+                &["shared_expert_intermediate_size"],
+                d.shared_expert_intermediate_size,
+                path,
+            )?,
+            _ => 0,
         },
         shared_expert_gate: true,
     };
-    let mlp_only: Vec<usize> = match field(v, "mlp_only_layers") {
-        Some(Value::Array(a)) => a
+    let layers = usize_of(v, &["num_hidden_layers"], d.num_hidden_layers, path)?;
+    let mlp_only: Vec<usize> = match (family, field(v, "mlp_only_layers")) {
+        (Family::Qwen2Moe, Some(Value::Array(a))) => a
             .iter()
-            .filter_map(|x| x.as_u64().map(|u| u as usize))
-            .collect(),
+            .map(|x| as_usize(x, "mlp_only_layers", path))
+            .collect::<Result<_>>()?,
+        (Family::Qwen2Moe, Some(x)) => {
+            return Err(cfg_err(
+                path,
+                format!("`mlp_only_layers` must be a list of layer indices, got {x}"),
+            ))
+        }
         _ => vec![],
     };
+    let sparse_step = match family {
+        Family::Qwen2Moe => usize_of(v, &["decoder_sparse_step"], 1, path)?,
+        _ => 1,
+    };
+    if sparse_step == 0 {
+        // transformers computes `(layer + 1) % decoder_sparse_step`.
+        return Err(cfg_err(path, "`decoder_sparse_step` must be >= 1"));
+    }
+    if let Some(t) = field(v, "layer_types").and_then(|t| t.as_array()) {
+        if t.len() != layers {
+            return Err(cfg_err(
+                path,
+                format!(
+                    "`layer_types` lists {} layers but `num_hidden_layers` is {layers}",
+                    t.len()
+                ),
+            ));
+        }
+    }
     let cfg = ModelConfig {
-        vocab_size: usize_field(v, "vocab_size", path)?,
+        vocab_size: usize_of(v, &["vocab_size"], d.vocab_size, path)?,
         hidden_size: hidden,
-        num_layers: usize_field(v, "num_hidden_layers", path)?,
+        num_layers: layers,
         num_decoder_layers: 0,
         num_heads: heads,
-        num_kv_heads: opt_usize(v, "num_key_value_heads", path)?.unwrap_or(heads),
-        head_dim: opt_usize(v, "head_dim", path)?,
-        max_position_embeddings: opt_usize(v, "max_position_embeddings", path)?.unwrap_or(4096),
-        rope_theta: rope_theta(v, family, path)?,
+        num_kv_heads: kv_heads,
+        head_dim,
+        max_position_embeddings: usize_of(
+            v,
+            &["max_position_embeddings"],
+            d.max_position_embeddings,
+            path,
+        )?,
+        rope_theta: rope_theta(v, d.rope_theta, path)?,
         position: PositionKind::Rope,
-        norm_eps: f64_field(v, "rms_norm_eps", 1e-6, path)?,
+        norm_eps: f64_field(v, "rms_norm_eps", d.rms_norm_eps, path)?,
         norm: NormKind::Rmsnorm,
         post_norm: false,
         attention_bias: match family {
-            Family::Qwen2Moe => true,
-            _ => bool_field(v, "attention_bias", false, path)?,
+            // 4.x Qwen2-MoE always has q/k/v biases; 5.x names them `qkv_bias` (default true).
+            Family::Qwen2Moe => bool_field(v, "qkv_bias", true, path)?,
+            Family::Olmoe => bool_field(v, "attention_bias", false, path)?,
+            // transformers' Mixtral has no attention biases (its config has no such key).
+            Family::Mixtral => false,
         },
         qk_norm: family == Family::Olmoe,
         tie_word_embeddings: bool_field(v, "tie_word_embeddings", false, path)?,
         type_vocab_size: 0,
-        dense_intermediate_size: opt_usize(v, "intermediate_size", path)?.unwrap_or(expert_ffn),
-        sparse_step: if family == Family::Qwen2Moe {
-            opt_usize(v, "decoder_sparse_step", path)?.unwrap_or(1)
-        } else {
-            1
-        },
+        dense_intermediate_size: intermediate,
+        sparse_step,
         mlp_only_layers: mlp_only,
         moe,
         num_labels: 0,
@@ -218,14 +445,13 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         pad_token_id: None,
         hidden_dropout: 0.0,
     };
-    cfg.validate()
-        .map_err(|e| Error::Config(format!("{}: {}", path.display(), e)))?;
+    cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))
 }
 
-/// Reads and maps a Hugging Face `config.json`.
+/// Reads and maps a Hugging Face `config.json` (a regular file of at most 64 MiB).
 pub fn read_hf_config(path: &Path) -> Result<(Family, ModelConfig)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::hub::read_json_text(path, "config.json")?;
     let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

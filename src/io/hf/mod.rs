@@ -116,9 +116,9 @@ fn config_and_family(
     Ok((family, own))
 }
 
-/// Reads a JSON file, naming it on error.
+/// Reads a JSON file, naming it on error: a regular file (links followed) of at most 64 MiB.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::io::hub::read_json_text(path, "a JSON file")?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

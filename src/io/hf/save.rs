@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::{config::family_of, hf_name, Family};
 use crate::config::{ExpertKind, ModelConfig, NormKind, PositionKind};
 use crate::error::{Error, Result};
-use crate::io::safetensors::{to_safetensors_bytes, write_dir_atomic};
+use crate::io::atomic::write_dir_atomic;
+use crate::io::safetensors::to_safetensors_bytes;
 use crate::models::CausalLm;
 
 /// How [`CausalLm::save_pretrained_with`] writes.
