@@ -22,10 +22,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{IndexOp, Tensor};
 use candle_moe::classic::series::{co2_monthly, lagged, load_co2_weekly, load_sunspots};
-use candle_moe::classic::{EmConfig, Expert, LinearGaussianExpert, MixtureOfExperts, SoftmaxGate};
+use candle_moe::classic::{
+    fit_em_restarts, EmConfig, Expert, LinearGaussianExpert, MixtureOfExperts, SoftmaxGate,
+};
 use clap::Parser;
 use plotters::prelude::*;
-use rand::{rngs::StdRng, SeedableRng};
+use rand::rngs::StdRng;
 
 #[derive(Parser, Debug)]
 #[command(about = "Mixture of autoregressive experts on yearly sunspots and Mauna Loa CO2")]
@@ -73,24 +75,19 @@ fn fit_moe(xs: &Tensor, ys: &Tensor, k: usize, args: &Args, seed: u64) -> Result
         tol: 1e-8,
         gate_steps: 5,
     };
-    let mut best: Option<(Moe, Vec<f64>)> = None;
-    for r in 0..args.restarts.max(1) {
+    let start = |rng: &mut StdRng| {
         let experts = (0..k)
             .map(|_| Ok(LinearGaussianExpert::new(d, 1, &dev)?.with_min_variance(1e-4)))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let mut moe = MixtureOfExperts::new(SoftmaxGate::new(d, k, &dev)?, experts)?;
-        let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(r as u64));
-        moe.init_random(xs, ys, args.gate_scale, &mut rng)?;
-        let report = moe.fit_em(xs, ys, &cfg)?;
-        let ll = *report.log_likelihood.last().context("empty EM trace")?;
-        let better = best
-            .as_ref()
-            .is_none_or(|(_, t)| ll > *t.last().unwrap_or(&f64::NEG_INFINITY));
-        if better {
-            best = Some((moe, report.log_likelihood));
-        }
-    }
-    best.context("no restart")
+        moe.init_random(xs, ys, args.gate_scale, rng)?;
+        Ok(moe)
+    };
+    let seeds = (0..args.restarts.max(1)).map(|r| seed.wrapping_mul(1000).wrapping_add(r as u64));
+    let fit = fit_em_restarts(seeds, start, xs, ys, &cfg)?;
+    let trace = fit.report().log_likelihood.clone();
+    anyhow::ensure!(!trace.is_empty(), "empty EM trace");
+    Ok((fit.model, trace))
 }
 
 fn fit_single(xs: &Tensor, ys: &Tensor) -> Result<LinearGaussianExpert> {
@@ -229,18 +226,22 @@ fn sunspots(args: &Args) -> Result<()> {
     let t_years: Vec<f64> = target_year.iter().map(|&y| y as f64).collect();
     let shown = idx(1860, 1979);
     let (a, b) = (shown[0], shown[shown.len() - 1] + 1);
-    plot(
-        &args.out.join("sunspots.png"),
-        "Yearly sunspots 1860–1979: one-step forecasts (train ≤ 1920, test 1921–1979)",
-        &t_years[a..b],
-        &truth[a..b],
-        &[
-            ("MoE", &pred_moe[a..b]),
-            (&format!("single AR({lags})"), &pred_one[a..b]),
-        ],
-        &gate[a..b],
-        Some(1920.5),
-    )?;
+    let path = args.out.join("sunspots.png");
+    report_plot(
+        &path,
+        draw(
+            &path,
+            "Yearly sunspots 1860–1979: one-step forecasts (train ≤ 1920, test 1921–1979)",
+            &t_years[a..b],
+            &truth[a..b],
+            &[
+                ("MoE", &pred_moe[a..b]),
+                (&format!("single AR({lags})"), &pred_one[a..b]),
+            ],
+            &gate[a..b],
+            Some(1920.5),
+        ),
+    );
     Ok(())
 }
 
@@ -330,18 +331,22 @@ fn co2(args: &Args) -> Result<()> {
     }
     let times: Vec<f64> = (0..rows).map(|j| monthly[month_of_row(j)].time()).collect();
     let from = n_train_rows.saturating_sub(48);
-    plot(
-        &args.out.join("co2.png"),
-        "Mauna Loa CO2 (monthly): one-step forecasts, train ≤ 1990, test 1991–2001",
-        &times[from..],
-        &truth[from..],
-        &[
-            ("MoE", &pred_moe[from..]),
-            (&format!("single AR({lags})"), &pred_one[from..]),
-        ],
-        &gate[from..],
-        Some(1991.0),
-    )?;
+    let path = args.out.join("co2.png");
+    report_plot(
+        &path,
+        draw(
+            &path,
+            "Mauna Loa CO2 (monthly): one-step forecasts, train ≤ 1990, test 1991–2001",
+            &times[from..],
+            &truth[from..],
+            &[
+                ("MoE", &pred_moe[from..]),
+                (&format!("single AR({lags})"), &pred_one[from..]),
+            ],
+            &gate[from..],
+            Some(1991.0),
+        ),
+    );
     Ok(())
 }
 
@@ -354,24 +359,16 @@ const GATE_COLORS: [RGBColor; 6] = [
     RGBColor(227, 119, 194),
 ];
 
-/// Forecast vs truth on top, gate weights below. A failure to draw (e.g. no fonts) is reported,
-/// not fatal.
-fn plot(
-    path: &Path,
-    title: &str,
-    t: &[f64],
-    truth: &[f64],
-    preds: &[(&str, &[f64])],
-    gate: &[Vec<f64>],
-    split: Option<f64>,
-) -> Result<()> {
-    match draw(path, title, t, truth, preds, gate, split) {
+/// Reports a plot drawn with [`draw`]: a failure to draw (e.g. no fonts) is a warning, not
+/// fatal.
+fn report_plot(path: &Path, drawn: std::result::Result<(), Box<dyn std::error::Error>>) {
+    match drawn {
         Ok(()) => println!("wrote {}", path.display()),
         Err(e) => eprintln!("warning: could not draw {}: {e}", path.display()),
     }
-    Ok(())
 }
 
+/// Forecast vs truth on top, gate weights below.
 fn draw(
     path: &Path,
     title: &str,

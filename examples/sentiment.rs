@@ -7,26 +7,27 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
-use candle_moe::data::{self, sentiment};
-use candle_moe::io::model_dir as checkpoint;
+use candle_core::{DType, Device, Tensor};
+use candle_moe::data::sentiment;
 use candle_moe::tasks::sentiment as classify;
 use candle_moe::tokenizer;
-use candle_moe::train::{TrainConfig, Trainer};
+use candle_moe::train::TrainConfig;
 use candle_moe::{ModelConfig, SequenceClassifier};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use clap::Parser;
-use common::{main_wrapper, print_table};
+use common::{main_wrapper, print_table, Checkpoints};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Binary sentiment classification with a MoE encoder")]
+#[command(mut_arg("layers", |a| a.default_value("2")))]
+#[command(mut_arg("experts", |a| a.default_value("4")))]
 struct Args {
     /// Device, seed, output and data options shared by the examples.
     #[command(flatten)]
@@ -43,16 +44,9 @@ struct Args {
     batch: usize,
     #[arg(long, default_value_t = 64)]
     max_len: usize,
-    #[arg(long, default_value_t = 128)]
-    hidden: usize,
-    #[arg(long, default_value_t = 2)]
-    layers: usize,
-    #[arg(long, default_value_t = 4)]
-    experts: usize,
-    #[arg(long, default_value_t = 2)]
-    top_k: usize,
-    #[arg(long, default_value_t = 128)]
-    expert_ffn: usize,
+    /// Model width, blocks, experts, experts per token, expert width.
+    #[command(flatten)]
+    shape: common::MoeShape,
     /// BPE vocabulary size (16,000 on 18,656 training sentences is close to whole words).
     #[arg(long, default_value_t = 16000)]
     vocab: usize,
@@ -84,92 +78,120 @@ fn encode_all(tok: &tokenizers::Tokenizer, texts: &[&str]) -> Result<Vec<Vec<u32
         .collect()
 }
 
-fn run() -> Result<()> {
-    let a = Args::parse();
-    let dev = common::device(&a.run.device)?;
-    if let Some(model_dir) = &a.model {
-        let file = a
-            .eval_file
-            .as_ref()
-            .context("--model needs --eval-file PATH")?;
-        let (model, _) = SequenceClassifier::load(model_dir, DType::F32, &dev)?;
-        let tok = tokenizer::load(&model_dir.join("tokenizer.json"))?;
-        anyhow::ensure!(
-            tok.get_vocab_size(true) <= model.config().vocab_size,
-            "tokenizer.json has {} tokens but the model's vocab_size is {}",
-            tok.get_vocab_size(true),
-            model.config().vocab_size
-        );
-        let rows = sentiment::load_eval_tsv(file)?;
-        let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-        let gold: Vec<u32> = rows.iter().map(|r| r.1).collect();
-        let pad = match tok.token_to_id("[PAD]") {
-            Some(p) => p,
-            None => tokenizer::special_id(&tok, "<pad>")?,
-        };
-        let pred = classify::predict(&model, &encode_all(&tok, &texts)?, 64, a.max_len, pad, &dev)?;
-        let (acc, f1) = classify::accuracy_f1(&pred, &gold);
-        println!("examples: {}", rows.len());
-        println!("f1: {f1:.4}");
-        println!("accuracy: {acc:.4}");
-        return Ok(());
-    }
-    let out = a.run.out.clone().unwrap_or_else(|| {
-        PathBuf::from(if a.run.dense {
-            "runs/sentiment_dense"
-        } else {
-            "runs/sentiment"
-        })
-    });
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("cannot create output directory {}", out.display()))?;
-    let path = a
-        .run
-        .data
+/// Labelled token ids.
+type Labelled = Vec<(Vec<u32>, u32)>;
+
+/// A model with its weights and config.
+type Built = (SequenceClassifier, VarMap, ModelConfig);
+
+/// `--model DIR --eval-file PATH`: scores a TSV with a saved model.
+fn score_file(a: &Args, model_dir: &Path, dev: &Device) -> Result<()> {
+    let file = a
+        .eval_file
+        .as_ref()
+        .context("--model needs --eval-file PATH")?;
+    let (model, _) = SequenceClassifier::load(model_dir, DType::F32, dev)?;
+    let tok = tokenizer::load(&model_dir.join("tokenizer.json"))?;
+    anyhow::ensure!(
+        tok.get_vocab_size(true) <= model.config().vocab_size,
+        "tokenizer.json has {} tokens but the model's vocab_size is {}",
+        tok.get_vocab_size(true),
+        model.config().vocab_size
+    );
+    let rows = sentiment::load_eval_tsv(file)?;
+    let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let gold: Vec<u32> = rows.iter().map(|r| r.1).collect();
+    let pad = match tok.token_to_id("[PAD]") {
+        Some(p) => p,
+        None => tokenizer::special_id(&tok, "<pad>")?,
+    };
+    let pred = classify::predict(&model, &encode_all(&tok, &texts)?, 64, a.max_len, pad, dev)?;
+    let (acc, f1) = classify::accuracy_f1(&pred, &gold);
+    println!("examples: {}", rows.len());
+    println!("f1: {f1:.4}");
+    println!("accuracy: {acc:.4}");
+    Ok(())
+}
+
+/// `--init`: the dense BERT-family checkpoint, fine-tuned as it is or sparse-upcycled; with its
+/// tokenizer.
+fn init_from(a: &Args, src: &str, dev: &Device) -> Result<(tokenizers::Tokenizer, Built)> {
+    let dense = candle_moe::io::bert::load_bert(
+        src,
+        2,
+        &candle_moe::LoadOptions {
+            device: dev.clone(),
+            ..Default::default()
+        },
+    )?;
+    let tok = dense
+        .tokenizer
         .clone()
-        .unwrap_or_else(|| data::data_dir().join("sentiment.tsv.gz"));
-    let all = sentiment::load(&path)?;
+        .context("the --init checkpoint has no tokenizer.json")?;
+    let built = if a.upcycle_experts > 0 {
+        let (m, vm, cfg) = candle_moe::upcycle::upcycle(
+            &dense,
+            a.upcycle_experts,
+            a.shape.top_k,
+            0.01,
+            a.run.seed,
+        )?;
+        println!(
+            "upcycled {src}: {} experts (top-{}) per layer, copies of the dense FFN",
+            a.upcycle_experts, a.shape.top_k
+        );
+        (m, vm, cfg)
+    } else {
+        println!("fine-tuning the dense {src}");
+        (dense.model, dense.varmap, dense.config)
+    };
+    Ok((tok, built))
+}
+
+fn model_config(a: &Args, vocab: usize, pad: u32) -> ModelConfig {
+    let mut c = a.shape.config(vocab, a.run.dense);
+    c.max_position_embeddings = a.max_len.max(64);
+    c.num_labels = 2;
+    c.pad_token_id = Some(pad);
+    c.hidden_dropout = a.dropout;
+    c
+}
+
+/// The tokenizer, its padding id and the train, validation and test splits as token ids.
+struct Data {
+    tok: tokenizers::Tokenizer,
+    pad: u32,
+    train: Labelled,
+    valid: Labelled,
+    test: Labelled,
+}
+
+/// Loads and tokenizes the corpus (with the `--init` checkpoint's tokenizer if given) and
+/// builds the model: from `--init`, `--resume` or fresh.
+fn prepare(a: &Args, dev: &Device) -> Result<(Data, Built)> {
+    let all = sentiment::load(&a.run.corpus("sentiment.tsv.gz"))?;
     let by = |s: &str| all.iter().filter(|e| e.split == s).collect::<Vec<_>>();
     let (train, valid, test) = (by("train"), by("valid"), by("test"));
     anyhow::ensure!(
         !train.is_empty() && !test.is_empty(),
         "need train and test examples"
     );
-    let mut bert_tok = None;
-    let mut init_model = None;
-    if let Some(src) = &a.init {
-        let dense = candle_moe::io::bert::load_bert(
-            src,
-            2,
-            &candle_moe::LoadOptions {
-                device: dev.clone(),
-                ..Default::default()
-            },
-        )?;
-        let tok = dense
-            .tokenizer
-            .clone()
-            .context("the --init checkpoint has no tokenizer.json")?;
-        bert_tok = Some(tok);
-        init_model = Some(if a.upcycle_experts > 0 {
-            let (m, vm, cfg) =
-                candle_moe::upcycle::upcycle(&dense, a.upcycle_experts, a.top_k, 0.01, a.run.seed)?;
-            println!(
-                "upcycled {src}: {} experts (top-{}) per layer, copies of the dense FFN",
-                a.upcycle_experts, a.top_k
-            );
-            (m, vm, cfg)
-        } else {
-            println!("fine-tuning the dense {src}");
-            (dense.model, dense.varmap, dense.config)
-        });
-    }
-    let specials = bert_tok.is_some();
-    let tok = match (&bert_tok, &a.run.tokenizer, &a.run.resume) {
-        (Some(t), _, _) => t.clone(),
-        (None, Some(p), _) => tokenizer::load(p)?,
-        (None, None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
-        (None, None, None) => tokenizer::train_bpe(train.iter().map(|e| e.text.as_str()), a.vocab)?,
+    let init = match &a.init {
+        Some(src) => Some(init_from(a, src, dev)?),
+        None => None,
+    };
+    let specials = init.is_some();
+    let (tok, init_model) = match init {
+        Some((t, m)) => (t, Some(m)),
+        None => {
+            let tok = a.run.tokenizer(|| {
+                Ok(tokenizer::train_bpe(
+                    train.iter().map(|e| e.text.as_str()),
+                    a.vocab,
+                )?)
+            })?;
+            (tok, None)
+        }
     };
     let pad = if specials {
         tok.token_to_id("[PAD]").unwrap_or(0)
@@ -187,95 +209,101 @@ fn run() -> Result<()> {
             Ok(tokenizer::encode(&tok, t)?)
         }
     };
-    let ids = |xs: &[&sentiment::Example]| -> Result<Vec<(Vec<u32>, u32)>> {
+    let ids = |xs: &[&sentiment::Example]| -> Result<Labelled> {
         xs.iter().map(|e| Ok((encode(&e.text)?, e.label))).collect()
     };
-    let (train_ids, valid_ids, test_ids) = (ids(&train)?, ids(&valid)?, ids(&test)?);
+    let (train, valid, test) = (ids(&train)?, ids(&valid)?, ids(&test)?);
     println!(
         "data: {} train, {} validation, {} test sentences; vocab {}",
-        train_ids.len(),
-        valid_ids.len(),
-        test_ids.len(),
+        train.len(),
+        valid.len(),
+        test.len(),
         tok.get_vocab_size(true)
     );
-    let (model, vm, cfg) = match (init_model, &a.run.resume) {
-        (Some(m), _) => m,
-        (None, Some(r)) => {
-            let cfg = ModelConfig::from_file(r.join("config.json"))?;
-            let (m, vm) = SequenceClassifier::load(r, DType::F32, &dev)?;
-            (m, vm, cfg)
-        }
-        (None, None) => {
-            let mut c = ModelConfig::tiny(tok.get_vocab_size(true));
-            c.hidden_size = a.hidden;
-            c.num_layers = a.layers;
-            c.num_heads = 4;
-            c.num_kv_heads = 4;
-            c.max_position_embeddings = a.max_len.max(64);
-            c.moe.hidden_size = a.hidden;
-            c.moe.num_experts = a.experts;
-            c.moe.top_k = a.top_k;
-            c.moe.intermediate_size = a.expert_ffn;
-            c.dense_intermediate_size = a.expert_ffn * a.top_k;
-            c.sparse_step = if a.run.dense { 0 } else { 1 };
-            c.num_labels = 2;
-            c.pad_token_id = Some(pad);
-            c.hidden_dropout = a.dropout;
-            let vm = VarMap::new();
-            let m = SequenceClassifier::new(&c, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-            candle_moe::train::init::reseed_varmap(&vm, a.run.seed)?;
-            (m, vm, c)
+    let built = match init_model {
+        Some(m) => m,
+        None => {
+            let vocab = tok.get_vocab_size(true);
+            a.run
+                .model::<SequenceClassifier>(dev, || model_config(a, vocab, pad))?
         }
     };
-    let mut trainer = Trainer::new(
-        &vm,
-        TrainConfig {
-            steps: a.steps,
-            lr: a.lr,
-            warmup_steps: (a.steps / 20).max(1),
-            weight_decay: 0.05,
-            eval_every: 100,
-            aux_loss_coef: cfg.moe.router_aux_loss_coef,
-            z_loss_coef: cfg.moe.router_z_loss_coef,
-            seed: a.run.seed,
-            ..Default::default()
-        },
-    )?;
-    if let Some(r) = &a.run.resume {
-        trainer.load_state(r)?;
+    let data = Data {
+        tok,
+        pad,
+        train,
+        valid,
+        test,
+    };
+    Ok((data, built))
+}
+
+/// A copy of every variable's value.
+fn snapshot(vm: &VarMap) -> candle_core::Result<Vec<(String, Tensor)>> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    data.iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+        .collect()
+}
+
+/// Sets the variables of `vm` to `weights` (a [`snapshot`]).
+fn restore(vm: &VarMap, weights: &[(String, Tensor)]) -> Result<()> {
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock"))?;
+    for (n, w) in weights {
+        if let Some(v) = data.get(n) {
+            v.set(w)?;
+        }
     }
-    let valid_x: Vec<Vec<u32>> = valid_ids.iter().map(|v| v.0.clone()).collect();
-    let valid_y: Vec<u32> = valid_ids.iter().map(|v| v.1).collect();
+    Ok(())
+}
+
+fn split_xy(xs: &[(Vec<u32>, u32)]) -> (Vec<Vec<u32>>, Vec<u32>) {
+    (
+        xs.iter().map(|v| v.0.clone()).collect(),
+        xs.iter().map(|v| v.1).collect(),
+    )
+}
+
+fn run() -> Result<()> {
+    let a = Args::parse();
+    let dev = common::device(&a.run.device)?;
+    if let Some(model_dir) = &a.model {
+        return score_file(&a, model_dir, &dev);
+    }
+    let out = a.run.create_out_dir("sentiment")?;
+    let (data, (model, vm, cfg)) = prepare(&a, &dev)?;
+    let pad = data.pad;
+    let tcfg = TrainConfig {
+        weight_decay: 0.05,
+        ..a.run.train_config(a.steps, a.lr, 100, &cfg)
+    };
+    let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
+    let (valid_x, valid_y) = split_xy(&data.valid);
     let t0 = Instant::now();
     let mut best = (0.0f64, 0usize);
-    let tok_json = tokenizer::to_json(&tok)?;
+    let ckpt = Checkpoints::new(&out, &model, &cfg, &vm, &data.tok)?;
     // Model selection on validation: a copy of the weights at the best validation accuracy.
     let mut best_weights: Option<(f64, Vec<(String, Tensor)>)> = None;
     trainer.run(
         |rng| {
-            let (x, m, y) = classify::batch(&train_ids, a.batch, a.max_len, pad, rng, &dev)?;
+            let (x, m, y) = classify::batch(&data.train, a.batch, a.max_len, pad, rng, &dev)?;
             Ok(classify::loss_parts(&model, &x, &m, &y, true)?)
         },
         || {
             let pred = classify::predict(&model, &valid_x, 64, a.max_len, pad, &dev)?;
             let acc = classify::accuracy_f1(&pred, &valid_y).0;
             if a.keep_best && best_weights.as_ref().is_none_or(|b| acc > b.0) {
-                let data = vm
-                    .data()
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
-                let copy = data
-                    .iter()
-                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                best_weights = Some((acc, copy));
+                best_weights = Some((acc, snapshot(&vm)?));
             }
             Ok(acc)
         },
-        |tr| {
-            checkpoint::save(&out, &cfg, &vm, Some(&tok_json))?;
-            tr.save_state(&out)
-        },
+        |tr| ckpt.save(tr),
     )?;
     let secs = t0.elapsed().as_secs_f64();
     for (s, v) in &trainer.state.evals {
@@ -286,32 +314,22 @@ fn run() -> Result<()> {
     let final_acc = trainer.state.evals.last().map(|e| e.1);
     if let (Some((acc, weights)), Some(last)) = (best_weights, final_acc) {
         if acc > last {
-            let data = vm
-                .data()
-                .lock()
-                .map_err(|_| anyhow::anyhow!("varmap lock"))?;
-            for (n, w) in &weights {
-                if let Some(v) = data.get(n) {
-                    v.set(w)?;
-                }
-            }
+            restore(&vm, &weights)?;
             println!(
                 "kept the weights of step {} (validation accuracy {acc:.4}; final step {last:.4})",
                 best.1
             );
         }
     }
-    checkpoint::save(&out, &cfg, &vm, Some(&tok_json))?;
-    trainer.save_state(&out)?;
-    let test_x: Vec<Vec<u32>> = test_ids.iter().map(|v| v.0.clone()).collect();
-    let test_y: Vec<u32> = test_ids.iter().map(|v| v.1).collect();
+    ckpt.save(&trainer)?;
+    let (test_x, test_y) = split_xy(&data.test);
     let pred = classify::predict(&model, &test_x, 64, a.max_len, pad, &dev)?;
     let (acc, f1) = classify::accuracy_f1(&pred, &test_y);
     let majority = test_y.iter().filter(|&&y| y == 1).count() as f64 / test_y.len() as f64;
     println!("\ntest accuracy {acc:.4}, F1 {f1:.4} (majority class {:.4}); best validation accuracy {:.4} at step {}", majority.max(1.0 - majority), best.0, best.1);
     println!();
     print_table(
-        &["metric", if a.run.dense { "dense" } else { "MoE" }],
+        &["metric", a.run.label()],
         &[
             vec!["test accuracy".into(), format!("{acc:.4}")],
             vec!["test F1".into(), format!("{f1:.4}")],

@@ -11,6 +11,7 @@ pub(crate) mod cpu;
 #[cfg(feature = "tasks")]
 pub mod data;
 pub mod error;
+pub(crate) mod files;
 pub mod io;
 pub mod layers;
 pub mod losses;

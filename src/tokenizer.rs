@@ -68,7 +68,7 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Loads a `tokenizer.json`, naming the file on error; padding and truncation are disabled.
 /// Only a regular file (links followed) of at most 64 MiB is read.
 pub fn load(path: &Path) -> Result<Tokenizer> {
-    let json = crate::io::hub::read_json_text(path, "tokenizer.json")?;
+    let json = crate::files::read_json_text(path, "tokenizer.json")?;
     from_json(&json, path)
 }
 

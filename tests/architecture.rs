@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom up: a module may use the modules listed before it (and itself).
 const ORDER: &[&str] = &[
     "error",
+    "files",
     "config",
     "ops",
     "cpu",

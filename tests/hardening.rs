@@ -567,14 +567,14 @@ fn train_config_validate_names_the_field() {
         (
             "aux_loss_coef",
             TrainConfig {
-                aux_loss_coef: -1.0,
+                aux_loss_coef: Some(-1.0),
                 ..base.clone()
             },
         ),
         (
             "z_loss_coef",
             TrainConfig {
-                z_loss_coef: f64::NAN,
+                z_loss_coef: Some(f64::NAN),
                 ..base.clone()
             },
         ),
@@ -597,8 +597,8 @@ fn train_config_validate_names_the_field() {
         weight_decay: 0.0,
         grad_clip: None,
         min_lr_ratio: 1.0,
-        aux_loss_coef: 0.0,
-        z_loss_coef: 0.0,
+        aux_loss_coef: Some(0.0),
+        z_loss_coef: Some(0.0),
         ..base.clone()
     }
     .validate()

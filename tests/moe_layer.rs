@@ -128,13 +128,19 @@ fn every_configuration_matches_the_per_token_reference() {
                         let (vm, trainable) = build(&cfg, seed, DType::F32);
                         // The same weights frozen (not variables): the CPU fast path.
                         let frozen = frozen_copy(&cfg, &vm);
+                        // The same weights on the generic per-expert loop (what CUDA and half
+                        // precision take).
+                        let mut looped = frozen_copy(&cfg, &vm);
+                        looped.set_backend(candle_moe::moe::ExpertBackend::Loop);
                         let mut rng = Rng::new(seed + 7);
-                        // Both (b, t, h) and (n, h) inputs.
+                        // Both (b, t, h) and (n, h) inputs, on the grouped, fused and loop paths.
                         for (shape, moe) in [
                             (vec![2, 7, h], &trainable),
                             (vec![13, h], &trainable),
                             (vec![2, 7, h], &frozen),
                             (vec![13, h], &frozen),
+                            (vec![2, 7, h], &looped),
+                            (vec![13, h], &looped),
                         ] {
                             let xs = rng.tensor(&shape, 1.0, DType::F32);
                             let out = moe.forward(&xs).unwrap();
@@ -171,7 +177,7 @@ fn every_configuration_matches_the_per_token_reference() {
             }
         }
     }
-    assert_eq!(checked, 4 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
+    assert_eq!(checked, 6 * 3 * 2 * 2 * (1 + 3 + 3 + 3));
 }
 
 /// Many tokens: expert segments longer than a core's share are cut into parts, segment lengths

@@ -1,11 +1,18 @@
-//! Shared pieces of the examples: device selection, CLI failure handling, plots, tables.
+//! Shared pieces of the examples: device selection, CLI failure handling, the NLP examples'
+//! run plumbing (output directory, corpus, tokenizer and model built fresh or resumed, trainer,
+//! checkpoints), plots, tables.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
-use candle_core::Device;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_moe::io::model_dir as checkpoint;
+use candle_moe::train::{TrainConfig, Trainer};
+use candle_moe::{tokenizer, CausalLm, ModelConfig, Seq2Seq, SequenceClassifier};
+use candle_nn::{VarBuilder, VarMap};
 use plotters::prelude::*;
+use tokenizers::Tokenizer;
 
 /// Options every training example takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -31,6 +38,240 @@ pub struct RunArgs {
     /// Corpus file (default: the one the repo ships in data/).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
+}
+
+/// The model size flags of the NLP examples (an example changes a default with
+/// `#[command(mut_arg("layers", |a| a.default_value("3")))]`).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct MoeShape {
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    pub hidden: usize,
+    /// Blocks.
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Experts per sparse layer.
+    #[arg(long, default_value_t = 8)]
+    pub experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    pub top_k: usize,
+    /// Hidden size of each expert.
+    #[arg(long, default_value_t = 128)]
+    pub expert_ffn: usize,
+}
+
+impl MoeShape {
+    /// A tiny config of this shape with 4 attention heads: `experts` experts of width
+    /// `expert_ffn`, top-`top_k`, in every layer, or with `dense` a dense FFN of width
+    /// `expert_ffn · top_k` (the same active parameters).
+    pub fn config(&self, vocab: usize, dense: bool) -> ModelConfig {
+        let mut c = ModelConfig::tiny(vocab);
+        c.hidden_size = self.hidden;
+        c.num_layers = self.layers;
+        c.num_heads = 4;
+        c.num_kv_heads = 4;
+        c.moe.hidden_size = self.hidden;
+        c.moe.num_experts = self.experts;
+        c.moe.top_k = self.top_k;
+        c.moe.intermediate_size = self.expert_ffn;
+        c.dense_intermediate_size = self.expert_ffn * self.top_k;
+        c.sparse_step = if dense { 0 } else { 1 };
+        c
+    }
+}
+
+impl RunArgs {
+    /// `"dense"` with `--dense`, else `"MoE"` (table headers, the model line).
+    pub fn label(&self) -> &'static str {
+        if self.dense {
+            "dense"
+        } else {
+            "MoE"
+        }
+    }
+
+    /// `--out`, or `runs/<name>` (`runs/<name>_dense` with `--dense`).
+    pub fn out_dir(&self, name: &str) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.dense {
+                format!("runs/{name}_dense")
+            } else {
+                format!("runs/{name}")
+            })
+        })
+    }
+
+    /// [`RunArgs::out_dir`], created.
+    pub fn create_out_dir(&self, name: &str) -> Result<PathBuf> {
+        let out = self.out_dir(name);
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create output directory {}", out.display()))?;
+        Ok(out)
+    }
+
+    /// `--data`, or `file` in the repo's `data/`.
+    #[cfg(feature = "tasks")]
+    pub fn corpus(&self, file: &str) -> PathBuf {
+        self.data
+            .clone()
+            .unwrap_or_else(|| candle_moe::data::data_dir().join(file))
+    }
+
+    /// `--tokenizer`, else the resumed model's `tokenizer.json`, else `train()`.
+    pub fn tokenizer(&self, train: impl FnOnce() -> Result<Tokenizer>) -> Result<Tokenizer> {
+        Ok(match (&self.tokenizer, &self.resume) {
+            (Some(p), _) => tokenizer::load(p)?,
+            (None, Some(r)) => tokenizer::load(&r.join("tokenizer.json"))?,
+            (None, None) => train()?,
+        })
+    }
+
+    /// The model and config of `--resume`, or a fresh model of config `fresh()` with its
+    /// weights reseeded from `--seed`.
+    pub fn model<M: ExampleModel>(
+        &self,
+        dev: &Device,
+        fresh: impl FnOnce() -> ModelConfig,
+    ) -> Result<(M, VarMap, ModelConfig)> {
+        if let Some(r) = &self.resume {
+            let (m, vm) = M::load_dir(r, dev)?;
+            let cfg = m.model_config().clone();
+            return Ok((m, vm, cfg));
+        }
+        let cfg = fresh();
+        let vm = VarMap::new();
+        let m = M::build(&cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+        candle_moe::train::init::reseed_varmap(&vm, self.seed)?;
+        Ok((m, vm, cfg))
+    }
+
+    /// The examples' schedule: `steps` at peak `lr` after a 5% warm-up, evaluation every
+    /// `eval_every` steps, `--seed` (the auxiliary-loss coefficients are the model's, read by
+    /// [`RunArgs::trainer`]).
+    pub fn train_config(
+        &self,
+        steps: usize,
+        lr: f64,
+        eval_every: usize,
+        _cfg: &ModelConfig,
+    ) -> TrainConfig {
+        TrainConfig {
+            steps,
+            lr,
+            warmup_steps: (steps / 20).max(1),
+            eval_every,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
+    /// A trainer over `vm` with the model's auxiliary-loss coefficients, and the optimizer and
+    /// trainer state of `--resume` if given (checked against the checkpoint's manifest).
+    pub fn trainer(&self, vm: &VarMap, cfg: TrainConfig, model: &ModelConfig) -> Result<Trainer> {
+        let mut trainer = Trainer::for_model(vm, cfg, &model.moe)?;
+        if let Some(r) = &self.resume {
+            candle_moe::train::checkpoint::resume(&mut trainer, r)?;
+        }
+        Ok(trainer)
+    }
+}
+
+/// A model the NLP examples train: built fresh or loaded from a model directory.
+pub trait ExampleModel: Sized {
+    /// A fresh model over `vb`.
+    fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self>;
+    /// The model in a model directory, f32 on `dev`.
+    fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)>;
+    /// The model's configuration.
+    fn model_config(&self) -> &ModelConfig;
+    /// The files of its model directory: the Hugging Face layout for a language model that
+    /// transformers can express, else the crate's layout.
+    fn dir_files(
+        &self,
+        cfg: &ModelConfig,
+        vm: &VarMap,
+        tokenizer_json: &str,
+        dir: &Path,
+    ) -> candle_moe::Result<Vec<(String, Vec<u8>)>> {
+        let tensors = candle_moe::io::safetensors::varmap_tensors(vm)?;
+        checkpoint::model_files(cfg, &tensors, Some(tokenizer_json), dir)
+    }
+}
+
+macro_rules! example_model {
+    ($($ty:ty),*) => {$(
+        impl ExampleModel for $ty {
+            fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+                Ok(<$ty>::new(cfg, vb)?)
+            }
+            fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)> {
+                Ok(<$ty>::load(dir, DType::F32, dev)?)
+            }
+            fn model_config(&self) -> &ModelConfig {
+                self.config()
+            }
+        }
+    )*};
+}
+example_model!(Seq2Seq, SequenceClassifier);
+
+impl ExampleModel for CausalLm {
+    fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(CausalLm::new(cfg, vb)?)
+    }
+    fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)> {
+        Ok(CausalLm::load(dir, DType::F32, dev)?)
+    }
+    fn model_config(&self) -> &ModelConfig {
+        self.config()
+    }
+    fn dir_files(
+        &self,
+        _cfg: &ModelConfig,
+        _vm: &VarMap,
+        tokenizer_json: &str,
+        dir: &Path,
+    ) -> candle_moe::Result<Vec<(String, Vec<u8>)>> {
+        self.checkpoint_files(Some(tokenizer_json), dir)
+    }
+}
+
+/// Saves the model directory (config, weights, tokenizer) and the trainer state into `dir` as
+/// one consistent checkpoint ([`candle_moe::train::checkpoint`]): every `checkpoint_every`
+/// steps and at the end of training.
+pub struct Checkpoints<'a, M: ExampleModel> {
+    pub dir: &'a Path,
+    model: &'a M,
+    cfg: &'a ModelConfig,
+    vm: &'a VarMap,
+    tokenizer_json: String,
+}
+
+impl<'a, M: ExampleModel> Checkpoints<'a, M> {
+    pub fn new(
+        dir: &'a Path,
+        model: &'a M,
+        cfg: &'a ModelConfig,
+        vm: &'a VarMap,
+        tok: &Tokenizer,
+    ) -> Result<Self> {
+        Ok(Self {
+            dir,
+            model,
+            cfg,
+            vm,
+            tokenizer_json: tokenizer::to_json(tok)?,
+        })
+    }
+
+    /// One checkpoint of the model and `trainer`'s state.
+    pub fn save(&self, trainer: &Trainer) -> candle_moe::Result<()> {
+        let files = self
+            .model
+            .dir_files(self.cfg, self.vm, &self.tokenizer_json, self.dir)?;
+        candle_moe::train::checkpoint::save(self.dir, files, trainer)
+    }
 }
 
 /// `cpu` or `cuda` (the latter needs `--features cuda`).

@@ -147,105 +147,154 @@ pub(crate) fn multinomial_ascent(
     if k < 2 || n == 0 {
         return Ok(f);
     }
-    let q = p * k;
-    let mut z = vec![0.0; k];
-    let mut g = vec![0.0; k];
+    let newton = p * k <= NEWTON_MAX_UNKNOWNS;
     for _ in 0..steps {
-        // gradient (index c * p + j) and negative Hessian blocks
-        let mut grad = vec![0.0; q];
-        let newton = q <= NEWTON_MAX_UNKNOWNS;
-        let mut neg_h = if newton { vec![0.0; q * q] } else { Vec::new() };
-        for i in 0..n {
-            let xi = &x[i * p..(i + 1) * p];
-            logits_row(xi, w, k, &mut z);
-            let lse = logsumexp(&z);
-            for c in 0..k {
-                g[c] = (z[c] - lse).exp();
-            }
-            let ri = &r[i * k..(i + 1) * k];
-            let s: f64 = ri.iter().sum();
-            if s == 0.0 {
-                continue;
-            }
-            for c in 0..k {
-                let coef = ri[c] - s * g[c];
-                for j in 0..p {
-                    grad[c * p + j] += coef * xi[j];
-                }
-            }
-            if newton {
-                for c in 0..k {
-                    for l in c..k {
-                        let a = s * g[c] * (if c == l { 1.0 } else { 0.0 } - g[l]);
-                        if a == 0.0 {
-                            continue;
-                        }
-                        for j in 0..p {
-                            let axj = a * xi[j];
-                            let row = (c * p + j) * q + l * p;
-                            for (jj, xjj) in xi.iter().enumerate() {
-                                neg_h[row + jj] += axj * xjj;
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let (grad, neg_h) = multinomial_derivatives(x, r, w, p, k, newton);
         let gnorm2: f64 = grad.iter().map(|v| v * v).sum();
         if !(gnorm2.is_finite() && gnorm2 > 0.0) {
             break;
         }
-        let dir: Vec<f64> = if newton {
-            // fill the lower blocks by symmetry
-            for a in 0..q {
-                for b in 0..a {
-                    neg_h[a * q + b] = neg_h[b * q + a];
-                }
-            }
-            solve_spd(&neg_h, &grad, q, 1, 1e-6)?
-        } else {
-            // scale the gradient by the inverse curvature bound (Böhning: H ≥ -½ Σ s xxᵀ)
-            let denom: f64 = (0..n)
-                .map(|i| {
-                    let s: f64 = r[i * k..(i + 1) * k].iter().sum();
-                    s * x[i * p..(i + 1) * p].iter().map(|v| v * v).sum::<f64>()
-                })
-                .sum::<f64>()
-                .max(1e-12);
-            grad.iter().map(|v| 2.0 * v / denom).collect()
-        };
+        let dir = ascent_direction(x, r, &grad, neg_h, p, k)?;
         // dir[c * p + j] -> w[j * k + c]
         let slope: f64 = grad.iter().zip(&dir).map(|(a, b)| a * b).sum();
         if slope.is_nan() || slope <= 0.0 {
             break;
         }
-        let mut t = 1.0;
-        let mut trial = w.to_vec();
-        let mut accepted = false;
-        for _ in 0..40 {
-            for c in 0..k {
-                for j in 0..p {
-                    trial[j * k + c] = w[j * k + c] + t * dir[c * p + j];
-                }
-            }
-            let ft = multinomial_objective(x, r, &trial, p, k);
-            if ft.is_finite() && ft >= f + 1e-4 * t * slope {
-                w.copy_from_slice(&trial);
-                let gain = ft - f;
-                f = ft;
-                accepted = true;
-                if gain <= 1e-12 * f.abs().max(1.0) {
-                    return Ok(f);
-                }
-                break;
-            }
-            t *= 0.5;
-        }
-        if !accepted {
+        let Some(ft) = armijo_line_search(x, r, w, p, k, f, slope, &dir) else {
             break;
+        };
+        let gain = ft - f;
+        f = ft;
+        if gain <= 1e-12 * f.abs().max(1.0) {
+            return Ok(f);
         }
     }
     Ok(f)
+}
+
+/// Gradient of [`multinomial_objective`] (index `c * p + j`) and, when `newton`, the upper blocks
+/// (`l ≥ c`) of the negative Hessian (`q × q`, `q = p · k`).
+fn multinomial_derivatives(
+    x: &[f64],
+    r: &[f64],
+    w: &[f64],
+    p: usize,
+    k: usize,
+    newton: bool,
+) -> (Vec<f64>, Option<Vec<f64>>) {
+    let n = x.len().checked_div(p).unwrap_or(0);
+    let q = p * k;
+    let mut z = vec![0.0; k];
+    let mut g = vec![0.0; k];
+    let mut grad = vec![0.0; q];
+    let mut neg_h = newton.then(|| vec![0.0; q * q]);
+    for i in 0..n {
+        let xi = &x[i * p..(i + 1) * p];
+        logits_row(xi, w, k, &mut z);
+        let lse = logsumexp(&z);
+        for c in 0..k {
+            g[c] = (z[c] - lse).exp();
+        }
+        let ri = &r[i * k..(i + 1) * k];
+        let s: f64 = ri.iter().sum();
+        if s == 0.0 {
+            continue;
+        }
+        for c in 0..k {
+            let coef = ri[c] - s * g[c];
+            for j in 0..p {
+                grad[c * p + j] += coef * xi[j];
+            }
+        }
+        if let Some(neg_h) = neg_h.as_mut() {
+            add_neg_hessian_row(neg_h, xi, &g, s, p, k);
+        }
+    }
+    (grad, neg_h)
+}
+
+/// Adds one sample's contribution `s · (diag(g) − g gᵀ) ⊗ x xᵀ` to the upper blocks of `neg_h`.
+fn add_neg_hessian_row(neg_h: &mut [f64], xi: &[f64], g: &[f64], s: f64, p: usize, k: usize) {
+    let q = p * k;
+    for c in 0..k {
+        for l in c..k {
+            let a = s * g[c] * (if c == l { 1.0 } else { 0.0 } - g[l]);
+            if a == 0.0 {
+                continue;
+            }
+            for j in 0..p {
+                let axj = a * xi[j];
+                let row = (c * p + j) * q + l * p;
+                for (jj, xjj) in xi.iter().enumerate() {
+                    neg_h[row + jj] += axj * xjj;
+                }
+            }
+        }
+    }
+}
+
+/// The ascent direction (index `c * p + j`): the Newton step when `neg_h` holds the upper blocks
+/// of the negative Hessian, otherwise the gradient scaled by an inverse curvature bound.
+fn ascent_direction(
+    x: &[f64],
+    r: &[f64],
+    grad: &[f64],
+    neg_h: Option<Vec<f64>>,
+    p: usize,
+    k: usize,
+) -> Result<Vec<f64>> {
+    let q = p * k;
+    if let Some(mut neg_h) = neg_h {
+        // fill the lower blocks by symmetry
+        for a in 0..q {
+            for b in 0..a {
+                neg_h[a * q + b] = neg_h[b * q + a];
+            }
+        }
+        return solve_spd(&neg_h, grad, q, 1, 1e-6);
+    }
+    let n = x.len().checked_div(p).unwrap_or(0);
+    // scale the gradient by the inverse curvature bound (Böhning: H ≥ -½ Σ s xxᵀ)
+    let denom: f64 = (0..n)
+        .map(|i| {
+            let s: f64 = r[i * k..(i + 1) * k].iter().sum();
+            s * x[i * p..(i + 1) * p].iter().map(|v| v * v).sum::<f64>()
+        })
+        .sum::<f64>()
+        .max(1e-12);
+    Ok(grad.iter().map(|v| 2.0 * v / denom).collect())
+}
+
+/// Backtracking (Armijo) line search along `dir` from `w` (objective `f`, directional slope
+/// `slope`): on success writes the accepted point into `w` and returns its objective, otherwise
+/// leaves `w` alone and returns `None`.
+#[allow(clippy::too_many_arguments)]
+fn armijo_line_search(
+    x: &[f64],
+    r: &[f64],
+    w: &mut [f64],
+    p: usize,
+    k: usize,
+    f: f64,
+    slope: f64,
+    dir: &[f64],
+) -> Option<f64> {
+    let mut t = 1.0;
+    let mut trial = w.to_vec();
+    for _ in 0..40 {
+        for c in 0..k {
+            for j in 0..p {
+                trial[j * k + c] = w[j * k + c] + t * dir[c * p + j];
+            }
+        }
+        let ft = multinomial_objective(x, r, &trial, p, k);
+        if ft.is_finite() && ft >= f + 1e-4 * t * slope {
+            w.copy_from_slice(&trial);
+            return Some(ft);
+        }
+        t *= 0.5;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// [`read_text`] with an explicit cap on the file's size and on its decompressed size.
 pub(crate) fn read_text_capped(path: &Path, cap: u64) -> Result<String> {
-    let bytes = crate::io::hub::read_capped(path, cap, "a text file")?;
+    let bytes = crate::files::read_capped(path, cap, "a text file")?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&bytes[..])

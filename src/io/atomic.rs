@@ -66,10 +66,6 @@ fn exchange(_a: &Path, _b: &Path) -> bool {
     false
 }
 
-/// Writes a whole directory atomically: every file into a fresh temporary directory beside it
-/// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
-/// renames, so that after a failure or a kill at any point `dir` holds either the old contents
-/// or the new ones, complete. No temporary is left behind on an error path.
 /// Removes temporaries of `name` left by processes that no longer run (a save killed midway),
 /// so they do not pile up; another live process's temporary is left alone (Linux only).
 fn remove_stale_temporaries(parent: &Path, name: &str) {
@@ -94,7 +90,92 @@ fn remove_stale_temporaries(parent: &Path, name: &str) {
     }
 }
 
-/// `files` are `(relative path, bytes)`; a path may have one sub-directory (`trainer/...`).
+/// The directory's own entries to carry into its new version: files that are not checkpoint
+/// files (a plot, notes); a foreign sub-directory is refused, never deleted.
+fn entries_to_carry(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    let mut carry = vec![];
+    if !dir.exists() {
+        return Ok(carry);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if is_checkpoint_entry(&n) || files.iter().any(|(f, _)| *f == n) {
+            continue;
+        }
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
+            return Err(Error::io(
+                dir.join(&n),
+                std::io::Error::other(
+                    "a directory that is not part of a checkpoint: save into an empty or checkpoint directory",
+                ),
+            ));
+        }
+        carry.push(n);
+    }
+    Ok(carry)
+}
+
+/// Writes `files` (and hard links to `carry` from `dir`) into the new directory `tmp`, every
+/// file and directory fsynced.
+fn write_tmp(
+    tmp: &Path,
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    carry: &[String],
+    fail_after: Option<usize>,
+) -> std::io::Result<()> {
+    std::fs::create_dir(tmp)?;
+    for (i, (f, bytes)) in files.iter().enumerate() {
+        if fail_after == Some(i) {
+            return Err(std::io::Error::other("injected failure"));
+        }
+        let target = tmp.join(f);
+        if let Some(sub) = target.parent() {
+            std::fs::create_dir_all(sub)?;
+        }
+        let mut fh = std::fs::File::create(&target)?;
+        fh.write_all(bytes)?;
+        fh.sync_all()?;
+    }
+    for n in carry {
+        if std::fs::hard_link(dir.join(n), tmp.join(n)).is_err() {
+            std::fs::copy(dir.join(n), tmp.join(n))?;
+        }
+    }
+    for sub in files
+        .iter()
+        .filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0))
+    {
+        sync_dir(&tmp.join(sub))?;
+    }
+    sync_dir(tmp)
+}
+
+/// Puts `tmp` in place of `dir`: one atomic exchange on Linux when `dir` exists (then `tmp`
+/// holds the old contents), a rename when it does not.
+fn swap_in(tmp: &Path, dir: &Path, parent: &Path, name: &str) -> std::io::Result<()> {
+    if !dir.exists() {
+        return std::fs::rename(tmp, dir);
+    }
+    if exchange(tmp, dir) {
+        return Ok(());
+    }
+    // Non-Linux fallback: two renames (a short window without `dir`).
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    std::fs::rename(dir, &old)?;
+    std::fs::rename(tmp, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Writes a whole directory atomically: every file into a fresh temporary directory beside it
+/// (unique per process and call), fsynced, then swapped in with one atomic exchange (Linux) or
+/// renames, so that after a failure or a kill at any point `dir` holds either the old contents
+/// or the new ones, complete. No temporary is left behind on an error path; temporaries of
+/// killed saves are removed by the next save. Files of the directory that are not checkpoint
+/// files are carried over. `files` are `(relative path, bytes)`; a path may have one
+/// sub-directory (`trainer/...`).
 pub(crate) fn write_dir_atomic(
     dir: &Path,
     files: &[(String, Vec<u8>)],
@@ -111,27 +192,7 @@ pub(crate) fn write_dir_atomic(
         .to_string_lossy()
         .into_owned();
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(dir, e))?;
-    // Files of the directory's own that are not checkpoint files (a plot, notes) are carried
-    // into the new directory as hard links; a foreign sub-directory is refused, never deleted.
-    let mut carry = vec![];
-    if dir.exists() {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if is_checkpoint_entry(&n) || files.iter().any(|(f, _)| *f == n) {
-                continue;
-            }
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(true) {
-                return Err(Error::io(
-                    dir.join(&n),
-                    std::io::Error::other(
-                        "a directory that is not part of a checkpoint: save into an empty or checkpoint directory",
-                    ),
-                ));
-            }
-            carry.push(n);
-        }
-    }
+    let carry = entries_to_carry(dir, files)?;
     remove_stale_temporaries(&parent, &name);
     let unique = format!(
         ".{name}.tmp-{}-{}",
@@ -139,54 +200,11 @@ pub(crate) fn write_dir_atomic(
         COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let tmp = parent.join(unique);
-    let write = || -> std::io::Result<()> {
-        std::fs::create_dir(&tmp)?;
-        for (i, (f, bytes)) in files.iter().enumerate() {
-            if fail_after == Some(i) {
-                return Err(std::io::Error::other("injected failure"));
-            }
-            let target = tmp.join(f);
-            if let Some(sub) = target.parent() {
-                std::fs::create_dir_all(sub)?;
-            }
-            let mut fh = std::fs::File::create(&target)?;
-            fh.write_all(bytes)?;
-            fh.sync_all()?;
-        }
-        for n in &carry {
-            if std::fs::hard_link(dir.join(n), tmp.join(n)).is_err() {
-                std::fs::copy(dir.join(n), tmp.join(n))?;
-            }
-        }
-        if files.iter().any(|(f, _)| f.contains('/')) {
-            for sub in files
-                .iter()
-                .filter_map(|(f, _)| f.rsplit_once('/').map(|p| p.0))
-            {
-                sync_dir(&tmp.join(sub))?;
-            }
-        }
-        sync_dir(&tmp)
-    };
-    if let Err(e) = write() {
+    if let Err(e) = write_tmp(&tmp, dir, files, &carry, fail_after) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(Error::io(dir, e));
     }
-    let swapped = if dir.exists() {
-        if exchange(&tmp, dir) {
-            Ok(())
-        } else {
-            // Non-Linux fallback: two renames (a short window without `dir`).
-            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(dir, &old)
-                .and_then(|_| std::fs::rename(&tmp, dir))
-                .map(|_| {
-                    let _ = std::fs::remove_dir_all(&old);
-                })
-        }
-    } else {
-        std::fs::rename(&tmp, dir)
-    };
+    let swapped = swap_in(&tmp, dir, &parent, &name);
     // After an exchange `tmp` holds the old contents; after a failure, the new ones.
     let _ = std::fs::remove_dir_all(&tmp);
     swapped.map_err(|e| Error::io(dir, e))?;

@@ -3,6 +3,7 @@
 //! ([`bert`]) and the crate's own model directories ([`model_dir`]).
 
 pub mod atomic;
+pub(crate) mod backend;
 pub mod bert;
 pub mod hf;
 pub mod hub;

@@ -128,9 +128,7 @@ pub fn read_tokenizer_json(dir: &Path) -> Result<Option<String>> {
     if !p.exists() {
         return Ok(None);
     }
-    std::fs::read_to_string(&p)
-        .map(Some)
-        .map_err(|e| Error::io(p, e))
+    crate::files::read_json_text(&p, "tokenizer.json").map(Some)
 }
 
 macro_rules! impl_dir_io {

@@ -1,19 +1,19 @@
-//! Safetensors files: a checked header reader, a memory-mapped VarBuilder backend that checks
-//! every tensor against the headers, parsing and serialising named tensors, and atomic writes.
+//! Safetensors files: a checked header reader, parsing and serialising named tensors, and
+//! atomic writes. The memory-mapped VarBuilder backend that checks every tensor against the
+//! headers lives in `io::backend` and is re-exported here.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 use serde_json::Value;
 
 use crate::error::{CheckpointErrorKind, Error, Result};
-use crate::io::hub::LoadOptions;
 use crate::ops::lock;
+
+pub(crate) use super::backend::{build_error, check_unused, var_builder, SharedLog};
 
 /// Serialises named tensors to safetensors bytes (sorted by name).
 pub fn to_safetensors_bytes(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<Vec<u8>> {
@@ -184,9 +184,9 @@ pub fn fill_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Pa
 
 #[derive(Debug, Clone)]
 pub(crate) struct HeaderEntry {
-    file: PathBuf,
-    dtype: String,
-    shape: Vec<usize>,
+    pub(crate) file: PathBuf,
+    pub(crate) dtype: String,
+    pub(crate) shape: Vec<usize>,
 }
 
 /// The largest safetensors header the reader accepts (the format's own limit).
@@ -229,277 +229,93 @@ pub(crate) fn read_header(path: &Path) -> Result<HashMap<String, HeaderEntry>> {
             "not a valid safetensors file: corrupt header: not a JSON object",
         )
     })?;
+    let file = FileSpan {
+        path,
+        data_start,
+        size,
+    };
     let mut out = HashMap::new();
     for (name, info) in obj {
         if name == "__metadata__" {
             continue;
         }
-        let bad = |m: &str| Error::checkpoint(path, format!("tensor `{name}`: {m}"));
-        let dtype = info
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| bad("no dtype"))?;
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("no shape"))?
-            .iter()
-            .map(|d| {
-                d.as_u64()
-                    .and_then(|u| usize::try_from(u).ok())
-                    .ok_or_else(|| bad("bad shape"))
-            })
-            .collect::<Result<_>>()?;
-        let offsets: Vec<u64> = info
-            .get("data_offsets")
-            .and_then(|o| o.as_array())
-            .filter(|o| o.len() == 2)
-            .and_then(|o| o.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| bad("no data_offsets (two non-negative integers)"))?;
-        let (start, end) = (offsets[0], offsets[1]);
-        if start > end {
-            return Err(bad(&format!(
-                "corrupt header: data_offsets start {start} is after end {end}"
-            )));
-        }
-        match data_start.checked_add(end) {
-            Some(stop) if stop <= size => {}
-            Some(stop) => {
-                return Err(bad(&format!(
-                    "data ends at byte {stop} but the file has {size}: truncated"
-                )))
-            }
-            None => {
-                return Err(bad(&format!(
-                    "corrupt header: data_offsets end {end} overflows (file of {size} bytes): truncated or corrupt"
-                )))
-            }
-        }
-        let bits = dtype_bits(dtype).ok_or_else(|| bad(&format!("unknown dtype `{dtype}`")))?;
-        let want = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
-            .and_then(|elems| elems.checked_mul(bits))
-            .map(|b| b.div_ceil(8));
-        let Some(want) = want else {
-            return Err(bad(&format!(
-                "corrupt header: shape {shape:?} of {dtype} overflows"
-            )));
-        };
-        if end - start != want {
-            return Err(bad(&format!(
-                "corrupt header: data_offsets [{start}, {end}] hold {} bytes, but shape {shape:?} of {dtype} needs {want}",
-                end - start
-            )));
-        }
-        out.insert(
-            name.clone(),
-            HeaderEntry {
-                file: path.to_path_buf(),
-                dtype: dtype.to_string(),
-                shape,
-            },
-        );
+        out.insert(name.clone(), header_entry(&file, name, info)?);
     }
     Ok(out)
 }
 
-/// What a loading backend recorded: every tensor it handed out under its stored name (the
-/// model's parameters, for saving), and the first structured error.
-#[derive(Debug, Default)]
-pub(crate) struct LoadLog {
-    /// `(stored name, tensor)` in request order.
-    pub loaded: Vec<(String, Tensor)>,
-    /// The first problem found, with its kind.
-    pub error: Option<Error>,
+/// Where a safetensors file's tensor data lies: from byte `data_start` to the file's `size`.
+struct FileSpan<'a> {
+    path: &'a Path,
+    data_start: u64,
+    size: u64,
 }
 
-/// Shared handle on a [`LoadLog`].
-pub(crate) type SharedLog = Arc<Mutex<LoadLog>>;
-
-/// A VarBuilder backend over memory-mapped safetensors that checks every tensor against the
-/// headers before reading it (so a config that disagrees with the weights allocates nothing),
-/// names the file and tensor in its errors, and records what it loaded. With a `VarMap` every
-/// tensor becomes a trainable variable registered under its stored name.
-struct Checked {
-    st: candle_core::safetensors::MmapedSafetensors,
-    headers: HashMap<String, HeaderEntry>,
-    files: PathBuf,
-    varmap: Option<VarMap>,
-    log: SharedLog,
-}
-
-impl Checked {
-    fn fail(&self, e: Error) -> candle_core::Error {
-        let msg = e.to_string();
-        lock(&self.log).error.get_or_insert(e);
-        candle_core::Error::Msg(msg)
-    }
-
-    fn load(
-        &self,
-        name: &str,
-        want: Option<&[usize]>,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let Some(h) = self.headers.get(name) else {
-            return Err(self.fail(Error::tensor(
-                &self.files,
-                name,
-                CheckpointErrorKind::Missing,
-                format!("missing tensor `{name}`"),
-            )));
-        };
-        if !matches!(h.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
-            return Err(self.fail(Error::tensor(
-                &h.file,
-                name,
-                CheckpointErrorKind::Dtype {
-                    expected: "a float dtype".into(),
-                    found: h.dtype.clone(),
-                },
-                format!(
-                    "tensor `{name}` has dtype {}, expected a float dtype",
-                    h.dtype
-                ),
-            )));
-        }
-        if let Some(want) = want {
-            if h.shape != want {
-                return Err(self.fail(Error::tensor(
-                    &h.file,
-                    name,
-                    CheckpointErrorKind::Shape {
-                        expected: want.to_vec(),
-                        found: h.shape.clone(),
-                    },
-                    format!(
-                        "tensor `{name}` has shape {:?}, the config expects {:?}",
-                        h.shape, want
-                    ),
-                )));
-            }
-        }
-        let t = match self.st.load(name, dev) {
-            Ok(t) => t.to_dtype(dtype)?,
-            Err(e) => {
-                return Err(self.fail(Error::tensor(
-                    &h.file,
-                    name,
-                    CheckpointErrorKind::Corrupt,
-                    format!("tensor `{name}`: {e}"),
-                )))
-            }
-        };
-        let t = match &self.varmap {
-            Some(vm) => {
-                let var = candle_core::Var::from_tensor(&t)?;
-                let t = var.as_tensor().clone();
-                lock(vm.data()).insert(name.to_string(), var);
-                t
-            }
-            None => t,
-        };
-        lock(&self.log).loaded.push((name.to_string(), t.clone()));
-        Ok(t)
-    }
-}
-
-impl SimpleBackend for Checked {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.load(name, Some(s.dims()), dtype, dev)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.load(name, None, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.headers.contains_key(name)
-    }
-}
-
-/// A checked VarBuilder over `files` (tensor names as stored); with `varmap`, every tensor it
-/// hands out is a trainable variable registered there. Returns the builder, the log of what it
-/// loaded, and the stored tensor names.
-pub(crate) fn var_builder(
-    files: &[PathBuf],
-    opts: &LoadOptions,
-    varmap: Option<VarMap>,
-) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
-    let mut headers: HashMap<String, HeaderEntry> = HashMap::new();
-    for f in files {
-        for (name, h) in read_header(f)? {
-            if let Some(prev) = headers.get(&name) {
-                return Err(Error::tensor(
-                    f,
-                    name.as_str(),
-                    CheckpointErrorKind::Corrupt,
-                    format!(
-                        "tensor `{name}` is stored twice, in {} and in {}",
-                        prev.file.display(),
-                        f.display()
-                    ),
-                ));
-            }
-            headers.insert(name, h);
-        }
-    }
-    let first = files.first().cloned().unwrap_or_default();
-    // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader (candle's
-    // own `from_mmaped_safetensors`), they must not be modified while the model is alive.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-        .map_err(|e| Error::checkpoint(&first, format!("cannot map: {e}")))?;
-    let mut names: Vec<String> = headers.keys().cloned().collect();
-    names.sort();
-    let log = SharedLog::default();
-    let backend: Box<dyn SimpleBackend> = Box::new(Checked {
-        st,
-        headers,
-        files: first,
-        varmap,
-        log: log.clone(),
-    });
-    let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
-    Ok((vb, log, names))
-}
-
-/// Checks that every tensor of the checkpoint was used by the model (a config that disagrees
-/// with the weights, e.g. fewer experts than stored, is an error, not a silent drop).
-pub(crate) fn check_unused(log: &SharedLog, names: &[String], path: &Path) -> Result<()> {
-    let used: std::collections::HashSet<String> =
-        lock(log).loaded.iter().map(|(n, _)| n.clone()).collect();
-    let extra: Vec<&String> = names
+/// Parses and checks one tensor's header entry `info` (dtype, shape, data offsets) against the
+/// file.
+fn header_entry(file: &FileSpan, name: &str, info: &Value) -> Result<HeaderEntry> {
+    let bad = |m: &str| Error::checkpoint(file.path, format!("tensor `{name}`: {m}"));
+    let dtype = info
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| bad("no dtype"))?;
+    let shape: Vec<usize> = info
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| bad("no shape"))?
         .iter()
-        .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
-        .collect();
-    match extra.first() {
-        None => Ok(()),
-        Some(x) => Err(Error::tensor(
-            path,
-            x.as_str(),
-            CheckpointErrorKind::Unexpected,
-            format!(
-                "unexpected tensor `{x}` ({} unused in all): the config does not match the weights",
-                extra.len()
-            ),
-        )),
+        .map(|d| {
+            d.as_u64()
+                .and_then(|u| usize::try_from(u).ok())
+                .ok_or_else(|| bad("bad shape"))
+        })
+        .collect::<Result<_>>()?;
+    let offsets: Vec<u64> = info
+        .get("data_offsets")
+        .and_then(|o| o.as_array())
+        .filter(|o| o.len() == 2)
+        .and_then(|o| o.iter().map(|x| x.as_u64()).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| bad("no data_offsets (two non-negative integers)"))?;
+    let (start, end) = (offsets[0], offsets[1]);
+    let size = file.size;
+    if start > end {
+        return Err(bad(&format!(
+            "corrupt header: data_offsets start {start} is after end {end}"
+        )));
     }
-}
-
-/// The error a model build over a [`var_builder`] failed with: the structured one the backend
-/// recorded, or the build's own (a config problem the weights did not cause).
-pub(crate) fn build_error(log: &SharedLog, e: candle_core::Error, path: &Path) -> Error {
-    match lock(log).error.take() {
-        Some(err) => err,
-        None => Error::checkpoint(path, e.to_string()),
+    match file.data_start.checked_add(end) {
+        Some(stop) if stop <= size => {}
+        Some(stop) => {
+            return Err(bad(&format!(
+                "data ends at byte {stop} but the file has {size}: truncated"
+            )))
+        }
+        None => {
+            return Err(bad(&format!(
+                "corrupt header: data_offsets end {end} overflows (file of {size} bytes): truncated or corrupt"
+            )))
+        }
     }
+    let bits = dtype_bits(dtype).ok_or_else(|| bad(&format!("unknown dtype `{dtype}`")))?;
+    let want = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .and_then(|elems| elems.checked_mul(bits))
+        .map(|b| b.div_ceil(8));
+    let Some(want) = want else {
+        return Err(bad(&format!(
+            "corrupt header: shape {shape:?} of {dtype} overflows"
+        )));
+    };
+    if end - start != want {
+        return Err(bad(&format!(
+            "corrupt header: data_offsets [{start}, {end}] hold {} bytes, but shape {shape:?} of {dtype} needs {want}",
+            end - start
+        )));
+    }
+    Ok(HeaderEntry {
+        file: file.path.to_path_buf(),
+        dtype: dtype.to_string(),
+        shape,
+    })
 }

@@ -117,6 +117,18 @@ impl CausalLm {
     /// weights (no copy): every fast path applies (fused experts, fused norms and softmax) and
     /// [`Self::varmap`] becomes `None`.
     pub fn freeze(&mut self) -> Result<()> {
+        let mut frozen = self.frozen_copy()?;
+        frozen.origin = Origin {
+            varmap: None,
+            ..std::mem::take(&mut self.origin)
+        };
+        *self = frozen;
+        Ok(())
+    }
+
+    /// An inference model over the current weights (shared, not copied), leaving this one
+    /// trainable: what evaluation during training uses, so that it takes the fast paths.
+    pub fn frozen_copy(&self) -> Result<Self> {
         let Some((_, first)) = self.params.first() else {
             bail!("freeze: the model has no parameters")
         };
@@ -127,14 +139,12 @@ impl CausalLm {
             .map(|(n, t)| (n.clone(), t.detach()))
             .collect();
         let vb = VarBuilder::from_tensors(map, dtype, &dev);
-        let origin = Origin {
-            varmap: None,
-            ..std::mem::take(&mut self.origin)
-        };
         let mut frozen = Self::new_validated(&self.cfg, vb)?;
-        frozen.origin = origin;
-        *self = frozen;
-        Ok(())
+        frozen.origin = Origin {
+            varmap: None,
+            ..self.origin.clone()
+        };
+        Ok(frozen)
     }
 
     /// Whether the parameters are trainable variables.

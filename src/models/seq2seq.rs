@@ -253,58 +253,16 @@ impl Seq2Seq {
         let beam = beam.max(1);
         let dev: Device = src.device().clone();
         let enc1 = self.encode(src, None, false)?;
-        let (_, s, h) = enc1.hidden.dims3()?;
-        let mut hyps: Vec<(Vec<u32>, f64)> = vec![(vec![], 0.0)];
-        let mut finished: Vec<(Vec<u32>, f64)> = Vec::new();
+        let mut hyps: Vec<Hypothesis> = vec![(vec![], 0.0)];
+        let mut finished: Vec<Hypothesis> = Vec::new();
         let mut cache = self.new_cache();
         let max_len = max_len.min(self.cfg.max_position_embeddings);
         for step in 0..max_len {
-            let n = hyps.len();
-            let enc = Encoded {
-                hidden: enc1.hidden.broadcast_as((n, s, h))?.contiguous()?,
-                mask: None,
-                aux: vec![],
-                routing: vec![],
-            };
-            let last: Vec<u32> = hyps
-                .iter()
-                .map(|(t, _)| *t.last().unwrap_or(&bos))
-                .collect();
-            let inp = Tensor::from_vec(last, (n, 1), &dev)?;
-            let logits = self.decode_step(&enc, &inp, &mut cache)?.squeeze(1)?; // (n, vocab)
-            let logp = logits.broadcast_sub(
-                &crate::ops::logsumexp_keepdim(&logits.to_dtype(DType::F32)?)?
-                    .to_dtype(logits.dtype())?,
-            )?;
-            let logp: Vec<Vec<f32>> = logp.to_dtype(DType::F32)?.to_vec2()?;
-            let mut cands: Vec<(usize, u32, f64)> = Vec::new();
-            for (i, row) in logp.iter().enumerate() {
-                let mut idx: Vec<usize> = (0..row.len()).collect();
-                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-                for &j in idx.iter().take(beam) {
-                    cands.push((i, j as u32, hyps[i].1 + row[j] as f64));
-                }
-            }
-            cands.sort_by(|a, b| b.2.total_cmp(&a.2));
-            let mut next: Vec<(Vec<u32>, f64)> = Vec::new();
-            let mut parents: Vec<u32> = Vec::new();
-            for (i, tok, score) in cands {
-                if tok == eos {
-                    let len = (hyps[i].0.len() + 1) as f64;
-                    finished.push((hyps[i].0.clone(), score / len.powf(alpha)));
-                } else if next.len() < beam {
-                    let mut t = hyps[i].0.clone();
-                    t.push(tok);
-                    next.push((t, score));
-                    parents.push(i as u32);
-                }
-                if next.len() >= beam && finished.len() >= beam {
-                    break;
-                }
-            }
+            let logp = self.beam_log_probs(&enc1, &hyps, bos, &mut cache, &dev)?;
+            let (next, parents) = expand_beam(&hyps, &logp, beam, eos, alpha, &mut finished);
             let best_open = next
                 .iter()
-                .map(|(t, sc)| sc / ((t.len() + 1) as f64).powf(alpha))
+                .map(|(t, sc)| length_penalised(t, *sc, alpha))
                 .fold(f64::NEG_INFINITY, f64::max);
             let best_done = finished
                 .iter()
@@ -317,7 +275,7 @@ impl Seq2Seq {
                 if finished.is_empty() {
                     finished.extend(
                         next.iter()
-                            .map(|(t, sc)| (t.clone(), sc / ((t.len() + 1) as f64).powf(alpha))),
+                            .map(|(t, sc)| (t.clone(), length_penalised(t, *sc, alpha))),
                     );
                 }
                 break;
@@ -332,4 +290,84 @@ impl Seq2Seq {
             .unwrap_or_default();
         Ok(best)
     }
+
+    /// One beam-search decoder step: feeds each hypothesis's last token (`bos` for an empty one)
+    /// and returns the next-token log-probabilities, one row per hypothesis.
+    fn beam_log_probs(
+        &self,
+        enc1: &Encoded,
+        hyps: &[Hypothesis],
+        bos: u32,
+        cache: &mut DecodeCache,
+        dev: &Device,
+    ) -> Result<Vec<Vec<f32>>> {
+        let (_, s, h) = enc1.hidden.dims3()?;
+        let n = hyps.len();
+        let enc = Encoded {
+            hidden: enc1.hidden.broadcast_as((n, s, h))?.contiguous()?,
+            mask: None,
+            aux: vec![],
+            routing: vec![],
+        };
+        let last: Vec<u32> = hyps
+            .iter()
+            .map(|(t, _)| *t.last().unwrap_or(&bos))
+            .collect();
+        let inp = Tensor::from_vec(last, (n, 1), dev)?;
+        let logits = self.decode_step(&enc, &inp, cache)?.squeeze(1)?; // (n, vocab)
+        let logp = logits.broadcast_sub(
+            &crate::ops::logsumexp_keepdim(&logits.to_dtype(DType::F32)?)?
+                .to_dtype(logits.dtype())?,
+        )?;
+        logp.to_dtype(DType::F32)?.to_vec2()
+    }
+}
+
+/// A beam hypothesis: the tokens so far and their summed log-probability.
+type Hypothesis = (Vec<u32>, f64);
+
+/// `score / (len + 1)^alpha`: the GNMT length penalty, counting the (pending) end token.
+fn length_penalised(tokens: &[u32], score: f64, alpha: f64) -> f64 {
+    score / ((tokens.len() + 1) as f64).powf(alpha)
+}
+
+/// Expands every hypothesis by its `beam` most likely tokens and keeps the best `beam` open
+/// continuations, moving those that end in `eos` (length-penalised) into `finished`. Returns the
+/// open continuations and, for each, the index of the hypothesis it extends.
+fn expand_beam(
+    hyps: &[Hypothesis],
+    logp: &[Vec<f32>],
+    beam: usize,
+    eos: u32,
+    alpha: f64,
+    finished: &mut Vec<Hypothesis>,
+) -> (Vec<Hypothesis>, Vec<u32>) {
+    let mut cands: Vec<(usize, u32, f64)> = Vec::new();
+    for (i, row) in logp.iter().enumerate() {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        for &j in idx.iter().take(beam) {
+            cands.push((i, j as u32, hyps[i].1 + row[j] as f64));
+        }
+    }
+    cands.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let mut next: Vec<Hypothesis> = Vec::new();
+    let mut parents: Vec<u32> = Vec::new();
+    for (i, tok, score) in cands {
+        if tok == eos {
+            finished.push((
+                hyps[i].0.clone(),
+                length_penalised(&hyps[i].0, score, alpha),
+            ));
+        } else if next.len() < beam {
+            let mut t = hyps[i].0.clone();
+            t.push(tok);
+            next.push((t, score));
+            parents.push(i as u32);
+        }
+        if next.len() >= beam && finished.len() >= beam {
+            break;
+        }
+    }
+    (next, parents)
 }

@@ -11,144 +11,22 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 
 pub mod checkpoint;
+mod config;
 pub mod init;
 pub mod optim;
 pub mod schedule;
+mod state;
 
+pub use config::{TrainConfig, DEFAULT_NO_DECAY};
 pub use optim::AdamW;
+pub use state::{StepStats, TrainerState};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes};
 use crate::models::LayerRouting;
-
-/// Hyper-parameters of a training run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TrainConfig {
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Linear warmup steps.
-    pub warmup_steps: usize,
-    /// Final learning rate as a fraction of the peak (cosine decay floor).
-    pub min_lr_ratio: f64,
-    /// Decoupled weight decay.
-    pub weight_decay: f64,
-    /// Adam β1.
-    pub beta1: f64,
-    /// Adam β2.
-    pub beta2: f64,
-    /// Adam ε.
-    pub eps: f64,
-    /// Clip the global gradient norm to this value.
-    pub grad_clip: Option<f64>,
-    /// Coefficient of the load-balancing loss.
-    pub aux_loss_coef: f64,
-    /// Coefficient of the router z-loss.
-    pub z_loss_coef: f64,
-    /// Evaluate every this many steps (0 = only at the end).
-    pub eval_every: usize,
-    /// Call the checkpoint hook every this many steps (0 = never).
-    pub checkpoint_every: usize,
-    /// Seed of the batch sampler (each step's generator is derived from it and the step).
-    pub seed: u64,
-    /// Stop after this many non-finite steps in a row.
-    pub max_nonfinite_in_row: usize,
-    /// Show a progress bar.
-    pub progress: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            steps: 1000,
-            lr: 3e-3,
-            warmup_steps: 50,
-            min_lr_ratio: 0.1,
-            weight_decay: 0.01,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            grad_clip: Some(1.0),
-            aux_loss_coef: 0.01,
-            z_loss_coef: 0.001,
-            eval_every: 0,
-            checkpoint_every: 0,
-            seed: 0,
-            max_nonfinite_in_row: 5,
-            progress: true,
-        }
-    }
-}
-
-impl TrainConfig {
-    /// Rejects nonsense with [`Error::Config`] naming the field: `steps >= 1`; `lr` finite
-    /// and `> 0`; `eps` finite and `> 0`; `beta1`,
-    /// `beta2` in `[0, 1)`; `weight_decay` finite and `>= 0`; `grad_clip` `None` or finite and
-    /// `> 0`; `min_lr_ratio` in `[0, 1]`; `aux_loss_coef`, `z_loss_coef` finite and `>= 0`;
-    /// `max_nonfinite_in_row >= 1`. [`Trainer::new`] calls it. (`warmup_steps > steps` is
-    /// allowed: the learning rate then never reaches its peak, as `..Default::default()` with a
-    /// short run gives.)
-    pub fn validate(&self) -> Result<()> {
-        let bad = |field: &str, rule: &str, v: String| -> Result<()> {
-            Err(Error::Config(format!(
-                "train: {field} must be {rule}, got {v}"
-            )))
-        };
-        if self.steps == 0 {
-            return bad("steps", "at least 1", "0".into());
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return bad("lr", "finite and > 0", self.lr.to_string());
-        }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return bad("eps", "finite and > 0", self.eps.to_string());
-        }
-        for (field, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return bad(field, "in [0, 1)", b.to_string());
-            }
-        }
-        for (field, c) in [
-            ("weight_decay", self.weight_decay),
-            ("aux_loss_coef", self.aux_loss_coef),
-            ("z_loss_coef", self.z_loss_coef),
-        ] {
-            if !(c.is_finite() && c >= 0.0) {
-                return bad(field, "finite and >= 0", c.to_string());
-            }
-        }
-        if let Some(c) = self.grad_clip {
-            if !(c.is_finite() && c > 0.0) {
-                return bad("grad_clip", "None or finite and > 0", format!("Some({c})"));
-            }
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad("min_lr_ratio", "in [0, 1]", self.min_lr_ratio.to_string());
-        }
-        if self.max_nonfinite_in_row == 0 {
-            return bad("max_nonfinite_in_row", "at least 1", "0".into());
-        }
-        Ok(())
-    }
-
-    /// Learning rate at `step` (0-based): linear warmup, then cosine decay to
-    /// `min_lr_ratio · lr` at `steps`.
-    pub fn lr_at(&self, step: usize) -> f64 {
-        schedule::warmup_cosine(
-            step,
-            self.steps,
-            self.warmup_steps,
-            self.lr,
-            self.min_lr_ratio,
-        )
-    }
-}
 
 /// The parts of one step's loss, as the model returned them.
 #[derive(Debug, Clone)]
@@ -163,112 +41,21 @@ pub struct LossParts {
     pub routing: Vec<LayerRouting>,
 }
 
-/// What one step did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepStats {
-    /// Step index (1-based after the update).
-    pub step: usize,
-    /// Total loss.
-    #[serde(with = "json_f64")]
-    pub loss: f64,
-    /// Task loss.
-    #[serde(with = "json_f64")]
-    pub task: f64,
-    /// Load-balancing loss (unscaled).
-    #[serde(with = "json_f64")]
-    pub load_balancing: f64,
-    /// Router z-loss (unscaled).
-    #[serde(with = "json_f64")]
-    pub z_loss: f64,
-    /// Learning rate used.
-    #[serde(with = "json_f64")]
-    pub lr: f64,
-    /// Global gradient norm before clipping.
-    #[serde(with = "json_f64")]
-    pub grad_norm: f64,
-    /// Mean over sparse layers of max/mean expert load (1 = perfectly balanced).
-    #[serde(with = "json_f64")]
-    pub imbalance: f64,
-    /// Whether the update was skipped (non-finite loss or gradient).
-    pub skipped: bool,
-}
-
-/// Lossless JSON for `f64`: finite values as numbers, non-finite ones as the strings `"NaN"`,
-/// `"Infinity"` and `"-Infinity"` (JSON has no literal for them). Reading also accepts `null`
-/// as NaN (files written before this rule) and `"inf"` / `"+Infinity"` spellings.
-mod json_f64 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
-        if v.is_finite() {
-            s.serialize_f64(*v)
-        } else if v.is_nan() {
-            s.serialize_str("NaN")
-        } else if *v > 0.0 {
-            s.serialize_str("Infinity")
-        } else {
-            s.serialize_str("-Infinity")
+/// The variables of `varmap` whose names satisfy `keep`, as a new `VarMap` sharing them (not
+/// copies): train it to freeze the others, e.g. `|n| !n.ends_with(".gate.weight")` keeps the
+/// routers fixed, `|n| n.contains(".experts.")` trains the experts only.
+pub fn select_vars(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> VarMap {
+    let out = VarMap::new();
+    {
+        let src = crate::ops::lock(varmap.data());
+        let mut dst = crate::ops::lock(out.data());
+        for (n, v) in src.iter() {
+            if keep(n) {
+                dst.insert(n.clone(), v.clone());
+            }
         }
     }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Num(f64),
-        Str(String),
-        Null(()),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-        match Option::<Repr>::deserialize(d)? {
-            None | Some(Repr::Null(())) => Ok(f64::NAN),
-            Some(Repr::Num(v)) => Ok(v),
-            Some(Repr::Str(s)) => match s.to_ascii_lowercase().as_str() {
-                "nan" => Ok(f64::NAN),
-                "infinity" | "+infinity" | "inf" | "+inf" => Ok(f64::INFINITY),
-                "-infinity" | "-inf" => Ok(f64::NEG_INFINITY),
-                _ => Err(serde::de::Error::custom(format!(
-                    "expected a number, \"NaN\", \"Infinity\" or \"-Infinity\", got \"{s}\""
-                ))),
-            },
-        }
-    }
-
-    /// A float that (de)serialises by these rules, for use inside containers.
-    #[derive(serde::Serialize, Deserialize)]
-    struct F(#[serde(with = "self")] f64);
-
-    /// `Vec<(usize, f64)>` with the floats by these rules.
-    pub mod pairs {
-        use serde::{Deserialize, Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(v: &[(usize, f64)], s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(v.iter().map(|&(i, x)| (i, super::F(x))))
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, f64)>, D::Error> {
-            Ok(Vec::<(usize, super::F)>::deserialize(d)?
-                .into_iter()
-                .map(|(i, f)| (i, f.0))
-                .collect())
-        }
-    }
-}
-
-/// Saved between runs to resume exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainerState {
-    /// Optimizer steps taken.
-    pub step: usize,
-    /// Seed of the run.
-    pub seed: u64,
-    /// Skipped (non-finite) steps so far.
-    pub skipped_total: usize,
-    /// Training history so far.
-    pub history: Vec<StepStats>,
-    /// Evaluations so far: (step, value).
-    #[serde(with = "json_f64::pairs")]
-    pub evals: Vec<(usize, f64)>,
+    out
 }
 
 /// Drives optimisation of one `VarMap`.
@@ -323,6 +110,8 @@ pub struct Trainer {
     nonfinite_in_row: usize,
     /// Resumable state (step, history, evaluations).
     pub state: TrainerState,
+    /// The model's `(router_aux_loss_coef, router_z_loss_coef)`.
+    model_coefs: (f64, f64),
 }
 
 fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
@@ -341,6 +130,17 @@ impl Trainer {
     /// A trainer over every variable of `varmap`; errors when `cfg` is invalid
     /// ([`TrainConfig::validate`]).
     pub fn new(varmap: &VarMap, cfg: TrainConfig) -> Result<Self> {
+        Self::for_model(varmap, cfg, &crate::config::MoeConfig::default())
+    }
+
+    /// A trainer for a model with MoE configuration `moe`: the aux-loss coefficients are the
+    /// model's (`router_aux_loss_coef`, `router_z_loss_coef`) unless `cfg` overrides them.
+    /// ([`Trainer::new`] uses `MoeConfig::default()`'s.)
+    pub fn for_model(
+        varmap: &VarMap,
+        cfg: TrainConfig,
+        moe: &crate::config::MoeConfig,
+    ) -> Result<Self> {
         cfg.validate()?;
         let opt = AdamW::new(varmap, &cfg)?;
         let state = TrainerState {
@@ -355,6 +155,7 @@ impl Trainer {
             opt,
             nonfinite_in_row: 0,
             state,
+            model_coefs: (moe.router_aux_loss_coef, moe.router_z_loss_coef),
         })
     }
 
@@ -371,40 +172,48 @@ impl Trainer {
     /// overflows), skips the update (parameters and moments unchanged) and is counted; too many
     /// in a row is an error.
     pub fn step(&mut self, parts: &LossParts) -> Result<StepStats> {
-        let total = ((&parts.task + (&parts.load_balancing * self.cfg.aux_loss_coef)?)?
-            + (&parts.z_loss * self.cfg.z_loss_coef)?)?;
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let loss = scalar(&total)?;
+        self.step_accumulated(std::slice::from_ref(parts))
+    }
+
+    /// The `(load-balancing, z-loss)` coefficients the total loss uses: `cfg`'s overrides, else
+    /// the model's.
+    pub fn aux_coefs(&self) -> (f64, f64) {
+        (
+            self.cfg.aux_loss_coef.unwrap_or(self.model_coefs.0),
+            self.cfg.z_loss_coef.unwrap_or(self.model_coefs.1),
+        )
+    }
+
+    /// One optimizer step from the gradients of `micro.len()` micro-batches (gradient
+    /// accumulation): the gradient of the mean of their total losses, each micro-batch's graph
+    /// freed after its backward pass. For the task loss (a mean over tokens, micro-batches of
+    /// equal size) this equals one batch `k` times the size. The load-balancing and z-losses
+    /// are formed per micro-batch, as transformers forms them per forward call, and their mean
+    /// is optimised: `F_e` and `P_e` come from each micro-batch's tokens, not from the whole
+    /// accumulated batch, so the balancing gradient differs from the big batch's.
+    pub fn step_accumulated(&mut self, micro: &[LossParts]) -> Result<StepStats> {
+        if micro.is_empty() {
+            return Err(Error::Config(
+                "train: step_accumulated needs at least one micro-batch".into(),
+            ));
+        }
         let lr = self.cfg.lr_at(self.state.step);
         let mut stats = StepStats {
             step: self.state.step,
-            loss,
-            task: scalar(&parts.task)?,
-            load_balancing: scalar(&parts.load_balancing)?,
-            z_loss: scalar(&parts.z_loss)?,
+            loss: 0.0,
+            task: 0.0,
+            load_balancing: 0.0,
+            z_loss: 0.0,
             lr,
             grad_norm: f64::NAN,
-            imbalance: mean_imbalance(&parts.routing),
+            imbalance: 0.0,
             skipped: false,
         };
-        let mut grads = if loss.is_finite() {
-            Some(total.backward()?)
-        } else {
-            None
-        };
+        let (grads, finite) = self.accumulate(micro, &mut stats)?;
+        let loss = stats.loss;
+        let mut grads = if finite { grads } else { None };
         if let Some(g) = &grads {
-            let mut sq = 0f64;
-            for v in self.opt.vars() {
-                if let Some(gv) = g.get(v) {
-                    sq += gv
-                        .to_dtype(DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f64>()?;
-                }
-            }
-            stats.grad_norm = sq.sqrt();
+            stats.grad_norm = self.grad_norm(g)?;
         }
         if !stats.grad_norm.is_finite() {
             grads = None;
@@ -450,6 +259,69 @@ impl Trainer {
         stats.step = self.state.step;
         self.state.history.push(stats.clone());
         Ok(stats)
+    }
+
+    /// Backward passes of the micro-batches, their gradients summed (each loss divided by their
+    /// number), and their mean losses in `stats`; `false` when a loss is not finite.
+    fn accumulate(
+        &self,
+        micro: &[LossParts],
+        stats: &mut StepStats,
+    ) -> Result<(Option<candle_core::backprop::GradStore>, bool)> {
+        let k = micro.len() as f64;
+        let (aux, zc) = self.aux_coefs();
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut finite = true;
+        for parts in micro {
+            let total = ((&parts.task + (&parts.load_balancing * aux)?)? + (&parts.z_loss * zc)?)?;
+            let loss = scalar(&total)?;
+            stats.loss += loss / k;
+            stats.task += scalar(&parts.task)? / k;
+            stats.load_balancing += scalar(&parts.load_balancing)? / k;
+            stats.z_loss += scalar(&parts.z_loss)? / k;
+            stats.imbalance += mean_imbalance(&parts.routing) / k;
+            if !loss.is_finite() {
+                finite = false;
+                continue;
+            }
+            let mut g = (total / k)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for v in self.opt.vars() {
+                        if let Some(gv) = g.remove(v) {
+                            let sum = match acc.remove(v) {
+                                Some(a) => (a + gv)?,
+                                None => gv,
+                            };
+                            acc.insert(v, sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        Ok((grads, finite))
+    }
+
+    /// The global gradient norm: one reduction on the device, one scalar to the host.
+    fn grad_norm(&self, g: &candle_core::backprop::GradStore) -> Result<f64> {
+        let mut sq: Option<Tensor> = None;
+        for v in self.opt.vars() {
+            if let Some(gv) = g.get(v) {
+                let s = gv.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+                sq = Some(match sq {
+                    None => s,
+                    Some(a) => (a + s)?,
+                });
+            }
+        }
+        Ok(match sq {
+            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
     }
 
     /// Runs until `cfg.steps`: `batch_loss` computes one training batch's losses (training

@@ -18,6 +18,8 @@ use crate::ops::lock;
 #[derive(Debug)]
 pub struct AdamW {
     vars: Vec<(String, Var, Var, Var)>,
+    /// Whether each variable (same order) gets weight decay.
+    decay: Vec<bool>,
     step_t: usize,
     /// Learning rate of the next step.
     pub lr: f64,
@@ -34,6 +36,7 @@ impl AdamW {
         let mut names: Vec<&String> = data.keys().collect();
         names.sort();
         let mut vars = Vec::new();
+        let mut decay = Vec::new();
         for n in names {
             let v = data[n].clone();
             if !v.dtype().is_float() {
@@ -41,10 +44,12 @@ impl AdamW {
             }
             let m = Var::zeros(v.shape(), v.dtype(), v.device())?;
             let s = Var::zeros(v.shape(), v.dtype(), v.device())?;
+            decay.push(cfg.decays(n));
             vars.push((n.clone(), v, m, s));
         }
         Ok(Self {
             vars,
+            decay,
             step_t: 0,
             lr: cfg.lr,
             beta1: cfg.beta1,
@@ -93,7 +98,8 @@ impl AdamW {
         let mut updates = Vec::new();
         // `x * 0` is 0 for finite x and NaN for ±inf or NaN, and its sum cannot overflow.
         let mut probe: Option<Tensor> = None;
-        for (_, theta, m, v) in &self.vars {
+        for ((_, theta, m, v), &decays) in self.vars.iter().zip(&self.decay) {
+            let lr_lambda = if decays { lr_lambda } else { 0.0 };
             if let Some(g) = grads.get(theta) {
                 let next_m = ((m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
                 let next_v = ((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;

@@ -290,6 +290,63 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
     let family = family_of(v, path)?;
     reject_unsupported(v, family, path)?;
     let d = defaults(family);
+    let att = attention_of(v, family, &d, path)?;
+    let intermediate = usize_of(v, &["intermediate_size"], d.intermediate_size, path)?;
+    let moe = moe_config(v, family, &d, att.hidden, intermediate, path)?;
+    let layers = usize_of(v, &["num_hidden_layers"], d.num_hidden_layers, path)?;
+    let (sparse_step, mlp_only_layers) = sparsity(v, family, layers, path)?;
+    let cfg = ModelConfig {
+        vocab_size: usize_of(v, &["vocab_size"], d.vocab_size, path)?,
+        hidden_size: att.hidden,
+        num_layers: layers,
+        num_decoder_layers: 0,
+        num_heads: att.heads,
+        num_kv_heads: att.kv_heads,
+        head_dim: att.head_dim,
+        max_position_embeddings: usize_of(
+            v,
+            &["max_position_embeddings"],
+            d.max_position_embeddings,
+            path,
+        )?,
+        rope_theta: rope_theta(v, d.rope_theta, path)?,
+        position: PositionKind::Rope,
+        norm_eps: f64_field(v, "rms_norm_eps", d.rms_norm_eps, path)?,
+        norm: NormKind::Rmsnorm,
+        post_norm: false,
+        attention_bias: match family {
+            // 4.x Qwen2-MoE always has q/k/v biases; 5.x names them `qkv_bias` (default true).
+            Family::Qwen2Moe => bool_field(v, "qkv_bias", true, path)?,
+            Family::Olmoe => bool_field(v, "attention_bias", false, path)?,
+            // transformers' Mixtral has no attention biases (its config has no such key).
+            Family::Mixtral => false,
+        },
+        qk_norm: family == Family::Olmoe,
+        tie_word_embeddings: bool_field(v, "tie_word_embeddings", false, path)?,
+        type_vocab_size: 0,
+        dense_intermediate_size: intermediate,
+        sparse_step,
+        mlp_only_layers,
+        moe,
+        num_labels: 0,
+        pooling: Default::default(),
+        pad_token_id: None,
+        hidden_dropout: 0.0,
+    };
+    cfg.validate().map_err(|e| cfg_err(path, e))?;
+    Ok((family, cfg))
+}
+
+/// The attention geometry of a Hugging Face config.
+struct AttentionSizes {
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: Option<usize>,
+}
+
+/// Reads `hidden_size`, the head counts and `head_dim`, checking that they fit together.
+fn attention_of(v: &Value, family: Family, d: &Defaults, path: &Path) -> Result<AttentionSizes> {
     let hidden = usize_of(v, &["hidden_size"], d.hidden_size, path)?;
     let heads = usize_of(v, &["num_attention_heads"], d.num_attention_heads, path)?;
     let kv_heads = match spelled(v, &["num_key_value_heads"], path)? {
@@ -304,10 +361,9 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             format!("`num_key_value_heads` ({kv_heads}) must be > 0 and divide `num_attention_heads` ({heads})"),
         ));
     }
-    let head_dim = match spelled(v, &["head_dim"], path)? {
-        Some((x, k)) => Some(as_usize(x, &k, path)?),
-        None => None,
-    };
+    let head_dim = spelled(v, &["head_dim"], path)?
+        .map(|(x, k)| as_usize(x, &k, path))
+        .transpose()?;
     match head_dim {
         // OLMoE's q_norm / k_norm are sized hidden_size and (hidden / heads) * kv_heads.
         Some(hd) if family == Family::Olmoe && hd.checked_mul(heads) != Some(hidden) => {
@@ -325,7 +381,24 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         }
         _ => {}
     }
-    let intermediate = usize_of(v, &["intermediate_size"], d.intermediate_size, path)?;
+    Ok(AttentionSizes {
+        hidden,
+        heads,
+        kv_heads,
+        head_dim,
+    })
+}
+
+/// The sparse layers' [`MoeConfig`]: expert count and width, top-k, router settings and the
+/// Qwen2-MoE shared expert, under each family's spellings and defaults.
+fn moe_config(
+    v: &Value,
+    family: Family,
+    d: &Defaults,
+    hidden: usize,
+    intermediate: usize,
+    path: &Path,
+) -> Result<MoeConfig> {
     let experts_keys: &[&str] = match family {
         Family::Mixtral => &["num_local_experts", "num_experts"],
         Family::Olmoe => &["num_experts", "num_local_experts"],
@@ -343,7 +416,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             format!("`num_experts_per_tok` ({top_k}) must be between 1 and the number of experts ({experts})"),
         ));
     }
-    let moe = MoeConfig {
+    Ok(MoeConfig {
         hidden_size: hidden,
         intermediate_size: expert_ffn,
         num_experts: experts,
@@ -373,8 +446,12 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             _ => 0,
         },
         shared_expert_gate: true,
-    };
-    let layers = usize_of(v, &["num_hidden_layers"], d.num_hidden_layers, path)?;
+    })
+}
+
+/// Which of the `layers` are sparse: Qwen2-MoE's `decoder_sparse_step` and `mlp_only_layers`, in
+/// that order; also checks that `layer_types` lists every layer.
+fn sparsity(v: &Value, family: Family, layers: usize, path: &Path) -> Result<(usize, Vec<usize>)> {
     let mlp_only: Vec<usize> = match (family, field(v, "mlp_only_layers")) {
         (Family::Qwen2Moe, Some(Value::Array(a))) => a
             .iter()
@@ -407,51 +484,12 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             ));
         }
     }
-    let cfg = ModelConfig {
-        vocab_size: usize_of(v, &["vocab_size"], d.vocab_size, path)?,
-        hidden_size: hidden,
-        num_layers: layers,
-        num_decoder_layers: 0,
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        head_dim,
-        max_position_embeddings: usize_of(
-            v,
-            &["max_position_embeddings"],
-            d.max_position_embeddings,
-            path,
-        )?,
-        rope_theta: rope_theta(v, d.rope_theta, path)?,
-        position: PositionKind::Rope,
-        norm_eps: f64_field(v, "rms_norm_eps", d.rms_norm_eps, path)?,
-        norm: NormKind::Rmsnorm,
-        post_norm: false,
-        attention_bias: match family {
-            // 4.x Qwen2-MoE always has q/k/v biases; 5.x names them `qkv_bias` (default true).
-            Family::Qwen2Moe => bool_field(v, "qkv_bias", true, path)?,
-            Family::Olmoe => bool_field(v, "attention_bias", false, path)?,
-            // transformers' Mixtral has no attention biases (its config has no such key).
-            Family::Mixtral => false,
-        },
-        qk_norm: family == Family::Olmoe,
-        tie_word_embeddings: bool_field(v, "tie_word_embeddings", false, path)?,
-        type_vocab_size: 0,
-        dense_intermediate_size: intermediate,
-        sparse_step,
-        mlp_only_layers: mlp_only,
-        moe,
-        num_labels: 0,
-        pooling: Default::default(),
-        pad_token_id: None,
-        hidden_dropout: 0.0,
-    };
-    cfg.validate().map_err(|e| cfg_err(path, e))?;
-    Ok((family, cfg))
+    Ok((sparse_step, mlp_only))
 }
 
 /// Reads and maps a Hugging Face `config.json` (a regular file of at most 64 MiB).
 pub fn read_hf_config(path: &Path) -> Result<(Family, ModelConfig)> {
-    let text = crate::io::hub::read_json_text(path, "config.json")?;
+    let text = crate::files::read_json_text(path, "config.json")?;
     let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

@@ -118,7 +118,7 @@ fn config_and_family(
 
 /// Reads a JSON file, naming it on error: a regular file (links followed) of at most 64 MiB.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    let text = crate::io::hub::read_json_text(path, "a JSON file")?;
+    let text = crate::files::read_json_text(path, "a JSON file")?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
@@ -148,7 +148,7 @@ impl crate::models::CausalLm {
         let (tok, tokenizer_json) = match &r.tokenizer {
             Some(p) => (
                 Some(crate::tokenizer::load(p)?),
-                std::fs::read_to_string(p).ok(),
+                Some(crate::files::read_json_text(p, "tokenizer.json")?),
             ),
             None => (None, None),
         };
@@ -156,7 +156,9 @@ impl crate::models::CausalLm {
             .config
             .parent()
             .map(|d| d.join("generation_config.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .filter(|p| p.exists())
+            .map(|p| crate::files::read_json_text(&p, "generation_config.json"))
+            .transpose()?
             .and_then(|t| serde_json::from_str(&t).ok());
         model.set_origin(crate::models::Origin {
             hf_config: Some(v),
