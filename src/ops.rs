@@ -67,6 +67,17 @@ pub fn normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// The variables of `varmap` sorted by name (handles sharing the variables, not copies): the
+/// deterministic order seeded initialisation, optimizers and loaders walk them in.
+pub fn sorted_vars(varmap: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    let mut v: Vec<(String, candle_core::Var)> = lock(varmap.data())
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
 /// Locks `m`, recovering the data of a poisoned lock.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {

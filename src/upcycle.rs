@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::io::bert::DenseEncoder;
 use crate::io::safetensors::varmap_tensors;
 use crate::models::SequenceClassifier;
-use crate::ops::{lock, normal};
+use crate::ops::{normal, sorted_vars};
 
 /// Sparse upcycling: builds a [`SequenceClassifier`] whose every feed-forward is an MoE of
 /// `num_experts` copies of the dense one (top-`top_k`, renormalised), with Gaussian noise of
@@ -50,11 +50,8 @@ pub fn upcycle(
     let src = varmap_tensors(&dense.varmap)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     {
-        let data = lock(varmap.data());
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        for name in names {
-            let var = &data[name];
+        for (name, var) in sorted_vars(&varmap) {
+            let name = &name;
             if let Some(t) = src.get(name) {
                 var.set(t)?;
                 continue;

@@ -8,7 +8,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 
-use crate::ops::{lock, normal};
+use crate::ops::{normal, sorted_vars};
 
 /// Redraws every variable of `varmap` from a generator seeded with `seed`.
 ///
@@ -17,11 +17,8 @@ use crate::ops::{lock, normal};
 /// - rank 1 whose values are all equal (norm weights, biases) is kept as initialised.
 pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data = lock(varmap.data());
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
+    for (name, var) in sorted_vars(varmap) {
+        let name = name.as_str();
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         if dims.len() < 2 {

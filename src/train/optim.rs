@@ -12,7 +12,7 @@ use candle_nn::VarMap;
 
 use super::TrainConfig;
 use crate::error::{CheckpointErrorKind, Error, Result};
-use crate::ops::lock;
+use crate::ops::sorted_vars;
 
 /// AdamW with named, checkpointable moments (candle-nn's update rule).
 #[derive(Debug)]
@@ -32,13 +32,10 @@ pub struct AdamW {
 impl AdamW {
     /// Optimises every variable of `varmap` (float vars only).
     pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
-        let data = lock(varmap.data());
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
         let mut vars = Vec::new();
         let mut decay = Vec::new();
-        for n in names {
-            let v = data[n].clone();
+        for (n, v) in sorted_vars(varmap) {
+            let n = &n;
             if !v.dtype().is_float() {
                 continue;
             }
