@@ -1,5 +1,5 @@
-//! The checked VarBuilder backend: memory-mapped safetensors whose every tensor is checked
-//! against the headers ([`read_header`]) before it is read, with a log of what was loaded and the
+//! The checked VarBuilder backend: safetensors whose every tensor is checked against the
+//! headers ([`read_header`]) before it is read, with a log of what was loaded and the
 //! first structured error, so a build over it fails with a precise [`Error`].
 
 use std::collections::HashMap;
@@ -28,12 +28,11 @@ pub(crate) struct LoadLog {
 /// Shared handle on a [`LoadLog`].
 pub(crate) type SharedLog = Arc<Mutex<LoadLog>>;
 
-/// A VarBuilder backend over memory-mapped safetensors that checks every tensor against the
-/// headers before reading it (so a config that disagrees with the weights allocates nothing),
+/// A VarBuilder backend over safetensors files (each tensor read with one positioned read, no
+/// memory map) that checks every tensor against the headers before reading it (so a config that disagrees with the weights allocates nothing),
 /// names the file and tensor in its errors, and records what it loaded. With a `VarMap` every
 /// tensor becomes a trainable variable registered under its stored name.
 struct Checked {
-    st: candle_core::safetensors::MmapedSafetensors,
     headers: HashMap<String, HeaderEntry>,
     files: PathBuf,
     varmap: Option<VarMap>,
@@ -92,7 +91,7 @@ impl Checked {
                 )));
             }
         }
-        let t = match self.st.load(name, dev) {
+        let t = match read_tensor(h, dev) {
             Ok(t) => t.to_dtype(dtype)?,
             Err(e) => {
                 return Err(self.fail(Error::tensor(
@@ -165,15 +164,10 @@ pub(crate) fn var_builder(
         }
     }
     let first = files.first().cloned().unwrap_or_default();
-    // SAFETY: the files are memory-mapped read-only; as with every mmap-based loader (candle's
-    // own `from_mmaped_safetensors`), they must not be modified while the model is alive.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files) }
-        .map_err(|e| Error::checkpoint(&first, format!("cannot map: {e}")))?;
     let mut names: Vec<String> = headers.keys().cloned().collect();
     names.sort();
     let log = SharedLog::default();
     let backend: Box<dyn SimpleBackend> = Box::new(Checked {
-        st,
         headers,
         files: first,
         varmap,
@@ -181,6 +175,34 @@ pub(crate) fn var_builder(
     });
     let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
     Ok((vb, log, names))
+}
+
+/// Reads one tensor's bytes with a positioned read (no memory map: the file's pages are not
+/// kept resident next to the loaded copy) and makes the tensor on `dev`.
+fn read_tensor(h: &HeaderEntry, dev: &Device) -> candle_core::Result<Tensor> {
+    let dt = match h.dtype.as_str() {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        "F64" => DType::F64,
+        other => candle_core::bail!("unsupported dtype {other}"),
+    };
+    let len = usize::try_from(h.len).map_err(candle_core::Error::wrap)?;
+    let mut buf = vec![0u8; len];
+    let f = std::fs::File::open(&h.file)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut buf, h.offset)?;
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = f;
+        f.seek(SeekFrom::Start(h.offset))?;
+        f.read_exact(&mut buf)?;
+    }
+    Tensor::from_raw_buffer(&buf, dt, &h.shape, &Device::Cpu)?.to_device(dev)
 }
 
 /// Checks that every tensor of the checkpoint was used by the model (a config that disagrees

@@ -1,6 +1,6 @@
-//! Safetensors files: a checked header reader, parsing and serialising named tensors, and
-//! atomic writes. The memory-mapped VarBuilder backend that checks every tensor against the
-//! headers lives in `io::backend` and is re-exported here.
+//! Safetensors files: a checked header reader, parsing and serialising named tensors. The
+//! VarBuilder backend that checks every tensor against the headers lives in `io::backend` and
+//! is re-exported here; atomic writes are in `io::atomic`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -187,6 +187,10 @@ pub(crate) struct HeaderEntry {
     pub(crate) file: PathBuf,
     pub(crate) dtype: String,
     pub(crate) shape: Vec<usize>,
+    /// Absolute byte offset of the tensor's data in the file.
+    pub(crate) offset: u64,
+    /// Byte length of the data.
+    pub(crate) len: u64,
 }
 
 /// The largest safetensors header the reader accepts (the format's own limit).
@@ -317,5 +321,7 @@ fn header_entry(file: &FileSpan, name: &str, info: &Value) -> Result<HeaderEntry
         file: file.path.to_path_buf(),
         dtype: dtype.to_string(),
         shape,
+        offset: file.data_start + start,
+        len: want,
     })
 }
