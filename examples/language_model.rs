@@ -37,6 +37,10 @@ struct Args {
     /// Load the model in --out (or --resume) and sample from this prompt.
     #[arg(long)]
     generate: Option<String>,
+    /// With --generate: sample on the trainable (autograd) path instead of the frozen one, to
+    /// compare their speed.
+    #[arg(long)]
+    generate_unfrozen: bool,
     /// Batch size.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -179,7 +183,7 @@ fn run() -> Result<()> {
             .resume
             .clone()
             .unwrap_or_else(|| a.run.out_dir("language_model"));
-        return generate(&dir, prompt, &dev, a.run.seed);
+        return generate(&dir, prompt, &dev, a.run.seed, !a.generate_unfrozen);
     }
     let out = a.run.create_out_dir("language_model")?;
     let data = load_corpus(&a)?;
@@ -388,10 +392,18 @@ fn sample(
     Ok(tokenizer::decode(tok, &out)?)
 }
 
-fn generate(dir: &std::path::Path, prompt: &str, dev: &Device, seed: u64) -> Result<()> {
+fn generate(
+    dir: &std::path::Path,
+    prompt: &str,
+    dev: &Device,
+    seed: u64,
+    freeze: bool,
+) -> Result<()> {
     let (mut model, _) = CausalLm::load(dir, DType::F32, dev)?;
-    // Inference: plain tensors, so the fused expert, norm and softmax paths apply.
-    model.freeze()?;
+    if freeze {
+        // Inference: plain tensors, so the fused expert, norm and softmax paths apply.
+        model.freeze()?;
+    }
     let tok = tokenizer::load(&dir.join("tokenizer.json"))?;
     anyhow::ensure!(!prompt.is_empty(), "empty prompt");
     let t0 = std::time::Instant::now();
