@@ -143,7 +143,14 @@ fn run(a: Args) -> Result<()> {
     let tok = tok.context("the checkpoint has no tokenizer.json")?;
     let (train_ids, held_ids) = corpus(&a, &tok)?;
     let eval = |m: &CausalLm| -> Result<lm::Eval> {
-        Ok(lm::evaluate(&m.frozen_copy()?, &held_ids, a.seq_len, a.batch, a.eval_windows, &dev)?)
+        Ok(lm::evaluate(
+            &m.frozen_copy()?,
+            &held_ids,
+            a.seq_len,
+            a.batch,
+            a.eval_windows,
+            &dev,
+        )?)
     };
     let before = eval(&model)?;
     let vars = trainable(&mut model, &a)?;

@@ -277,7 +277,15 @@ fn train(
         },
         || {
             let windows = a.eval_windows / 4;
-            Ok(lm::evaluate(&model.frozen_copy()?, &data.valid_ids, a.seq_len, a.batch, windows, dev)?.nll)
+            Ok(lm::evaluate(
+                &model.frozen_copy()?,
+                &data.valid_ids,
+                a.seq_len,
+                a.batch,
+                windows,
+                dev,
+            )?
+            .nll)
         },
         |tr| ckpt.save(tr),
     )?;
@@ -411,6 +419,9 @@ fn generate(
     let secs = t0.elapsed().as_secs_f64();
     let n = tokenizer::encode(&tok, &s)?.len();
     println!("{prompt}{s}");
-    eprintln!("generated ~{n} tokens in {secs:.2} s ({:.0} tokens/s)", n as f64 / secs);
+    eprintln!(
+        "generated ~{n} tokens in {secs:.2} s ({:.0} tokens/s)",
+        n as f64 / secs
+    );
     Ok(())
 }

@@ -73,4 +73,3 @@ pub(crate) fn read_json_text(path: &Path, what: &str) -> Result<String> {
         )
     })
 }
-

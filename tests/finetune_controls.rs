@@ -79,7 +79,12 @@ fn accumulated_micro_batches_equal_one_big_batch() {
         s1.grad_norm,
         s2.grad_norm
     );
-    assert!((s1.task - s2.task).abs() < 1e-5, "{} vs {}", s1.task, s2.task);
+    assert!(
+        (s1.task - s2.task).abs() < 1e-5,
+        "{} vs {}",
+        s1.task,
+        s2.task
+    );
     let d = flat(&vm1)
         .iter()
         .zip(flat(&vm2))
@@ -97,9 +102,8 @@ fn balancing_terms_are_formed_per_micro_batch() {
     let micro = [parts(&m, &a), parts(&m, &b)];
     let coef = (0.3, 0.05);
     let total = |p: &LossParts| {
-        ((&p.task + (&p.load_balancing * coef.0).unwrap()).unwrap()
-            + (&p.z_loss * coef.1).unwrap())
-        .unwrap()
+        ((&p.task + (&p.load_balancing * coef.0).unwrap()).unwrap() + (&p.z_loss * coef.1).unwrap())
+            .unwrap()
     };
     let mut sum: Option<Vec<f64>> = None;
     for p in &micro {
@@ -124,12 +128,7 @@ fn balancing_terms_are_formed_per_micro_batch() {
             Some(s) => s.iter().zip(flat_g).map(|(x, y)| x + y).collect(),
         });
     }
-    let want_norm = sum
-        .unwrap()
-        .iter()
-        .map(|x| x * x)
-        .sum::<f64>()
-        .sqrt();
+    let want_norm = sum.unwrap().iter().map(|x| x * x).sum::<f64>().sqrt();
     let lb_mean = micro
         .iter()
         .map(|p| p.load_balancing.to_scalar::<f32>().unwrap() as f64)
@@ -189,7 +188,11 @@ fn norms_biases_embeddings_and_routers_get_no_weight_decay() {
         // Adam's first step moves every weight by lr · g / (|g| + eps) = 0.1; decoupled decay
         // also scales the decayed ones by 1 - lr · weight_decay.
         let decays = n.ends_with("q_proj.weight");
-        let want = if decays { 1.0 - 0.1 * 0.5 - 0.1 } else { 1.0 - 0.1 };
+        let want = if decays {
+            1.0 - 0.1 * 0.5 - 0.1
+        } else {
+            1.0 - 0.1
+        };
         assert!((v - want).abs() < 1e-6, "{n}: {v} (decay {decays})");
     }
 }

@@ -395,8 +395,7 @@ fn frozen_model_takes_the_fused_path_with_one_copy_of_the_experts() {
     cfg.moe.num_experts = 8;
     cfg.num_layers = 2;
     let vm = VarMap::new();
-    let m =
-        CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let m = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     m.save_pretrained(tmp.path().join("m")).unwrap();
     drop(m);

@@ -9,9 +9,9 @@
 //! and per-layer routing statistics.
 
 pub mod causal_lm;
-mod lora;
 pub mod classifier;
 pub mod generate;
+mod lora;
 pub mod seq2seq;
 
 use candle_core::{bail, DType, Module, Result, Tensor};
