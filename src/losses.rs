@@ -200,10 +200,19 @@ pub fn pooled_aux_losses(
     let (mut valid, mut rows_all) = (0f64, 0usize);
     let mut p_sum: Option<Tensor> = None;
     let mut z_sum: Option<Tensor> = None;
+    let mut host_mask: Option<(candle_core::TensorId, Vec<f32>)> = None;
     for (l, a) in layers.iter().enumerate() {
         let (rows, k) = (a.rows(), a.top_k);
+        // The models pass one mask tensor for every layer of a stack: read it once.
         let mask = match row_masks {
-            Some(m) => Some(m[l].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(m) => match &host_mask {
+                Some((id, v)) if *id == m[l].id() => Some(v.clone()),
+                _ => {
+                    let v = m[l].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    host_mask = Some((m[l].id(), v.clone()));
+                    Some(v)
+                }
+            },
             None => None,
         };
         if mask.as_ref().is_some_and(|m| m.len() != rows) {

@@ -1,8 +1,9 @@
 //! A table of bad inputs across the public API and the example CLIs: each gives an error that
 //! names the cause (the CLIs exit non-zero with a one-line message), never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_moe::error::CheckpointErrorKind;
@@ -103,26 +104,6 @@ fn moe() -> SparseMoe {
     };
     let vm = VarMap::new();
     SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap()
-}
-
-fn example(name: &str) -> PathBuf {
-    // tests run from target/<profile>/deps; cargo test builds the examples beside them.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
-}
-
-/// Runs an example; returns (exit code, stderr).
-fn cli(name: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(example(name)).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -578,14 +559,14 @@ fn example_clis_fail_with_one_line_and_no_panic() {
         ),
     ];
     for (ex, args, needle) in runs {
-        if !example(ex).exists() {
+        if !common::example_path(ex).exists() {
             panic!(
                 "example binary {} not built (run cargo test, which builds examples)",
-                example(ex).display()
+                common::example_path(ex).display()
             );
         }
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let (code, stderr) = cli(ex, &args);
+        let (code, stderr) = common::example_cli(ex, &args);
         assert_ne!(code, 0, "{ex} {args:?} should fail");
         assert!(
             !stderr.contains("panicked"),

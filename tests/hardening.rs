@@ -4,8 +4,7 @@
 //! all-or-nothing `Trainer::load_state`, lossless NaN / ±inf in `trainer_state.json`, and the
 //! `language_model` CLI with zero sizes.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_moe::error::CheckpointErrorKind;
@@ -1008,35 +1007,9 @@ fn non_finite_floats_round_trip_through_the_state_file() {
 // ---------------------------------------------------------------------------------------------
 // The language_model CLI with zero sizes: one `error:` line, non-zero exit, no panic.
 
-fn example(name: &str) -> PathBuf {
-    // tests run from target/<profile>/deps; cargo test builds the examples beside them.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
-}
-
-/// Runs an example; returns (exit code, stderr).
-fn cli(name: &str, args: &[&str]) -> (i32, String) {
-    // Without backtraces in the environment: candle errors would carry them in their message.
-    let out = Command::new(example(name))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn language_model_cli_rejects_zero_sizes() {
-    let exe = example("language_model");
+    let exe = common::example_path("language_model");
     assert!(
         exe.exists(),
         "example binary {} not built (run cargo test, which builds examples)",
@@ -1080,7 +1053,7 @@ fn language_model_cli_rejects_zero_sizes() {
     ];
     for (args, needle) in runs {
         let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let (code, stderr) = cli("language_model", &args);
+        let (code, stderr) = common::example_cli("language_model", &args);
         assert_ne!(code, 0, "{args:?} should fail");
         assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -3,6 +3,8 @@
 //! saves are atomic; what the crate saves is what transformers loaded
 //! (`tests/fixtures/roundtrip/expected.json`, written by `tests/fixtures/gen_roundtrip.py`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,25 +17,12 @@ use serde_json::Value;
 
 const FAMILIES: [&str; 3] = ["mixtral", "qwen2_moe", "olmoe"];
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
 fn load(dir: &Path, trainable: bool) -> CausalLm {
     let opts = LoadOptions {
         trainable,
         ..Default::default()
     };
     CausalLm::from_pretrained(dir.to_str().unwrap(), &opts).unwrap()
-}
-
-/// A fixed batch: 2 sequences of 12 tokens below the fixtures' vocab of 96.
-fn batch() -> (Tensor, Tensor) {
-    let ids: Vec<u32> = (0..26u32).map(|i| (i * 37 + 11) % 96).collect();
-    let t = Tensor::from_vec(ids, (2, 13), &Device::Cpu).unwrap();
-    (t.narrow(1, 0, 12).unwrap(), t.narrow(1, 1, 12).unwrap())
 }
 
 fn loss_parts(
@@ -43,19 +32,6 @@ fn loss_parts(
 ) -> candle_core::Result<candle_moe::train::LossParts> {
     let y = y.flatten_all()?;
     candle_moe::tasks::language_model::loss_parts(m, x, &y, true)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn params(m: &CausalLm) -> HashMap<String, Vec<f32>> {
@@ -86,16 +62,16 @@ fn train_cfg(steps: usize) -> TrainConfig {
 
 #[test]
 fn trainable_load_trains_every_part_and_matches_frozen() {
-    let (x, y) = batch();
+    let (x, y) = common::fixed_lm_batch();
     for fam in FAMILIES {
-        let frozen = load(&fixture(fam), false);
+        let frozen = load(&common::hf_fixture(fam), false);
         assert!(
             frozen.varmap().is_none(),
             "{fam}: frozen load has no VarMap"
         );
-        let mut model = load(&fixture(fam), true);
+        let mut model = load(&common::hf_fixture(fam), true);
         let vm = model.varmap().expect("trainable load has a VarMap").clone();
-        let d = max_diff(
+        let d = common::max_abs_diff(
             &frozen.forward(&x).unwrap().logits,
             &model.forward(&x).unwrap().logits,
         );
@@ -151,7 +127,7 @@ fn trainable_load_trains_every_part_and_matches_frozen() {
         let trained = model.forward(&x).unwrap().logits;
         model.freeze().unwrap();
         assert!(model.varmap().is_none() && !model.is_trainable());
-        let d = max_diff(&trained, &model.forward(&x).unwrap().logits);
+        let d = common::max_abs_diff(&trained, &model.forward(&x).unwrap().logits);
         assert!(d < 1e-5, "{fam}: frozen copy differs by {d}");
     }
 }
@@ -183,9 +159,9 @@ fn assert_same_params(a: &CausalLm, b: &CausalLm, what: &str) {
 #[test]
 fn save_pretrained_round_trips_bit_for_bit() {
     let tmp = tempfile::tempdir().unwrap();
-    let (x, _) = batch();
+    let (x, _) = common::fixed_lm_batch();
     for fam in FAMILIES {
-        let m = load(&fixture(fam), false);
+        let m = load(&common::hf_fixture(fam), false);
         let out = tmp.path().join(fam);
         m.save_pretrained(&out).unwrap();
         let cfg: Value =
@@ -195,7 +171,7 @@ fn save_pretrained_round_trips_bit_for_bit() {
         let back = load(&out, false);
         assert_same_params(&m, &back, fam);
         assert_eq!(
-            max_diff(
+            common::max_abs_diff(
                 &m.forward(&x).unwrap().logits,
                 &back.forward(&x).unwrap().logits
             ),
@@ -334,7 +310,7 @@ fn export_model(name: &str) -> CausalLm {
         return crate_model(7);
     }
     if let Some(fam) = name.strip_prefix("lora_merged_") {
-        let mut m = load(&fixture(fam), false);
+        let mut m = load(&common::hf_fixture(fam), false);
         let vm = m
             .add_lora(&candle_moe::layers::LoraConfig {
                 rank: 4,
@@ -342,7 +318,7 @@ fn export_model(name: &str) -> CausalLm {
                 ..Default::default()
             })
             .unwrap();
-        let (x, y) = batch();
+        let (x, y) = common::fixed_lm_batch();
         let mut trainer = Trainer::new(&vm, train_cfg(5)).unwrap();
         for _ in 0..5 {
             trainer.step(&loss_parts(&m, &x, &y).unwrap()).unwrap();
@@ -351,9 +327,9 @@ fn export_model(name: &str) -> CausalLm {
         return m;
     }
     let fam = name.strip_prefix("finetuned_").unwrap_or(name);
-    let mut m = load(&fixture(fam), true);
+    let mut m = load(&common::hf_fixture(fam), true);
     let vm = m.varmap().unwrap().clone();
-    let (x, y) = batch();
+    let (x, y) = common::fixed_lm_batch();
     let mut trainer = Trainer::new(&vm, train_cfg(5)).unwrap();
     for _ in 0..5 {
         trainer.step(&loss_parts(&m, &x, &y).unwrap()).unwrap();

@@ -2,39 +2,13 @@
 //! gradients, the grouped expert path (split form per expert) equals the per-expert loop, and
 //! merging gives the same outputs as the unmerged adapters.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_moe::layers::LoraConfig;
 use candle_moe::moe::ExpertBackend;
 use candle_moe::{CausalLm, LoadOptions, MoeConfig, SparseMoe, TrainConfig, Trainer};
 use candle_nn::{VarBuilder, VarMap};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
-}
-
-fn batch() -> (Tensor, Tensor) {
-    let ids: Vec<u32> = (0..26u32).map(|i| (i * 37 + 11) % 96).collect();
-    let t = Tensor::from_vec(ids, (2, 13), &Device::Cpu).unwrap();
-    let y = t.narrow(1, 1, 12).unwrap().flatten_all().unwrap();
-    (t.narrow(1, 0, 12).unwrap(), y)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Sets every `lora_B` of `vm` to small random values (so the adapters are not the identity).
 fn randomise_b(vm: &VarMap) {
@@ -50,8 +24,9 @@ fn randomise_b(vm: &VarMap) {
 fn adapters_train_alone_and_merge_exactly() {
     for fam in ["mixtral", "qwen2_moe", "olmoe"] {
         let opts = LoadOptions::default();
-        let mut model = CausalLm::from_pretrained(fixture(fam).to_str().unwrap(), &opts).unwrap();
-        let (x, y) = batch();
+        let mut model =
+            CausalLm::from_pretrained(common::hf_fixture(fam).to_str().unwrap(), &opts).unwrap();
+        let (x, y) = common::fixed_lm_batch();
         let before = model.forward(&x).unwrap().logits;
         let vm = model
             .add_lora(&LoraConfig {
@@ -60,7 +35,7 @@ fn adapters_train_alone_and_merge_exactly() {
                 ..Default::default()
             })
             .unwrap();
-        let d = max_diff(&before, &model.forward(&x).unwrap().logits);
+        let d = common::max_abs_diff(&before, &model.forward(&x).unwrap().logits);
         assert!(d < 1e-5, "{fam}: fresh adapters change the output by {d}");
 
         // Only the adapters receive gradients.
@@ -114,7 +89,7 @@ fn adapters_train_alone_and_merge_exactly() {
 
         // Merged = unmerged.
         model.merge_lora().unwrap();
-        let d = max_diff(&tuned, &model.forward(&x).unwrap().logits);
+        let d = common::max_abs_diff(&tuned, &model.forward(&x).unwrap().logits);
         assert!(d < 1e-5, "{fam}: merged vs unmerged differ by {d}");
     }
 }
@@ -172,7 +147,7 @@ fn grouped_lora_equals_the_loop() {
             .collect();
         outs.push((y, g));
     }
-    let d = max_diff(&outs[0].0, &outs[1].0);
+    let d = common::max_abs_diff(&outs[0].0, &outs[1].0);
     assert!(d < 1e-5, "grouped vs loop outputs differ by {d}");
     for (a, b) in outs[0].1.iter().zip(&outs[1].1) {
         assert!(

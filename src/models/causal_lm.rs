@@ -117,26 +117,31 @@ impl CausalLm {
     /// weights (no copy): every fast path applies (fused experts, fused norms and softmax) and
     /// [`Self::varmap`] becomes `None`.
     pub fn freeze(&mut self) -> Result<()> {
-        let mut frozen = self.frozen_copy()?;
-        frozen.origin = Origin {
-            varmap: None,
-            ..std::mem::take(&mut self.origin)
-        };
-        *self = frozen;
+        *self = self.frozen_copy()?;
         Ok(())
     }
 
     /// An inference model over the current weights (shared, not copied), leaving this one
     /// trainable: what evaluation during training uses, so that it takes the fast paths.
     pub fn frozen_copy(&self) -> Result<Self> {
+        self.rebuilt_over(std::collections::HashMap::new())
+    }
+
+    /// A frozen model over the current weights (detached, not copied), with the tensors in
+    /// `replace` (by parameter name) in place of the current ones; the origin is kept, without
+    /// variables.
+    pub(super) fn rebuilt_over(
+        &self,
+        mut replace: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
         let Some((_, first)) = self.params.first() else {
-            bail!("freeze: the model has no parameters")
+            bail!("the model has no parameters")
         };
         let (dtype, dev) = (first.dtype(), first.device().clone());
         let map: std::collections::HashMap<String, Tensor> = self
             .params
             .iter()
-            .map(|(n, t)| (n.clone(), t.detach()))
+            .map(|(n, t)| (n.clone(), replace.remove(n).unwrap_or_else(|| t.detach())))
             .collect();
         let vb = VarBuilder::from_tensors(map, dtype, &dev);
         let mut frozen = Self::new_validated(&self.cfg, vb)?;

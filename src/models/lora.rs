@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{bail, Result, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::SeedableRng;
 
 use super::CausalLm;
@@ -86,19 +86,7 @@ impl CausalLm {
         if merged.is_empty() {
             bail!("merge_lora: the model has no adapters")
         }
-        let Some((_, first)) = self.params.first() else {
-            bail!("merge_lora: the model has no parameters")
-        };
-        let (dtype, dev) = (first.dtype(), first.device().clone());
-        let map: HashMap<String, Tensor> = self
-            .params
-            .iter()
-            .map(|(n, t)| (n.clone(), merged.remove(n).unwrap_or_else(|| t.detach())))
-            .collect();
-        let vb = VarBuilder::from_tensors(map, dtype, &dev);
-        let mut rebuilt = Self::new_validated(&self.cfg, vb)?;
-        rebuilt.origin = std::mem::take(&mut self.origin);
-        rebuilt.origin.varmap = None;
+        let rebuilt = self.rebuilt_over(merged)?;
         *self = rebuilt;
         Ok(())
     }

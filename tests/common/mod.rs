@@ -77,3 +77,46 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// A Hugging Face fixture directory (`tests/fixtures/hf/<name>`).
+pub fn hf_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(name)
+}
+
+/// A fixed language-model batch below the fixtures' vocabulary of 96: inputs `(2, 12)`,
+/// next-token targets `(24,)`.
+pub fn fixed_lm_batch() -> (Tensor, Tensor) {
+    let ids: Vec<u32> = (0..26u32).map(|i| (i * 37 + 11) % 96).collect();
+    let t = Tensor::from_vec(ids, (2, 13), &Device::Cpu).unwrap();
+    let y = t.narrow(1, 1, 12).unwrap().flatten_all().unwrap();
+    (t.narrow(1, 0, 12).unwrap(), y)
+}
+
+/// An example binary: cargo test builds the examples beside the test binaries, one level up
+/// from `target/<profile>/deps`.
+pub fn example_path(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+/// Runs an example binary without backtraces in the environment (candle errors would carry
+/// them in their message); returns (exit code, stderr).
+pub fn example_cli(name: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(example_path(name))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
