@@ -14,19 +14,20 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::defaults::{defaults, Defaults};
 use super::Family;
 use crate::config::{ExpertKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 use crate::error::{Error, Result};
 
-fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+pub(super) fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
     v.get(key).filter(|x| !x.is_null())
 }
 
-fn cfg_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+pub(super) fn cfg_err(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Config(format!("{}: {msg}", path.display()))
 }
 
-fn as_usize(x: &Value, key: &str, path: &Path) -> Result<usize> {
+pub(super) fn as_usize(x: &Value, key: &str, path: &Path) -> Result<usize> {
     x.as_u64()
         .and_then(|u| usize::try_from(u).ok())
         .ok_or_else(|| {
@@ -39,7 +40,11 @@ fn as_usize(x: &Value, key: &str, path: &Path) -> Result<usize> {
 
 /// The value of the first of `keys` present (not null); when several are present (the 4.x and
 /// 5.x spellings of one setting) they must agree.
-fn spelled<'a>(v: &'a Value, keys: &[&str], path: &Path) -> Result<Option<(&'a Value, String)>> {
+pub(super) fn spelled<'a>(
+    v: &'a Value,
+    keys: &[&str],
+    path: &Path,
+) -> Result<Option<(&'a Value, String)>> {
     let mut found: Option<(&Value, String)> = None;
     for k in keys {
         if let Some(x) = field(v, k) {
@@ -65,14 +70,14 @@ fn same_value(a: &Value, b: &Value) -> bool {
     }
 }
 
-fn usize_of(v: &Value, keys: &[&str], default: usize, path: &Path) -> Result<usize> {
+pub(super) fn usize_of(v: &Value, keys: &[&str], default: usize, path: &Path) -> Result<usize> {
     match spelled(v, keys, path)? {
         None => Ok(default),
         Some((x, k)) => as_usize(x, &k, path),
     }
 }
 
-fn f64_field(v: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
+pub(super) fn f64_field(v: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
     match field(v, key) {
         None => Ok(default),
         Some(x) => x
@@ -81,90 +86,12 @@ fn f64_field(v: &Value, key: &str, default: f64, path: &Path) -> Result<f64> {
     }
 }
 
-fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
+pub(super) fn bool_field(v: &Value, key: &str, default: bool, path: &Path) -> Result<bool> {
     match field(v, key) {
         None => Ok(default),
         Some(x) => x
             .as_bool()
             .ok_or_else(|| cfg_err(path, format!("`{key}` must be true or false, got {x}"))),
-    }
-}
-
-/// The defaults of a family's transformers config class (5.24; 4.x has the same values).
-struct Defaults {
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    /// `None`: the number of attention heads.
-    num_key_value_heads: Option<usize>,
-    max_position_embeddings: usize,
-    rms_norm_eps: f64,
-    rope_theta: f64,
-    num_experts_per_tok: usize,
-    num_experts: usize,
-    router_aux_loss_coef: f64,
-    norm_topk_prob: bool,
-    /// Qwen2-MoE's expert width and shared-expert width.
-    moe_intermediate_size: usize,
-    shared_expert_intermediate_size: usize,
-}
-
-fn defaults(family: Family) -> Defaults {
-    match family {
-        // MixtralConfig: default_theta 1e6, max_position_embeddings 4096 * 32.
-        Family::Mixtral => Defaults {
-            vocab_size: 32000,
-            hidden_size: 4096,
-            intermediate_size: 14336,
-            num_hidden_layers: 32,
-            num_attention_heads: 32,
-            num_key_value_heads: Some(8),
-            max_position_embeddings: 4096 * 32,
-            rms_norm_eps: 1e-5,
-            rope_theta: 1e6,
-            num_experts_per_tok: 2,
-            num_experts: 8,
-            router_aux_loss_coef: 0.001,
-            norm_topk_prob: true,
-            moe_intermediate_size: 0,
-            shared_expert_intermediate_size: 0,
-        },
-        Family::Qwen2Moe => Defaults {
-            vocab_size: 151936,
-            hidden_size: 2048,
-            intermediate_size: 5632,
-            num_hidden_layers: 24,
-            num_attention_heads: 16,
-            num_key_value_heads: Some(16),
-            max_position_embeddings: 32768,
-            rms_norm_eps: 1e-6,
-            rope_theta: 10_000.0,
-            num_experts_per_tok: 4,
-            num_experts: 60,
-            router_aux_loss_coef: 0.001,
-            norm_topk_prob: false,
-            moe_intermediate_size: 1408,
-            shared_expert_intermediate_size: 5632,
-        },
-        Family::Olmoe => Defaults {
-            vocab_size: 50304,
-            hidden_size: 2048,
-            intermediate_size: 2048,
-            num_hidden_layers: 16,
-            num_attention_heads: 16,
-            num_key_value_heads: None,
-            max_position_embeddings: 4096,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            num_experts_per_tok: 8,
-            num_experts: 64,
-            router_aux_loss_coef: 0.01,
-            norm_topk_prob: false,
-            moe_intermediate_size: 0,
-            shared_expert_intermediate_size: 0,
-        },
     }
 }
 
@@ -177,16 +104,24 @@ pub(crate) fn family_of(v: &Value, path: &Path) -> Result<Family> {
         "mixtral" => Ok(Family::Mixtral),
         "qwen2_moe" => Ok(Family::Qwen2Moe),
         "olmoe" => Ok(Family::Olmoe),
+        "qwen3_moe" => Ok(Family::Qwen3Moe),
+        "deepseek_v2" => Ok(Family::DeepseekV2),
+        "deepseek_v3" => Ok(Family::DeepseekV3),
+        "gpt_oss" => Ok(Family::GptOss),
+        "granitemoe" => Ok(Family::GraniteMoe),
         other => Err(cfg_err(
             path,
-            format!("unknown model_type `{other}` (supported: mixtral, qwen2_moe, olmoe)"),
+            format!(
+                "unknown model_type `{other}` (supported: {})",
+                Family::MODEL_TYPES.join(", ")
+            ),
         )),
     }
 }
 
 /// The RoPE base: top-level `rope_theta` (transformers 4.x) or `rope_parameters.rope_theta`
 /// (5.x); both present must agree; missing, the family's default (Mixtral 1e6, others 1e4).
-fn rope_theta(v: &Value, default: f64, path: &Path) -> Result<f64> {
+pub(super) fn rope_theta(v: &Value, default: f64, path: &Path) -> Result<f64> {
     let top = field(v, "rope_theta").map(|_| f64_field(v, "rope_theta", default, path));
     let nested = field(v, "rope_parameters")
         .and_then(|p| field(p, "rope_theta"))
@@ -219,7 +154,7 @@ fn rope_theta(v: &Value, default: f64, path: &Path) -> Result<f64> {
 
 /// Settings the loader does not implement are refused with the key named, never ignored:
 /// RoPE scaling other than the default, sliding-window attention, activations other than SiLU.
-fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
+pub(super) fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
     for key in ["rope_scaling", "rope_parameters"] {
         if let Some(p) = field(v, key) {
             if !p.is_object() {
@@ -288,6 +223,15 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         return Err(cfg_err(path, "not a JSON object"));
     }
     let family = family_of(v, path)?;
+    match family {
+        Family::Mixtral | Family::Qwen2Moe | Family::Olmoe => {}
+        Family::Qwen3Moe => return super::qwen3::config(v, path).map(|c| (family, c)),
+        Family::GraniteMoe => return super::granite::config(v, path).map(|c| (family, c)),
+        Family::DeepseekV2 | Family::DeepseekV3 => {
+            return super::deepseek::config(v, family, path).map(|c| (family, c))
+        }
+        Family::GptOss => return super::gpt_oss::config(v, path).map(|c| (family, c)),
+    }
     reject_unsupported(v, family, path)?;
     let d = defaults(family);
     let att = attention_of(v, family, &d, path)?;
@@ -319,7 +263,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             Family::Qwen2Moe => bool_field(v, "qkv_bias", true, path)?,
             Family::Olmoe => bool_field(v, "attention_bias", false, path)?,
             // transformers' Mixtral has no attention biases (its config has no such key).
-            Family::Mixtral => false,
+            _ => false,
         },
         qk_norm: family == Family::Olmoe,
         tie_word_embeddings: bool_field(v, "tie_word_embeddings", false, path)?,
@@ -338,7 +282,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
 }
 
 /// The attention geometry of a Hugging Face config.
-struct AttentionSizes {
+pub(super) struct AttentionSizes {
     hidden: usize,
     heads: usize,
     kv_heads: usize,
@@ -346,7 +290,12 @@ struct AttentionSizes {
 }
 
 /// Reads `hidden_size`, the head counts and `head_dim`, checking that they fit together.
-fn attention_of(v: &Value, family: Family, d: &Defaults, path: &Path) -> Result<AttentionSizes> {
+pub(super) fn attention_of(
+    v: &Value,
+    family: Family,
+    d: &Defaults,
+    path: &Path,
+) -> Result<AttentionSizes> {
     let hidden = usize_of(v, &["hidden_size"], d.hidden_size, path)?;
     let heads = usize_of(v, &["num_attention_heads"], d.num_attention_heads, path)?;
     let kv_heads = match spelled(v, &["num_key_value_heads"], path)? {
@@ -391,7 +340,7 @@ fn attention_of(v: &Value, family: Family, d: &Defaults, path: &Path) -> Result<
 
 /// The sparse layers' [`MoeConfig`]: expert count and width, top-k, router settings and the
 /// Qwen2-MoE shared expert, under each family's spellings and defaults.
-fn moe_config(
+pub(super) fn moe_config(
     v: &Value,
     family: Family,
     d: &Defaults,
@@ -402,7 +351,7 @@ fn moe_config(
     let experts_keys: &[&str] = match family {
         Family::Mixtral => &["num_local_experts", "num_experts"],
         Family::Olmoe => &["num_experts", "num_local_experts"],
-        Family::Qwen2Moe => &["num_experts"],
+        _ => &["num_experts"],
     };
     let experts = usize_of(v, experts_keys, d.num_experts, path)?;
     let expert_ffn = match family {
@@ -451,7 +400,12 @@ fn moe_config(
 
 /// Which of the `layers` are sparse: Qwen2-MoE's `decoder_sparse_step` and `mlp_only_layers`, in
 /// that order; also checks that `layer_types` lists every layer.
-fn sparsity(v: &Value, family: Family, layers: usize, path: &Path) -> Result<(usize, Vec<usize>)> {
+pub(super) fn sparsity(
+    v: &Value,
+    family: Family,
+    layers: usize,
+    path: &Path,
+) -> Result<(usize, Vec<usize>)> {
     let mlp_only: Vec<usize> = match (family, field(v, "mlp_only_layers")) {
         (Family::Qwen2Moe, Some(Value::Array(a))) => a
             .iter()

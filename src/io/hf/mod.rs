@@ -7,6 +7,11 @@
 //! the file and the tensor.
 
 mod config;
+mod deepseek;
+mod defaults;
+mod gpt_oss;
+mod granite;
+mod qwen3;
 mod save;
 
 pub use save::{SaveOptions, CRATE_CONFIG_KEY};
@@ -30,6 +35,30 @@ pub enum Family {
     Qwen2Moe,
     /// `model_type: "olmoe"`.
     Olmoe,
+    /// `model_type: "qwen3_moe"`.
+    Qwen3Moe,
+    /// `model_type: "deepseek_v2"`.
+    DeepseekV2,
+    /// `model_type: "deepseek_v3"` (also Kimi-K2 and GLM-4.x MoE checkpoints of that architecture).
+    DeepseekV3,
+    /// `model_type: "gpt_oss"`.
+    GptOss,
+    /// `model_type: "granitemoe"`.
+    GraniteMoe,
+}
+
+impl Family {
+    /// The `model_type` values the loader knows, in [`Family`] order.
+    pub const MODEL_TYPES: [&'static str; 8] = [
+        "mixtral",
+        "qwen2_moe",
+        "olmoe",
+        "qwen3_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "gpt_oss",
+        "granitemoe",
+    ];
 }
 
 /// The crate's (Mixtral) weight name -> the family's weight name.
@@ -41,6 +70,10 @@ pub fn hf_name(family: Family, ours: &str) -> String {
             .replace(".w1.", ".gate_proj.")
             .replace(".w3.", ".up_proj.")
             .replace(".w2.", ".down_proj."),
+        Family::Qwen3Moe => qwen3::hf_name(ours),
+        Family::DeepseekV2 | Family::DeepseekV3 => deepseek::hf_name(ours),
+        Family::GptOss => gpt_oss::hf_name(ours),
+        Family::GraniteMoe => granite::hf_name(ours),
     }
 }
 
