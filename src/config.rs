@@ -162,6 +162,58 @@ pub enum Pooling {
     First,
 }
 
+/// RoPE frequency scaling for contexts longer than the pretraining length, as transformers'
+/// `rope_scaling` / `rope_parameters` (`rope_type` names the variant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// Scaling factor (> 0).
+        factor: f64,
+    },
+    /// Dynamic NTK: the base grows with the sequence length past
+    /// `original_max_position_embeddings`.
+    Dynamic {
+        /// Scaling factor (> 0).
+        factor: f64,
+        /// The pretraining context length (`None`: `max_position_embeddings`).
+        original_max_position_embeddings: Option<usize>,
+    },
+    /// YaRN (Peng et al. 2023): per-frequency interpolation between `beta_fast` and
+    /// `beta_slow` rotations, and an attention temperature.
+    Yarn {
+        /// Scaling factor (> 0).
+        factor: f64,
+        /// The pretraining context length.
+        original_max_position_embeddings: usize,
+        /// Fast boundary (rotations), transformers' default 32.
+        beta_fast: f64,
+        /// Slow boundary (rotations), transformers' default 1.
+        beta_slow: f64,
+        /// DeepSeek's `mscale` (`None`: not given).
+        mscale: Option<f64>,
+        /// DeepSeek's `mscale_all_dim` (`None`: not given).
+        mscale_all_dim: Option<f64>,
+        /// Explicit attention factor (`None`: derived from `factor` and the mscales).
+        attention_factor: Option<f64>,
+        /// Round the correction range to whole dimensions (transformers' `truncate`, default
+        /// true; gpt-oss sets false).
+        truncate: bool,
+    },
+    /// Llama 3.1's piecewise frequency scaling.
+    Llama3 {
+        /// Scaling factor (> 0).
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are divided by `factor`.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The pretraining context length.
+        original_max_position_embeddings: usize,
+    },
+}
+
 /// Configuration of a whole model (causal LM, encoder-decoder or classifier).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -187,6 +239,8 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE frequency scaling (`None`: plain RoPE).
+    pub rope_scaling: Option<RopeScaling>,
     /// Position encoding.
     pub position: PositionKind,
     /// Epsilon of the norms.
@@ -243,6 +297,7 @@ impl ModelConfig {
             head_dim: None,
             max_position_embeddings: 512,
             rope_theta: 10_000.0,
+            rope_scaling: None,
             position: PositionKind::Rope,
             norm_eps: 1e-5,
             norm: NormKind::Rmsnorm,

@@ -25,7 +25,9 @@ pub mod train;
 pub mod upcycle;
 
 pub use block::TransformerBlock;
-pub use config::{ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind};
+pub use config::{
+    ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind, RopeScaling,
+};
 pub use error::{Error, Result};
 pub use io::hub::LoadOptions;
 pub use layers::LoraConfig;

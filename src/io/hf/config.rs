@@ -254,6 +254,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
             path,
         )?,
         rope_theta: rope_theta(v, d.rope_theta, path)?,
+        rope_scaling: None,
         position: PositionKind::Rope,
         norm_eps: f64_field(v, "rms_norm_eps", d.rms_norm_eps, path)?,
         norm: NormKind::Rmsnorm,

@@ -1,0 +1,1 @@
+//! MXFP4 expert blocks with E8M0 scales (gpt-oss).
