@@ -162,6 +162,17 @@ pub enum Pooling {
     First,
 }
 
+/// The attention span of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionSpan {
+    /// Every earlier position (transformers' `full_attention`).
+    #[default]
+    FullAttention,
+    /// The last `sliding_window` positions (transformers' `sliding_attention`).
+    SlidingAttention,
+}
+
 /// RoPE frequency scaling for contexts longer than the pretraining length, as transformers'
 /// `rope_scaling` / `rope_parameters` (`rope_type` names the variant).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,6 +252,14 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// RoPE frequency scaling (`None`: plain RoPE).
     pub rope_scaling: Option<RopeScaling>,
+    /// Window of sliding-window attention layers (`None`: no sliding window).
+    pub sliding_window: Option<usize>,
+    /// Per-layer attention span (empty: every layer slides when `sliding_window` is set).
+    pub layer_types: Vec<AttentionSpan>,
+    /// A learned per-head sink logit in every attention softmax (gpt-oss `self_attn.sinks`).
+    pub attention_sinks: bool,
+    /// Bias on the attention output projection independently of `post_norm` (gpt-oss).
+    pub attention_out_bias: bool,
     /// Position encoding.
     pub position: PositionKind,
     /// Epsilon of the norms.
@@ -298,6 +317,10 @@ impl ModelConfig {
             max_position_embeddings: 512,
             rope_theta: 10_000.0,
             rope_scaling: None,
+            sliding_window: None,
+            layer_types: vec![],
+            attention_sinks: false,
+            attention_out_bias: false,
             position: PositionKind::Rope,
             norm_eps: 1e-5,
             norm: NormKind::Rmsnorm,

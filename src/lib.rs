@@ -26,7 +26,7 @@ pub mod upcycle;
 
 pub use block::TransformerBlock;
 pub use config::{
-    ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind, RopeScaling,
+    AttentionSpan, ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind, RopeScaling,
 };
 pub use error::{Error, Result};
 pub use io::hub::LoadOptions;
