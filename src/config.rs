@@ -445,7 +445,7 @@ impl ModelConfig {
     /// Reads and validates a `config.json` written by this crate.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_json_text(path, "config.json")?;
         let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
             source,

@@ -6,6 +6,9 @@
 use candle_core::{DType, Device, Tensor};
 use candle_moe::{CausalLm, ModelConfig};
 
+mod fixtures;
+pub use fixtures::{seed_shard_index, sharded_tiny_dir, with_trainer_fixture, TrainerFixture};
+
 /// The fixed tiny model of the `checkpoint_bytes` target: vocabulary 16, width 8, one sparse
 /// layer of 4 experts (top-2) of width 8, 2 heads, 8 positions.
 pub fn tiny_config() -> ModelConfig {
@@ -215,6 +218,45 @@ mod tests {
         muts.push(("inf_weights", with_header(&header, &inf)));
         for (name, bytes) in muts {
             std::fs::write(dir.join(format!("seed_{name}.safetensors")), bytes).unwrap();
+        }
+
+        let dir = corpus("shard_index");
+        let index = seed_shard_index();
+        std::fs::write(dir.join("seed_valid.json"), &index).unwrap();
+        let text = String::from_utf8(index).unwrap();
+        let first = text.split('"').find(|s| s.ends_with(".safetensors")).unwrap().to_string();
+        for (name, to) in [
+            ("climb_out", "../outside.safetensors".to_string()),
+            ("absolute", "/etc/passwd".to_string()),
+            ("subdir", format!("sub/{first}")),
+            ("missing", "model-99999-of-99999.safetensors".to_string()),
+        ] {
+            std::fs::write(dir.join(format!("seed_{name}.json")), text.replacen(&first, &to, 1)).unwrap();
+        }
+
+        let dir = corpus("trainer_state");
+        with_trainer_fixture(|fx| {
+            for (which, file) in [
+                (0u8, fx.checkpoint.join("trainer/trainer_state.json")),
+                (1, fx.checkpoint.join("trainer/optimizer.safetensors")),
+                (2, fx.checkpoint.join("checkpoint.json")),
+                (3, fx.state_dir.join("trainer_state.json")),
+            ] {
+                let mut bytes = vec![which];
+                bytes.extend(std::fs::read(file).unwrap());
+                std::fs::write(dir.join(format!("seed_{which}")), bytes).unwrap();
+            }
+        });
+
+        let dir = corpus("example_args");
+        for (name, args) in [
+            ("defaults", ""),
+            ("language_model", "--steps\n200\n--batch\n8\n--seq-len\n64\n--hidden\n64\n--experts\n4"),
+            ("dense", "--dense\n--layers\n2\n--top-k\n1\n--vocab\n300"),
+            ("zeros", "--seq-len\n0\n--batch\n0\n--steps\n0\n--hidden\n0"),
+            ("bad_lr", "--lr\nNaN\n--aux-loss-coef\n-1\n--z-loss-coef\ninf"),
+        ] {
+            std::fs::write(dir.join(format!("seed_{name}")), args.replace("\\n", "\n")).unwrap();
         }
 
         let dir = corpus("tokenizer_json");

@@ -147,7 +147,7 @@ pub struct DenseEncoder {
 /// `num_labels` head; every trunk tensor is checked for presence and shape.
 pub fn load_bert(source: &str, num_labels: usize, opts: &LoadOptions) -> Result<DenseEncoder> {
     let r = resolve(source, opts)?;
-    let text = std::fs::read_to_string(&r.config).map_err(|e| Error::io(&r.config, e))?;
+    let text = crate::files::read_json_text(&r.config, "config.json")?;
     let v: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: r.config.clone(),
         source,

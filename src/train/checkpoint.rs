@@ -80,7 +80,7 @@ pub fn verify(dir: &Path) -> Result<Option<Manifest>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::files::read_json_text(&path, "the checkpoint manifest")?;
     let m: Manifest = serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.clone(),
         source,
@@ -97,7 +97,9 @@ pub fn verify(dir: &Path) -> Result<Option<Manifest>> {
             ));
         }
         let f = dir.join(name);
-        let bytes = std::fs::read(&f).map_err(|e| Error::io(&f, e))?;
+        // A regular file, read up to the size it had when checked.
+        let len = crate::files::check_regular(&f, "a checkpoint file")?.len();
+        let bytes = crate::files::read_capped(&f, len, "a checkpoint file")?;
         if sha256_hex(&bytes) != *hash {
             return Err(Error::checkpoint(
                 &f,
@@ -120,7 +122,7 @@ pub fn resume(trainer: &mut Trainer, dir: &Path) -> Result<()> {
     let state_dir = if sub.is_dir() { sub } else { dir.to_path_buf() };
     if let Some(m) = &manifest {
         let p = state_dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let text = crate::files::read_json_text(&p, "trainer_state.json")?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: p.clone(),
             source,

@@ -423,7 +423,7 @@ impl Trainer {
     /// optimizer as they were.
     pub fn load_state(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let text = crate::files::read_json_text(&sp, "trainer_state.json")?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: sp.clone(),
             source,
