@@ -7,6 +7,7 @@ pub(crate) mod backend;
 pub mod bert;
 pub mod hf;
 pub mod hub;
+pub mod inspect;
 pub mod model_dir;
 pub(crate) mod quant;
 pub mod safetensors;

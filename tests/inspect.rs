@@ -1,0 +1,103 @@
+//! `io::inspect`: the parameter inventory built from `config.json` alone is exactly the set of
+//! tensors of real checkpoints, and the counts of published models agree with their model cards.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_moe::io::hf::hf_name;
+use candle_moe::io::hub::LoadOptions;
+use candle_moe::io::inspect::inspect;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Names and shapes of every tensor in a checkpoint directory's safetensors files.
+fn checkpoint_shapes(dir: &Path) -> BTreeMap<String, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+            for (n, info) in meta.tensors() {
+                out.insert(n.clone(), info.shape.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Every Hugging Face fixture: the inventory, under the family's names, is the checkpoint.
+#[test]
+fn inventory_is_the_checkpoint() {
+    let mut checked = 0;
+    for set in ["hf", "hf_v5"] {
+        for e in std::fs::read_dir(fixtures().join(set)).unwrap() {
+            let dir = e.unwrap().path();
+            if !dir.join("config.json").exists() {
+                continue;
+            }
+            let inv = inspect(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+            let family = inv.family.unwrap();
+            let ours: BTreeMap<String, Vec<usize>> = inv
+                .params
+                .iter()
+                .map(|(n, s)| (hf_name(family, n), s.clone()))
+                .collect();
+            assert_eq!(ours, checkpoint_shapes(&dir), "{}", dir.display());
+            let total: u128 = ours
+                .values()
+                .map(|s| s.iter().map(|&d| d as u128).product::<u128>())
+                .sum();
+            assert_eq!(inv.total(), total);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "{checked} fixtures");
+}
+
+/// Rounds to one decimal of a billion, as model cards print their counts.
+fn b1(n: u128) -> f64 {
+    (n as f64 / 1e8).round() / 10.0
+}
+
+/// Total and active parameters of published checkpoints (their `config.json` in
+/// `tests/fixtures/real_configs/`) against the figures their model cards publish, which are
+/// rounded to 0.1B: our exact counts must round to them.
+#[test]
+fn published_parameter_counts() {
+    // (dir, total, active, active counts the input embedding)
+    let cases = [
+        ("mixtral-8x7b", 46.7, 12.9, true),
+        ("olmoe-1b-7b", 6.9, 1.3, true),
+    ];
+    for (name, total, active, with_embedding) in cases {
+        let dir = fixtures().join("real_configs").join(name);
+        let inv = inspect(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
+        let a = if with_embedding {
+            inv.active()
+        } else {
+            inv.active_without_input_embedding()
+        };
+        assert_eq!((b1(inv.total()), b1(a)), (total, active), "{name}");
+        assert!(inv.active() < inv.total());
+    }
+}
+
+#[test]
+fn a_bare_config_file_and_bad_configs() {
+    let cfg = fixtures().join("real_configs/mixtral-8x7b/config.json");
+    let inv = inspect(cfg.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    assert_eq!(inv.config.num_layers, 32);
+    assert_eq!(inv.stored_dtype.as_deref(), Some("bfloat16"));
+    // 46.7B parameters at bf16: the memory figure follows from the count.
+    assert_eq!(inv.bytes_at(2.0), inv.total() as f64 * 2.0);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("config.json");
+    std::fs::write(&p, r#"{"model_type": "llama4_moe"}"#).unwrap();
+    let e = inspect(p.to_str().unwrap(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown model_type `llama4_moe`"), "{e}");
+}
