@@ -1,5 +1,8 @@
-//! Learning-rate schedules: linear warmup then cosine decay to a floor (as transformers'
-//! `get_cosine_schedule_with_warmup` with a minimum ratio).
+//! Learning-rate schedules: linear warmup then cosine decay to a floor, transformers'
+//! `get_cosine_with_min_lr_schedule_with_warmup` (`get_cosine_schedule_with_warmup` when the
+//! floor is 0) with one difference: transformers' first warmup step runs at learning rate 0
+//! (step `s` gets `s / warmup`), ours at `1 / warmup` (step `s` gets `(s + 1) / warmup`); after
+//! the warmup both are equal (checked against transformers in `tests/train_oracle.rs`).
 
 /// Learning rate at `step` (0-based) of a `steps`-step run: linear warmup over `warmup` steps
 /// to `lr`, then cosine decay to `min_ratio · lr` at `steps`.
