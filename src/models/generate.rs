@@ -86,6 +86,28 @@ impl Sampler {
         Self { cfg, rng }
     }
 
+    /// The distribution a temperature `> 0` sample of `logits` `(vocab,)` is drawn from:
+    /// `(token id, probability)` of every token that can be drawn, most likely first (softmax at
+    /// the temperature over the `top_k` largest logits, cut to the `top_p` nucleus and
+    /// renormalised). Errors as [`Self::sample`] does, and at temperature 0 (greedy).
+    pub fn distribution(&self, logits: &Tensor) -> Result<Vec<(u32, f64)>> {
+        self.cfg
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if self.cfg.temperature == 0.0 {
+            bail!("distribution: temperature 0 is greedy decoding, not a distribution")
+        }
+        let logits: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        if logits.is_empty() || logits.iter().any(|v| v.is_nan()) {
+            bail!("distribution: logits are empty or contain NaN")
+        }
+        if logits.iter().all(|&v| v == f32::NEG_INFINITY) {
+            bail!("distribution: every logit is -inf")
+        }
+        let (idx, p) = filtered(&logits, &self.cfg);
+        Ok(idx.into_iter().map(|i| i as u32).zip(p).collect())
+    }
+
     /// Picks a token from `logits` `(vocab,)` (see the module docs for NaN / `inf` logits).
     ///
     /// Errors when the config is invalid ([`SamplingConfig::validate`]), the logits are empty,
@@ -115,41 +137,7 @@ impl Sampler {
             return Ok(best as u32);
         }
         // Stable sort, most likely first: ties (e.g. several +inf) keep index order.
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        if let Some(k) = self.cfg.top_k {
-            idx.truncate(k);
-        }
-        let t = self.cfg.temperature;
-        let m = logits[idx[0]];
-        let mut p: Vec<f64> = if m == f32::INFINITY {
-            // +inf logits share all the probability, uniformly.
-            idx.iter()
-                .map(|&i| if logits[i] == f32::INFINITY { 1.0 } else { 0.0 })
-                .collect()
-        } else {
-            // In f64 so that a tiny temperature gives 0 / t = 0 for the max, not NaN.
-            idx.iter()
-                .map(|&i| ((logits[i] as f64 - m as f64) / t).exp())
-                .collect()
-        };
-        let s: f64 = p.iter().sum();
-        p.iter_mut().for_each(|v| *v /= s);
-        if let Some(top_p) = self.cfg.top_p {
-            let mut acc = 0.0;
-            let mut keep = p.len();
-            for (j, v) in p.iter().enumerate() {
-                acc += v;
-                if acc >= top_p {
-                    keep = j + 1;
-                    break;
-                }
-            }
-            p.truncate(keep);
-            idx.truncate(keep);
-            let s: f64 = p.iter().sum();
-            p.iter_mut().for_each(|v| *v /= s);
-        }
+        let (idx, p) = filtered(&logits, &self.cfg);
         let u: f64 = self.rng.random();
         let mut acc = 0.0;
         let mut last = idx[0];
@@ -166,4 +154,48 @@ impl Sampler {
         // Rounding left `u` above the total: the last token with non-zero probability.
         Ok(last as u32)
     }
+}
+
+/// The distribution [`Sampler::sample`] draws from at temperature `> 0`: token ids in order of
+/// decreasing logit and their probabilities — softmax of `logits / temperature` over the `top_k`
+/// largest logits, then cut to the smallest prefix whose mass reaches `top_p` and renormalised
+/// (transformers' `TopKLogitsWarper` then `TopPLogitsWarper`, ties broken by position). With a
+/// `+inf` logit, the `+inf` logits share the mass equally.
+fn filtered(logits: &[f32], cfg: &SamplingConfig) -> (Vec<usize>, Vec<f64>) {
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = cfg.top_k {
+        idx.truncate(k);
+    }
+    let t = cfg.temperature;
+    let m = logits[idx[0]];
+    let mut p: Vec<f64> = if m == f32::INFINITY {
+        // +inf logits share all the probability, uniformly.
+        idx.iter()
+            .map(|&i| if logits[i] == f32::INFINITY { 1.0 } else { 0.0 })
+            .collect()
+    } else {
+        // In f64 so that a tiny temperature gives 0 / t = 0 for the max, not NaN.
+        idx.iter()
+            .map(|&i| ((logits[i] as f64 - m as f64) / t).exp())
+            .collect()
+    };
+    let s: f64 = p.iter().sum();
+    p.iter_mut().for_each(|v| *v /= s);
+    if let Some(top_p) = cfg.top_p {
+        let mut acc = 0.0;
+        let mut keep = p.len();
+        for (j, v) in p.iter().enumerate() {
+            acc += v;
+            if acc >= top_p {
+                keep = j + 1;
+                break;
+            }
+        }
+        p.truncate(keep);
+        idx.truncate(keep);
+        let s: f64 = p.iter().sum();
+        p.iter_mut().for_each(|v| *v /= s);
+    }
+    (idx, p)
 }
