@@ -85,3 +85,16 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         Err(p) => p.into_inner(),
     }
 }
+
+/// A seed for one random stream of a run: `seed` mixed with the stream's coordinates (e.g.
+/// part, layer) by SplitMix64 (Steele et al. 2014), so that streams are independent and a
+/// function of `(seed, coordinates)` alone.
+pub fn stream_seed(seed: u64, coords: &[u64]) -> u64 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    coords.iter().fold(mix(seed), |h, &c| mix(h ^ mix(c)))
+}

@@ -26,7 +26,7 @@ pub struct ClassifierOutput {
 /// or `model.embed_norm.*` (post-norm), `classifier.weight` `(labels, h)`, `classifier.bias`.
 #[derive(Debug)]
 pub struct SequenceClassifier {
-    trunk: Trunk,
+    pub(super) trunk: Trunk,
     head: Linear,
     cfg: ModelConfig,
 }

@@ -12,6 +12,7 @@ pub mod causal_lm;
 pub mod classifier;
 pub mod generate;
 mod lora;
+mod seeds;
 pub mod seq2seq;
 
 use candle_core::{bail, DType, Module, Result, Tensor};
@@ -229,6 +230,19 @@ impl Trunk {
 
     pub(crate) fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Restarts every generator of this trunk (dropout masks; each sparse layer's router noise
+    /// and jitter) from streams of `seed` derived per `part` (encoder 0, decoder 1) and per layer.
+    pub(crate) fn reseed(&self, seed: u64, part: u64) {
+        if let Some(d) = &self.dropout {
+            d.set_seed(crate::ops::stream_seed(seed, &[part, u64::MAX]));
+        }
+        for (l, b) in self.layers.iter().enumerate() {
+            if let crate::block::FeedForward::Sparse(m) = b.feed_forward() {
+                m.set_seed(crate::ops::stream_seed(seed, &[part, l as u64]));
+            }
+        }
     }
 
     pub(crate) fn layers(&self) -> &[TransformerBlock] {

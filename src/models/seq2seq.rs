@@ -38,8 +38,8 @@ pub struct Encoded {
 /// and `lm_head.weight` unless tied.
 #[derive(Debug)]
 pub struct Seq2Seq {
-    encoder: Trunk,
-    decoder: Trunk,
+    pub(super) encoder: Trunk,
+    pub(super) decoder: Trunk,
     lm_head: Linear,
     cfg: ModelConfig,
 }
