@@ -169,6 +169,12 @@ struct Data {
 /// Loads and tokenizes the corpus (with the `--init` checkpoint's tokenizer if given) and
 /// builds the model: from `--init`, `--resume` or fresh.
 fn prepare(a: &Args, dev: &Device) -> Result<(Data, Built)> {
+    // A resumed run continues the saved weights with their optimizer state; starting them again
+    // from --init would put that state on other weights.
+    anyhow::ensure!(
+        a.init.is_none() || a.run.resume.is_none(),
+        "--init and --resume cannot be combined: --resume continues the checkpoint's own weights"
+    );
     let all = sentiment::load(&a.run.corpus("sentiment.tsv.gz"))?;
     let by = |s: &str| all.iter().filter(|e| e.split == s).collect::<Vec<_>>();
     let (train, valid, test) = (by("train"), by("valid"), by("test"));

@@ -548,6 +548,16 @@ fn example_clis_fail_with_one_line_and_no_panic() {
             "but the model's vocab_size is 40",
         ),
         (
+            "sentiment",
+            vec![
+                "--init".into(),
+                d.path().display().to_string(),
+                "--resume".into(),
+                d.path().display().to_string(),
+            ],
+            "--init and --resume cannot be combined",
+        ),
+        (
             "translation",
             vec![
                 "--data".into(),
