@@ -22,7 +22,8 @@ use crate::error::Result;
 const SUPPORTED: &str = "default, linear, dynamic, yarn, llama3";
 
 /// The scaling of a config (`None`: plain RoPE), reading `max_position_embeddings` from `v`
-/// where a default needs it.
+/// where a default needs it. (The entry point for family modules whose configs carry the key.)
+#[allow(dead_code)]
 pub(super) fn rope_scaling(v: &Value, path: &Path) -> Result<Option<RopeScaling>> {
     rope_scaling_with(v, None, path)
 }
