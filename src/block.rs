@@ -91,7 +91,7 @@ impl TransformerBlock {
         };
         Ok(Self {
             input_norm: Norm::new(cfg, h, vb.pp("input_layernorm"))?,
-            attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            attn: Attention::new(cfg, vb.pp("self_attn"))?.with_window(cfg.layer_window(layer)),
             cross,
             post_attn_norm: Norm::new(cfg, h, vb.pp("post_attention_layernorm"))?,
             ffn,

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod positions;
+pub use positions::dynamic_limit;
+
 /// The feed-forward used by each expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -295,6 +298,9 @@ pub struct ModelConfig {
     /// before its residual add, in training only (BERT's `hidden_dropout_prob`); 0 = off.
     #[serde(alias = "hidden_dropout_prob")]
     pub hidden_dropout: f64,
+    /// The q/k RMSNorms act on each head (`head_dim` wide, Qwen3) rather than on the whole
+    /// projection (OLMoE's `qk_norm`); implies q/k norms.
+    pub qk_norm_per_head: bool,
 }
 
 impl Default for ModelConfig {
@@ -345,6 +351,7 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             pad_token_id: None,
             hidden_dropout: 0.0,
+            qk_norm_per_head: false,
         }
     }
 
@@ -420,6 +427,7 @@ impl ModelConfig {
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
         }
+        self.validate_positions()?;
         let any_dense =
             (0..self.num_layers.max(self.num_decoder_layers)).any(|l| !self.is_sparse_layer(l));
         if any_dense && self.dense_intermediate_size == 0 {

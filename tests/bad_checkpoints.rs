@@ -535,15 +535,15 @@ fn contradictory_configs_are_refused() {
     );
     cfg_err(
         with("mixtral", &|v| {
-            v["rope_scaling"] = json!({"type": "linear", "factor": 2.0})
+            v["rope_scaling"] = json!({"type": "longrope", "factor": 2.0})
         }),
-        &["rope_scaling", "linear"],
+        &["rope_scaling.type", "longrope"],
     );
     cfg_err(
         with("olmoe", &|v| {
-            v["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 10000.0})
+            v["rope_parameters"] = json!({"rope_type": "su", "rope_theta": 10000.0})
         }),
-        &["rope_parameters", "yarn"],
+        &["rope_parameters.rope_type", "su"],
     );
     cfg_err(
         with("mixtral", &|v| v["hidden_act"] = json!("gelu")),

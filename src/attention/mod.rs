@@ -8,15 +8,17 @@
 //! In inference on CPU without a padding mask, scaling, the causal mask and the softmax are one
 //! pass over the scores that skips the masked keys.
 
-use candle_core::{bail, DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
 use crate::layers::{Norm, Proj};
-use crate::ops::softmax_last_dim;
 
+mod mask;
 mod rope;
-pub use rope::Rope;
+pub use mask::{attention_bias, softmax_with_sinks, window_bias};
+use mask::ScaledCausalSoftmax;
+pub use rope::{rope_parameters, Rope};
 
 /// Cached keys and values of one attention layer, `(b, kv_heads, t, d)` each.
 #[derive(Debug, Clone, Default)]
@@ -42,105 +44,6 @@ impl KvCache {
     }
 }
 
-/// Additive attention bias `(b, 1, t_q, t_k)` in f32, or `None` when nothing is masked.
-///
-/// `causal` allows key `j` for query `i` iff `j <= offset + i`; `key_mask` `(b, t_k)` (1 = keep,
-/// 0 = padding) removes padding keys.
-pub fn attention_bias(
-    b: usize,
-    t_q: usize,
-    t_k: usize,
-    offset: usize,
-    causal: bool,
-    key_mask: Option<&Tensor>,
-    dev: &Device,
-) -> Result<Option<Tensor>> {
-    const NEG: f32 = -1e9;
-    let mut bias: Option<Tensor> = None;
-    if causal && t_q > 1 {
-        let v: Vec<f32> = (0..t_q)
-            .flat_map(|i| (0..t_k).map(move |j| if j <= offset + i { 0.0 } else { NEG }))
-            .collect();
-        bias = Some(Tensor::from_vec(v, (1, 1, t_q, t_k), dev)?);
-    }
-    if let Some(m) = key_mask {
-        if m.dims() != [b, t_k] {
-            bail!(
-                "attention mask must be (batch, keys) = ({b}, {t_k}), got {:?}",
-                m.dims()
-            )
-        }
-        let pad =
-            ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)? * NEG as f64)?).reshape((b, 1, 1, t_k))?;
-        bias = Some(match bias {
-            Some(c) => c.broadcast_add(&pad)?,
-            None => pad,
-        });
-    }
-    Ok(bias)
-}
-
-/// `softmax(scale · s)` over the last dimension of `(b, heads, t_q, t_k)` f32 scores, with keys
-/// `j > offset + i` of query row `i` masked out when `causal` (they get probability 0, as with
-/// an additive `-inf` bias). Inference only (no backward pass).
-#[derive(Debug, Clone, Copy)]
-struct ScaledCausalSoftmax {
-    scale: f32,
-    causal: bool,
-    offset: usize,
-}
-
-impl candle_core::CustomOp1 for ScaledCausalSoftmax {
-    fn name(&self) -> &'static str {
-        "scaled-causal-softmax"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let s = match (storage, layout.contiguous_offsets()) {
-            (candle_core::CpuStorage::F32(v), Some((a, z))) => &v[a..z],
-            _ => bail!("scaled-causal-softmax: needs contiguous f32 scores"),
-        };
-        let dims = layout.shape().dims();
-        let (t_q, t_k) = match dims {
-            [.., q, k] if *k > 0 => (*q, *k),
-            _ => bail!("scaled-causal-softmax: bad score shape {dims:?}"),
-        };
-        let rows = s.len() / t_k;
-        let mut out = vec![0f32; s.len()];
-        let per_part = rows
-            .div_ceil(8 * candle_core::utils::get_num_threads().max(1))
-            .max(1);
-        let (scale, causal, offset) = (self.scale, self.causal, self.offset);
-        crate::cpu::par_each(out.chunks_mut(per_part * t_k).collect(), |p, chunk| {
-            for (r, o) in chunk.chunks_mut(t_k).enumerate() {
-                let row = p * per_part + r;
-                let i = row % t_q.max(1);
-                let len = if causal {
-                    (offset + i + 1).min(t_k)
-                } else {
-                    t_k
-                };
-                let x = &s[row * t_k..row * t_k + len];
-                let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-                let mut sum = 0f32;
-                for (o, &v) in o[..len].iter_mut().zip(x) {
-                    let e = (v * scale - m).exp();
-                    *o = e;
-                    sum += e;
-                }
-                let inv = 1.0 / sum;
-                o[..len].iter_mut().for_each(|v| *v *= inv);
-            }
-            Ok(())
-        })?;
-        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
-    }
-}
-
 /// Multi-head / grouped-query attention, self or cross.
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -150,14 +53,22 @@ pub struct Attention {
     o_proj: Proj,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
+    /// The q/k norms act on each head (Qwen3) instead of the whole projection (OLMoE).
+    norm_per_head: bool,
+    /// Learned per-head sink logits `(heads,)` (gpt-oss).
+    sinks: Option<Tensor>,
+    /// Sliding window of this layer's self-attention (`None`: every earlier position).
+    window: Option<usize>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    /// Weights `{q,k,v,o}_proj.weight` (and biases with `attention_bias`; `o_proj.bias` only
-    /// for post-norm models), `q_norm.weight` / `k_norm.weight` with `qk_norm`.
+    /// Weights `{q,k,v,o}_proj.weight` (and biases with `attention_bias`; `o_proj.bias` for
+    /// post-norm models or with `attention_out_bias`), `q_norm.weight` / `k_norm.weight` with
+    /// `qk_norm` (sized `head_dim` with `qk_norm_per_head`), `sinks` `(heads,)` with
+    /// `attention_sinks`. No sliding window: see [`Self::with_window`].
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (h, nh, nkv, hd) = (
             cfg.hidden_size,
@@ -166,14 +77,21 @@ impl Attention {
             cfg.head_dim(),
         );
         let qkv_bias = cfg.attention_bias;
-        let o_bias = cfg.attention_bias && cfg.post_norm;
-        let (q_norm, k_norm) = if cfg.qk_norm {
+        let o_bias = (cfg.attention_bias && cfg.post_norm) || cfg.attention_out_bias;
+        let per_head = cfg.qk_norm_per_head;
+        let (q_norm, k_norm) = if cfg.qk_norm || per_head {
+            let (qn, kn) = if per_head { (hd, hd) } else { (nh * hd, nkv * hd) };
             (
-                Some(Norm::new(cfg, nh * hd, vb.pp("q_norm"))?),
-                Some(Norm::new(cfg, nkv * hd, vb.pp("k_norm"))?),
+                Some(Norm::new(cfg, qn, vb.pp("q_norm"))?),
+                Some(Norm::new(cfg, kn, vb.pp("k_norm"))?),
             )
         } else {
             (None, None)
+        };
+        let sinks = if cfg.attention_sinks {
+            Some(vb.get_with_hints(nh, "sinks", candle_nn::Init::Const(0.0))?)
+        } else {
+            None
         };
         Ok(Self {
             q_proj: Proj::new(h, nh * hd, qkv_bias, vb.pp("q_proj"))?,
@@ -182,10 +100,25 @@ impl Attention {
             o_proj: Proj::new(nh * hd, h, o_bias, vb.pp("o_proj"))?,
             q_norm,
             k_norm,
+            norm_per_head: per_head,
+            sinks,
+            window: None,
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
         })
+    }
+
+    /// This attention with a sliding window of `window` positions for self-attention (`None`:
+    /// every earlier position): query `i` sees keys `j` with `i - window < j <= i`.
+    pub fn with_window(mut self, window: Option<usize>) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// The sliding window of this attention's self-attention, if any.
+    pub fn window(&self) -> Option<usize> {
+        self.window
     }
 
     /// The four projections with their names, for attaching or merging adapters.
@@ -215,12 +148,19 @@ impl Attention {
             .reshape((b, n * rep, t, d))
     }
 
-    fn keys_values(&self, src: &Tensor, rope: Option<(&Rope, usize)>) -> Result<(Tensor, Tensor)> {
-        let mut k = self.k_proj.forward(src)?;
-        if let Some(n) = &self.k_norm {
-            k = n.forward(&k)?;
+    /// `proj(xs)` split into `n` heads `(b, n, t, d)`, normed by `norm` (over the whole
+    /// projection, or per head with `norm_per_head`).
+    fn normed_heads(&self, p: &Proj, norm: Option<&Norm>, xs: &Tensor, n: usize) -> Result<Tensor> {
+        let x = p.forward(xs)?;
+        match norm {
+            Some(nm) if self.norm_per_head => nm.forward(&self.heads(&x, n)?),
+            Some(nm) => self.heads(&nm.forward(&x)?, n),
+            None => self.heads(&x, n),
         }
-        let mut k = self.heads(&k, self.num_kv_heads)?; // (b, kv, t, d)
+    }
+
+    fn keys_values(&self, src: &Tensor, rope: Option<(&Rope, usize)>) -> Result<(Tensor, Tensor)> {
+        let mut k = self.normed_heads(&self.k_proj, self.k_norm.as_ref(), src, self.num_kv_heads)?; // (b, kv, t, d)
         if let Some((r, off)) = rope {
             k = r.apply(&k, off)?;
         }
@@ -252,15 +192,12 @@ impl Attention {
             }
             c.kv = Some((k.clone(), v.clone()));
         }
-        self.attend(
-            xs,
-            rope.map(|r| (r, offset)),
-            k,
-            v,
+        let span = Span {
             causal,
             offset,
-            key_mask,
-        )
+            window: self.window,
+        };
+        self.attend(xs, rope.map(|r| (r, offset)), k, v, span, key_mask)
     }
 
     /// Cross-attention of `xs` over an encoder `memory`; the memory's keys and values are
@@ -286,26 +223,25 @@ impl Attention {
             },
             None => self.keys_values(memory, None)?,
         };
-        self.attend(xs, None, k, v, false, 0, memory_mask)
+        let span = Span {
+            causal: false,
+            offset: 0,
+            window: None,
+        };
+        self.attend(xs, None, k, v, span, memory_mask)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         xs: &Tensor,
         rope: Option<(&Rope, usize)>,
         k: Tensor,
         v: Tensor,
-        causal: bool,
-        offset: usize,
+        span: Span,
         key_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
-        let mut q = self.q_proj.forward(xs)?;
-        if let Some(n) = &self.q_norm {
-            q = n.forward(&q)?;
-        }
-        let mut q = self.heads(&q, self.num_heads)?; // (b, nh, t, d)
+        let mut q = self.normed_heads(&self.q_proj, self.q_norm.as_ref(), xs, self.num_heads)?; // (b, nh, t, d)
         if let Some((r, off)) = rope {
             q = r.apply(&q, off)?;
         }
@@ -315,39 +251,61 @@ impl Attention {
         let dtype = q.dtype();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // (b, nh, t, tk)
-        if key_mask.is_none()
+        let sinks_train = self.sinks.as_ref().is_some_and(|s| s.track_op());
+        let probs = if key_mask.is_none()
             && !raw.track_op()
+            && !sinks_train
             && raw.dtype() == DType::F32
             && raw.device().is_cpu()
         {
-            // Inference without padding: scale, causal mask and softmax in one pass over the
-            // scores, skipping the masked keys (no bias tensor, no extra passes).
-            let probs = raw.apply_op1_no_bwd(&ScaledCausalSoftmax {
+            // Inference without padding: scale, causal / window mask, sinks and softmax in one
+            // pass over the scores, skipping the masked keys (no bias tensor, no extra passes).
+            let sinks = match &self.sinks {
+                Some(s) => s.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                None => vec![],
+            };
+            raw.apply_op1_no_bwd(&ScaledCausalSoftmax {
                 scale: scale as f32,
-                causal,
-                offset,
-            })?;
-            let out = probs.matmul(&v)?; // (b, nh, t, d)
-            let out = out
-                .transpose(1, 2)?
-                .reshape((b, t, self.num_heads * self.head_dim))?;
-            return self.o_proj.forward(&out);
-        }
-        let scores = (raw * scale)?;
-        let mut scores = scores.to_dtype(DType::F32)?;
-        if let Some(bias) = attention_bias(b, t, t_k, offset, causal, key_mask, xs.device())? {
-            scores = scores.broadcast_add(&bias)?;
-        }
-        let probs = if scores.track_op() {
-            softmax_last_dim(&scores)?
+                causal: span.causal,
+                offset: span.offset,
+                window: span.window,
+                sinks,
+            })?
         } else {
-            candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?
-        }
-        .to_dtype(dtype)?;
+            // Softmax in f32 (f64 for f64 models).
+            let sdt = match raw.dtype() {
+                DType::F64 => DType::F64,
+                _ => DType::F32,
+            };
+            let mut scores = (raw * scale)?.to_dtype(sdt)?;
+            let bias = window_bias(
+                b,
+                t,
+                t_k,
+                span.offset,
+                span.causal,
+                span.window,
+                key_mask,
+                xs.device(),
+            )?;
+            if let Some(bias) = bias {
+                scores = scores.broadcast_add(&bias.to_dtype(sdt)?)?;
+            }
+            softmax_with_sinks(&scores, self.sinks.as_ref())?.to_dtype(dtype)?
+        };
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out
             .transpose(1, 2)?
             .reshape((b, t, self.num_heads * self.head_dim))?; // (b, t, nh·d)
         self.o_proj.forward(&out)
     }
+}
+
+/// Which keys the queries of one attention call see.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    causal: bool,
+    /// Absolute position of the first query.
+    offset: usize,
+    window: Option<usize>,
 }

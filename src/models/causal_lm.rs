@@ -263,7 +263,7 @@ impl CausalLm {
         let mut out = Vec::new();
         let mut next_input = Tensor::new(prompt, dev)?.unsqueeze(0)?;
         for _ in 0..cfg.max_new_tokens {
-            if cache.len() + next_input.dim(1)? > self.cfg.max_position_embeddings {
+            if cache.len() + next_input.dim(1)? > self.cfg.position_limit() {
                 break;
             }
             let logits = self.forward_cached(&next_input, &mut cache)?.logits;

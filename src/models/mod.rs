@@ -126,11 +126,11 @@ pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Resul
     if ids.dtype().is_float() {
         bail!("input_ids must be integer token ids, got {:?}", ids.dtype())
     }
-    if offset + t > cfg.max_position_embeddings {
+    if offset + t > cfg.position_limit() {
         bail!(
             "sequence length {} exceeds the model's max_position_embeddings {}",
             offset + t,
-            cfg.max_position_embeddings
+            cfg.position_limit()
         )
     }
     // Range-check in the ids' own dtype before any cast, so that a negative or huge id cannot
@@ -183,10 +183,11 @@ impl Trunk {
             ),
             PositionKind::Rope => (
                 None,
-                Some(Rope::new(
+                Some(Rope::with_scaling(
                     cfg.head_dim(),
                     cfg.max_position_embeddings,
                     cfg.rope_theta,
+                    cfg.rope_scaling.clone(),
                     vb.dtype(),
                     vb.device(),
                 )?),

@@ -153,50 +153,9 @@ pub(super) fn rope_theta(v: &Value, default: f64, path: &Path) -> Result<f64> {
 }
 
 /// Settings the loader does not implement are refused with the key named, never ignored:
-/// RoPE scaling other than the default, sliding-window attention, activations other than SiLU.
+/// activations other than SiLU, OLMoE's `clip_qkv`. (RoPE scaling and sliding windows are
+/// read by `rope.rs` and `window.rs`, which refuse what they do not implement.)
 pub(super) fn reject_unsupported(v: &Value, family: Family, path: &Path) -> Result<()> {
-    for key in ["rope_scaling", "rope_parameters"] {
-        if let Some(p) = field(v, key) {
-            if !p.is_object() {
-                return Err(cfg_err(path, format!("`{key}` must be an object, got {p}")));
-            }
-            let kind = spelled(p, &["rope_type", "type"], path)?
-                .map(|(t, k)| {
-                    t.as_str().map(str::to_string).ok_or_else(|| {
-                        cfg_err(path, format!("`{key}.{k}` must be a string, got {t}"))
-                    })
-                })
-                .transpose()?
-                .unwrap_or_else(|| "default".into());
-            if kind != "default" {
-                return Err(cfg_err(
-                    path,
-                    format!("`{key}` of type `{kind}` is not supported (only the default RoPE)"),
-                ));
-            }
-        }
-    }
-    let sliding = match family {
-        Family::Qwen2Moe => bool_field(v, "use_sliding_window", false, path)?,
-        _ => field(v, "sliding_window").is_some(),
-    };
-    if sliding {
-        return Err(cfg_err(
-            path,
-            "`sliding_window` attention is not supported (set it to null)",
-        ));
-    }
-    if let Some(t) = field(v, "layer_types") {
-        let kinds = t
-            .as_array()
-            .ok_or_else(|| cfg_err(path, format!("`layer_types` must be a list, got {t}")))?;
-        if let Some(k) = kinds.iter().find(|k| k.as_str() != Some("full_attention")) {
-            return Err(cfg_err(
-                path,
-                format!("`layer_types` entry {k} is not supported (only \"full_attention\")"),
-            ));
-        }
-    }
     if let Some(act) = field(v, "hidden_act") {
         if act.as_str() != Some("silu") {
             return Err(cfg_err(
@@ -239,6 +198,14 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
     let moe = moe_config(v, family, &d, att.hidden, intermediate, path)?;
     let layers = usize_of(v, &["num_hidden_layers"], d.num_hidden_layers, path)?;
     let (sparse_step, mlp_only_layers) = sparsity(v, family, layers, path)?;
+    let (sliding_window, layer_types) = super::window::spans(v, family, layers, path)?;
+    let max_pos = usize_of(
+        v,
+        &["max_position_embeddings"],
+        d.max_position_embeddings,
+        path,
+    )?;
+    let rope_scaling = super::rope::rope_scaling_with(v, Some(max_pos), path)?;
     let cfg = ModelConfig {
         vocab_size: usize_of(v, &["vocab_size"], d.vocab_size, path)?,
         hidden_size: att.hidden,
@@ -247,16 +214,11 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         num_heads: att.heads,
         num_kv_heads: att.kv_heads,
         head_dim: att.head_dim,
-        max_position_embeddings: usize_of(
-            v,
-            &["max_position_embeddings"],
-            d.max_position_embeddings,
-            path,
-        )?,
+        max_position_embeddings: max_pos,
         rope_theta: rope_theta(v, d.rope_theta, path)?,
-        rope_scaling: None,
-        sliding_window: None,
-        layer_types: vec![],
+        rope_scaling,
+        sliding_window,
+        layer_types,
         attention_sinks: false,
         attention_out_bias: false,
         position: PositionKind::Rope,
@@ -281,6 +243,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         pooling: Default::default(),
         pad_token_id: None,
         hidden_dropout: 0.0,
+        qk_norm_per_head: false,
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))

@@ -12,7 +12,9 @@ mod defaults;
 mod gpt_oss;
 mod granite;
 mod qwen3;
+mod rope;
 mod save;
+mod window;
 
 pub use save::{SaveOptions, CRATE_CONFIG_KEY};
 
