@@ -38,6 +38,11 @@ fn inventory_is_the_checkpoint() {
             if !dir.join("config.json").exists() {
                 continue;
             }
+            // Variants that reuse another fixture's weights hold only a config.
+            let shapes = checkpoint_shapes(&dir);
+            if shapes.is_empty() {
+                continue;
+            }
             let inv = inspect(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
             let family = inv.family.unwrap();
             let ours: BTreeMap<String, Vec<usize>> = inv
@@ -45,7 +50,7 @@ fn inventory_is_the_checkpoint() {
                 .iter()
                 .map(|(n, s)| (hf_name(family, n), s.clone()))
                 .collect();
-            assert_eq!(ours, checkpoint_shapes(&dir), "{}", dir.display());
+            assert_eq!(ours, shapes, "{}", dir.display());
             let total: u128 = ours
                 .values()
                 .map(|s| s.iter().map(|&d| d as u128).product::<u128>())
