@@ -130,7 +130,10 @@ impl ScaledCausalSoftmax {
     fn range(&self, i: usize, t_k: usize) -> (usize, usize) {
         let pos = self.offset + i;
         let hi = if self.causal { (pos + 1).min(t_k) } else { t_k };
-        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)).min(hi);
+        let lo = self
+            .window
+            .map_or(0, |w| (pos + 1).saturating_sub(w))
+            .min(hi);
         (lo, hi)
     }
 }
