@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod routing;
+pub use routing::{GroupScore, MlaConfig, RouterScoring};
+
 /// The feed-forward used by each expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -55,6 +58,20 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: usize,
     /// Multiply the shared expert by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// How router logits become expert scores (softmax; DeepSeek-V3: sigmoid).
+    pub scoring: RouterScoring,
+    /// A per-expert selection bias (buffer `gate.e_score_correction_bias` `(E,)`, DeepSeek-V3)
+    /// added to the scores to choose the experts only, never to the weights.
+    pub selection_bias: bool,
+    /// Expert groups of group-limited selection (0 or 1: no groups; DeepSeek `n_group`).
+    pub n_group: usize,
+    /// Groups a token may choose experts from (DeepSeek `topk_group`).
+    pub topk_group: usize,
+    /// How a group is scored in group-limited selection.
+    pub group_score: GroupScore,
+    /// Factor on the gate weights after the optional renormalisation (DeepSeek
+    /// `routed_scaling_factor`; 1 = none).
+    pub routed_scaling_factor: f64,
 }
 
 impl Default for MoeConfig {
@@ -75,6 +92,12 @@ impl Default for MoeConfig {
             expert_bias: false,
             shared_expert_intermediate_size: 0,
             shared_expert_gate: true,
+            scoring: RouterScoring::Softmax,
+            selection_bias: false,
+            n_group: 0,
+            topk_group: 0,
+            group_score: GroupScore::Max,
+            routed_scaling_factor: 1.0,
         }
     }
 }
@@ -120,7 +143,7 @@ impl MoeConfig {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
             }
         }
-        Ok(())
+        routing::validate_routing(self)
     }
 
     /// Whether every expert sees every token (dense softmax gating, the classic MoE).
@@ -295,6 +318,8 @@ pub struct ModelConfig {
     /// before its residual add, in training only (BERT's `hidden_dropout_prob`); 0 = off.
     #[serde(alias = "hidden_dropout_prob")]
     pub hidden_dropout: f64,
+    /// Multi-head latent attention instead of MHA/GQA (DeepSeek-V2/V3; `None`: standard).
+    pub mla: Option<MlaConfig>,
 }
 
 impl Default for ModelConfig {
@@ -345,6 +370,7 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             pad_token_id: None,
             hidden_dropout: 0.0,
+            mla: None,
         }
     }
 
@@ -416,6 +442,9 @@ impl ModelConfig {
         }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return bad(format!("norm_eps must be > 0, got {}", self.norm_eps));
+        }
+        if let Some(m) = &self.mla {
+            m.validate()?;
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));

@@ -15,7 +15,9 @@ use crate::config::ModelConfig;
 use crate::layers::{Norm, Proj};
 use crate::ops::softmax_last_dim;
 
+pub mod mla;
 mod rope;
+pub use mla::{Mla, SelfAttention};
 pub use rope::Rope;
 
 /// Cached keys and values of one attention layer, `(b, kv_heads, t, d)` each.

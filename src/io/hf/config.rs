@@ -281,6 +281,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         pooling: Default::default(),
         pad_token_id: None,
         hidden_dropout: 0.0,
+        mla: None,
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))
@@ -400,6 +401,7 @@ pub(super) fn moe_config(
             _ => 0,
         },
         shared_expert_gate: true,
+        ..MoeConfig::default()
     })
 }
 
