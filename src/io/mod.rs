@@ -8,5 +8,5 @@ pub mod bert;
 pub mod hf;
 pub mod hub;
 pub mod model_dir;
-pub(crate) mod quant;
+pub mod quant;
 pub mod safetensors;

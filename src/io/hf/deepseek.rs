@@ -143,35 +143,36 @@ fn rope_scaling(v: &Value, max_pos: usize, path: &Path) -> Result<Option<RopeSca
                 .map(str::to_string)
                 .ok_or_else(|| cfg_err(path, format!("`{key}.{k}` must be a string, got {t}")))?,
         };
-        let scaling =
-            match kind.as_str() {
-                "default" => None,
-                "yarn" => {
-                    let num = |k: &str, d: f64| f64_field(p, k, d, path);
-                    let onum = |k: &str| field(p, k).map(|_| num(k, 0.0)).transpose();
-                    Some(RopeScaling::Yarn {
-                        factor: num("factor", 1.0)?,
-                        original_max_position_embeddings: usize_of(
-                            p,
-                            &["original_max_position_embeddings"],
-                            max_pos,
-                            path,
-                        )?,
-                        beta_fast: num("beta_fast", 32.0)?,
-                        beta_slow: num("beta_slow", 1.0)?,
-                        mscale: onum("mscale")?,
-                        mscale_all_dim: onum("mscale_all_dim")?,
-                        attention_factor: onum("attention_factor")?,
-                        truncate: bool_field(p, "truncate", true, path)?,
-                    })
-                }
-                other => return Err(cfg_err(
+        let scaling = match kind.as_str() {
+            "default" => None,
+            "yarn" => {
+                let num = |k: &str, d: f64| f64_field(p, k, d, path);
+                let onum = |k: &str| field(p, k).map(|_| num(k, 0.0)).transpose();
+                Some(RopeScaling::Yarn {
+                    factor: num("factor", 1.0)?,
+                    original_max_position_embeddings: usize_of(
+                        p,
+                        &["original_max_position_embeddings"],
+                        max_pos,
+                        path,
+                    )?,
+                    beta_fast: num("beta_fast", 32.0)?,
+                    beta_slow: num("beta_slow", 1.0)?,
+                    mscale: onum("mscale")?,
+                    mscale_all_dim: onum("mscale_all_dim")?,
+                    attention_factor: onum("attention_factor")?,
+                    truncate: bool_field(p, "truncate", true, path)?,
+                })
+            }
+            other => {
+                return Err(cfg_err(
                     path,
                     format!(
                         "`{key}` of type `{other}` is not supported for DeepSeek (default or yarn)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if found.is_some() && scaling.is_some() && found != Some(scaling.clone()) {
             return Err(cfg_err(
                 path,

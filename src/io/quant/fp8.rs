@@ -70,3 +70,23 @@ pub(crate) fn dequantize(
     }
     Ok(out)
 }
+
+/// Reads every tensor of one safetensors file through the checked loading backend, FP8 weights
+/// dequantised with their `<name>_scale_inv` block scales (which are consumed, not returned):
+/// the tensors a model loaded from the file would see, as f32 on the CPU.
+pub fn read_dequantized(
+    path: &std::path::Path,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let files = [path.to_path_buf()];
+    let opts = crate::io::hub::LoadOptions::default();
+    let (vb, log, names) = crate::io::backend::var_builder(&files, &opts, None)?;
+    let mut out = std::collections::BTreeMap::new();
+    for name in names.iter().filter(|n| !n.ends_with("_scale_inv")) {
+        let t = vb
+            .get_unchecked(name)
+            .map_err(|e| crate::io::backend::build_error(&log, e, path))?;
+        out.insert(name.clone(), t);
+    }
+    crate::io::backend::check_unused(&log, &names, path)?;
+    Ok(out)
+}
