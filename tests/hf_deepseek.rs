@@ -1,7 +1,11 @@
 //! DeepSeek-V2 / V3 checkpoints written by transformers 5.24 (`tests/fixtures/gen_hf_deepseek.py`,
 //! `tests/fixtures/hf_v5/deepseek_*`): logits with and without a padding mask, both config
 //! spellings, KV-cache decoding, the routers on crafted inputs whose best experts are spread
-//! over the groups, FP8 block-quantised weights, the multi-token-prediction layer, bad input.
+//! over the groups, FP8 block-quantised weights, the multi-token-prediction layer, bad input;
+//! and the round trip: what `save_pretrained` writes, transformers loads with no missing or
+//! unexpected keys and the same logits (`tests/fixtures/gen_roundtrip_deepseek.py`).
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -476,5 +480,116 @@ fn bad_deepseek_configs_name_the_key() {
         });
         let err = load_err(tmp.path());
         assert!(err.contains(needle), "{name} {key}={value}: {err}");
+    }
+}
+
+fn train_cfg(steps: usize) -> candle_moe::TrainConfig {
+    candle_moe::TrainConfig {
+        steps,
+        lr: 3e-3,
+        warmup_steps: 0,
+        progress: false,
+        ..Default::default()
+    }
+}
+
+fn lm_loss(m: &CausalLm, x: &Tensor, y: &Tensor) -> candle_moe::train::LossParts {
+    candle_moe::tasks::language_model::loss_parts(m, x, &y.flatten_all().unwrap(), true).unwrap()
+}
+
+/// The models the export writes: each fixture fine-tuned for 5 AdamW steps (every weight), and
+/// the V3 fixture with LoRA adapters on the MLA projections and the experts, trained and merged.
+fn export_model(name: &str) -> CausalLm {
+    let (x, y) = common::fixed_lm_batch();
+    if let Some(fam) = name.strip_prefix("lora_merged_") {
+        let mut m = load(&fixture(fam));
+        let vm = m
+            .add_lora(&candle_moe::layers::LoraConfig {
+                rank: 4,
+                seed: 9,
+                ..Default::default()
+            })
+            .unwrap();
+        let mut trainer = candle_moe::Trainer::new(&vm, train_cfg(5)).unwrap();
+        for _ in 0..5 {
+            trainer.step(&lm_loss(&m, &x, &y)).unwrap();
+        }
+        m.merge_lora().unwrap();
+        return m;
+    }
+    let fam = name.strip_prefix("finetuned_").unwrap();
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
+    let mut m = CausalLm::from_pretrained(fixture(fam).to_str().unwrap(), &opts).unwrap();
+    let vm = m.varmap().unwrap().clone();
+    let mut trainer = candle_moe::Trainer::new(&vm, train_cfg(5)).unwrap();
+    for _ in 0..5 {
+        trainer.step(&lm_loss(&m, &x, &y)).unwrap();
+    }
+    m.freeze().unwrap();
+    m
+}
+
+const EXPORTS: [&str; 3] = [
+    "finetuned_deepseek_v2",
+    "finetuned_deepseek_v3",
+    "lora_merged_deepseek_v3",
+];
+
+/// Writes the export directories for the Python check: run with
+/// `CANDLE_MOE_EXPORT=DIR cargo test --release --test hf_deepseek export_deepseek -- --ignored`.
+#[test]
+#[ignore = "run by tests/fixtures/gen_roundtrip_deepseek.py"]
+fn export_deepseek() {
+    let dir = PathBuf::from(std::env::var("CANDLE_MOE_EXPORT").expect("set CANDLE_MOE_EXPORT"));
+    for name in EXPORTS {
+        export_model(name).save_pretrained(dir.join(name)).unwrap();
+    }
+}
+
+/// What transformers computed on the directories the export saved: rebuilding the same models
+/// here, saving and reloading them gives its logits, and it reported no missing, unexpected
+/// or mismatched key (the V3 `e_score_correction_bias` included).
+#[test]
+fn transformers_loads_the_deepseek_models_we_save() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/roundtrip_deepseek/expected.json");
+    let exp: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases = exp["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), EXPORTS.len());
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, case) in cases {
+        let out = tmp.path().join(name);
+        export_model(name).save_pretrained(&out).unwrap();
+        let back = load(&out);
+        if name.contains("v3") {
+            assert!(back
+                .parameters()
+                .iter()
+                .any(|(n, _)| n.ends_with("e_score_correction_bias")));
+        }
+        let ids: Vec<u32> = case["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let n = ids.len();
+        let x = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+        let d = max_diff(&back.forward(&x).unwrap().logits, &floats(&case["logits"]));
+        assert!(d < 1e-4, "{name}: transformers' logits differ by {d}");
+        for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
+            assert_eq!(case[k].as_array().map(|a| a.len()), Some(0), "{name} {k}");
+        }
+        assert_eq!(
+            case["model_type"].as_str(),
+            Some(if name.contains("v2") {
+                "deepseek_v2"
+            } else {
+                "deepseek_v3"
+            })
+        );
     }
 }
