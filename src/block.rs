@@ -9,7 +9,7 @@
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::attention::{Attention, KvCache, Rope};
+use crate::attention::{Attention, KvCache, Rope, SelfAttention};
 use crate::config::ModelConfig;
 use crate::layers::{Dropout, Norm};
 use crate::moe::experts::Expert;
@@ -54,7 +54,7 @@ pub struct BlockCtx<'a> {
 #[derive(Debug)]
 pub struct TransformerBlock {
     input_norm: Norm,
-    attn: Attention,
+    attn: SelfAttention,
     cross: Option<(Norm, Attention)>,
     post_attn_norm: Norm,
     ffn: FeedForward,
@@ -91,7 +91,8 @@ impl TransformerBlock {
         };
         Ok(Self {
             input_norm: Norm::new(cfg, h, vb.pp("input_layernorm"))?,
-            attn: Attention::new(cfg, vb.pp("self_attn"))?.with_window(cfg.layer_window(layer)),
+            attn: SelfAttention::new(cfg, vb.pp("self_attn"))?
+                .with_window(cfg.layer_window(layer))?,
             cross,
             post_attn_norm: Norm::new(cfg, h, vb.pp("post_attention_layernorm"))?,
             ffn,
@@ -100,7 +101,7 @@ impl TransformerBlock {
     }
 
     /// The self-attention, mutably (to attach or merge adapters).
-    pub fn attention_mut(&mut self) -> &mut Attention {
+    pub fn attention_mut(&mut self) -> &mut SelfAttention {
         &mut self.attn
     }
 

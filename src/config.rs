@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 
 mod positions;
 pub use positions::dynamic_limit;
+mod routing;
+pub use routing::{GroupScore, MlaConfig, RouterScoring};
 
 /// The feed-forward used by each expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -58,6 +60,20 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: usize,
     /// Multiply the shared expert by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// How router logits become expert scores (softmax; DeepSeek-V3: sigmoid).
+    pub scoring: RouterScoring,
+    /// A per-expert selection bias (buffer `gate.e_score_correction_bias` `(E,)`, DeepSeek-V3)
+    /// added to the scores to choose the experts only, never to the weights.
+    pub selection_bias: bool,
+    /// Expert groups of group-limited selection (0 or 1: no groups; DeepSeek `n_group`).
+    pub n_group: usize,
+    /// Groups a token may choose experts from (DeepSeek `topk_group`).
+    pub topk_group: usize,
+    /// How a group is scored in group-limited selection.
+    pub group_score: GroupScore,
+    /// Factor on the gate weights after the optional renormalisation (DeepSeek
+    /// `routed_scaling_factor`; 1 = none).
+    pub routed_scaling_factor: f64,
 }
 
 impl Default for MoeConfig {
@@ -78,6 +94,12 @@ impl Default for MoeConfig {
             expert_bias: false,
             shared_expert_intermediate_size: 0,
             shared_expert_gate: true,
+            scoring: RouterScoring::Softmax,
+            selection_bias: false,
+            n_group: 0,
+            topk_group: 0,
+            group_score: GroupScore::Max,
+            routed_scaling_factor: 1.0,
         }
     }
 }
@@ -123,7 +145,7 @@ impl MoeConfig {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
             }
         }
-        Ok(())
+        routing::validate_routing(self)
     }
 
     /// Whether every expert sees every token (dense softmax gating, the classic MoE).
@@ -301,6 +323,8 @@ pub struct ModelConfig {
     /// The q/k RMSNorms act on each head (`head_dim` wide, Qwen3) rather than on the whole
     /// projection (OLMoE's `qk_norm`); implies q/k norms.
     pub qk_norm_per_head: bool,
+    /// Multi-head latent attention instead of MHA/GQA (DeepSeek-V2/V3; `None`: standard).
+    pub mla: Option<MlaConfig>,
 }
 
 impl Default for ModelConfig {
@@ -352,6 +376,7 @@ impl ModelConfig {
             pad_token_id: None,
             hidden_dropout: 0.0,
             qk_norm_per_head: false,
+            mla: None,
         }
     }
 
@@ -423,6 +448,9 @@ impl ModelConfig {
         }
         if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
             return bad(format!("norm_eps must be > 0, got {}", self.norm_eps));
+        }
+        if let Some(m) = &self.mla {
+            m.validate()?;
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));

@@ -227,7 +227,7 @@ fn generic_path_gradients_match_f64_and_finite_differences() {
                         .unwrap()
                         .to_vec1::<f64>()
                         .unwrap();
-                    let mut at = |d: f64| {
+                    let at = |d: f64| {
                         let mut v = base.clone();
                         v[idx] += d;
                         var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())

@@ -15,9 +15,11 @@ use crate::config::ModelConfig;
 use crate::layers::{Norm, Proj};
 
 mod mask;
+pub mod mla;
 mod rope;
 use mask::ScaledCausalSoftmax;
 pub use mask::{attention_bias, softmax_with_sinks, window_bias};
+pub use mla::{Mla, SelfAttention};
 pub use rope::{rope_parameters, Rope};
 
 /// Cached keys and values of one attention layer, `(b, kv_heads, t, d)` each.

@@ -61,6 +61,58 @@ impl Checked {
                 format!("missing tensor `{name}`"),
             )));
         };
+        let t = if h.dtype == "F8_E4M3" {
+            self.load_fp8(name, h, want, dev)?.to_dtype(dtype)?
+        } else {
+            self.load_float(name, h, want, dev)?.to_dtype(dtype)?
+        };
+        // Buffers (DeepSeek-V3's `e_score_correction_bias`) are never trainable variables.
+        let buffer = name.ends_with("e_score_correction_bias");
+        let t = match &self.varmap {
+            Some(vm) if !buffer => {
+                let var = candle_core::Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                lock(vm.data()).insert(name.to_string(), var);
+                t
+            }
+            _ => t,
+        };
+        lock(&self.log).loaded.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    /// The error for a tensor whose stored shape is not `want`.
+    fn check_shape(
+        &self,
+        name: &str,
+        h: &HeaderEntry,
+        want: Option<&[usize]>,
+    ) -> candle_core::Result<()> {
+        match want {
+            Some(want) if h.shape != want => Err(self.fail(Error::tensor(
+                &h.file,
+                name,
+                CheckpointErrorKind::Shape {
+                    expected: want.to_vec(),
+                    found: h.shape.clone(),
+                },
+                format!(
+                    "tensor `{name}` has shape {:?}, the config expects {:?}",
+                    h.shape, want
+                ),
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A float tensor, checked and read as stored.
+    fn load_float(
+        &self,
+        name: &str,
+        h: &HeaderEntry,
+        want: Option<&[usize]>,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if !matches!(h.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
             return Err(self.fail(Error::tensor(
                 &h.file,
@@ -75,44 +127,55 @@ impl Checked {
                 ),
             )));
         }
-        if let Some(want) = want {
-            if h.shape != want {
-                return Err(self.fail(Error::tensor(
-                    &h.file,
-                    name,
-                    CheckpointErrorKind::Shape {
-                        expected: want.to_vec(),
-                        found: h.shape.clone(),
-                    },
-                    format!(
-                        "tensor `{name}` has shape {:?}, the config expects {:?}",
-                        h.shape, want
-                    ),
-                )));
-            }
-        }
-        let t = match read_tensor(h, dev) {
-            Ok(t) => t.to_dtype(dtype)?,
-            Err(e) => {
-                return Err(self.fail(Error::tensor(
-                    &h.file,
-                    name,
-                    CheckpointErrorKind::Corrupt,
-                    format!("tensor `{name}`: {e}"),
-                )))
-            }
+        self.check_shape(name, h, want)?;
+        read_tensor(h, dev).map_err(|e| {
+            self.fail(Error::tensor(
+                &h.file,
+                name,
+                CheckpointErrorKind::Corrupt,
+                format!("tensor `{name}`: {e}"),
+            ))
+        })
+    }
+
+    /// An FP8 e4m3 weight dequantised with its `<name>_scale_inv` block scales (which are
+    /// recorded as used); a weight without its scale is an error naming both.
+    fn load_fp8(
+        &self,
+        name: &str,
+        h: &HeaderEntry,
+        want: Option<&[usize]>,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.check_shape(name, h, want)?;
+        let scale_name = format!("{name}_scale_inv");
+        let Some(sh) = self.headers.get(&scale_name) else {
+            return Err(self.fail(Error::tensor(
+                &h.file,
+                name,
+                CheckpointErrorKind::Missing,
+                format!("FP8 tensor `{name}` has no block scales `{scale_name}`"),
+            )));
         };
-        let t = match &self.varmap {
-            Some(vm) => {
-                let var = candle_core::Var::from_tensor(&t)?;
-                let t = var.as_tensor().clone();
-                lock(vm.data()).insert(name.to_string(), var);
-                t
-            }
-            None => t,
-        };
-        lock(&self.log).loaded.push((name.to_string(), t.clone()));
-        Ok(t)
+        let scale = self
+            .load_float(&scale_name, sh, None, &Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let q = read_bytes(h).map_err(|e| {
+            self.fail(Error::tensor(
+                &h.file,
+                name,
+                CheckpointErrorKind::Corrupt,
+                format!("tensor `{name}`: {e}"),
+            ))
+        })?;
+        let w = crate::io::quant::fp8::dequantize(name, &h.file, &q, &h.shape, &scale, &sh.shape)
+            .map_err(|e| self.fail(e))?;
+        lock(&self.log)
+            .loaded
+            .push((scale_name, Tensor::zeros(0, DType::F32, &Device::Cpu)?));
+        Tensor::from_vec(w, h.shape.as_slice(), &Device::Cpu)?.to_device(dev)
     }
 }
 
@@ -187,6 +250,12 @@ fn read_tensor(h: &HeaderEntry, dev: &Device) -> candle_core::Result<Tensor> {
         "F64" => DType::F64,
         other => candle_core::bail!("unsupported dtype {other}"),
     };
+    let buf = read_bytes(h)?;
+    Tensor::from_raw_buffer(&buf, dt, &h.shape, &Device::Cpu)?.to_device(dev)
+}
+
+/// One tensor's stored bytes, with a positioned read.
+fn read_bytes(h: &HeaderEntry) -> candle_core::Result<Vec<u8>> {
     let len = usize::try_from(h.len).map_err(candle_core::Error::wrap)?;
     let mut buf = vec![0u8; len];
     let f = std::fs::File::open(&h.file)?;
@@ -202,7 +271,7 @@ fn read_tensor(h: &HeaderEntry, dev: &Device) -> candle_core::Result<Tensor> {
         f.seek(SeekFrom::Start(h.offset))?;
         f.read_exact(&mut buf)?;
     }
-    Tensor::from_raw_buffer(&buf, dt, &h.shape, &Device::Cpu)?.to_device(dev)
+    Ok(buf)
 }
 
 /// Checks that every tensor of the checkpoint was used by the model (a config that disagrees

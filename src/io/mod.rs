@@ -9,5 +9,5 @@ pub mod hf;
 pub mod hub;
 pub mod inspect;
 pub mod model_dir;
-pub(crate) mod quant;
+pub mod quant;
 pub mod safetensors;

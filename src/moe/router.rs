@@ -8,6 +8,14 @@
 //!   is multiplied by `U(1 - ε, 1 + ε)`.
 //! - Dense softmax gating when `k == E`: every expert weighted by the softmax gate (Jordan &
 //!   Jacobs 1994).
+//! - DeepSeek variants (DeepSeek-V2, Liu et al. 2024; DeepSeek-V3, 2024 §2.1.2), as options of
+//!   the same router ([`crate::config::RouterScoring`], [`crate::config::GroupScore`]):
+//!   sigmoid scores; a selection bias added for choosing only (`e_score_correction_bias`,
+//!   auxiliary-loss-free balancing); group-limited selection (keep the `topk_group` best of
+//!   `n_group` expert groups, scored by their best expert or the sum of their two best, then
+//!   top-k among the kept groups); the weights (renormalised when `norm_topk_prob`) times
+//!   `routed_scaling_factor`. The selection is integer-valued and has no gradient; the weights
+//!   are gathered from the unbiased scores, so gradients reach the gate.
 //!
 //! All router math runs in f32 whatever the model dtype (f64 models keep f64). The softmax is built from primitive ops
 //! so that it has a backward pass (`candle_nn::ops::softmax_last_dim` has none), and the top-k is
@@ -18,7 +26,7 @@ use std::sync::Mutex;
 use candle_core::{bail, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::config::MoeConfig;
+use crate::config::{GroupScore, MoeConfig, RouterScoring};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -29,7 +37,8 @@ use crate::ops::{compute_dtype, lock, normal, softmax_last_dim, softplus};
 pub struct RouterOutput {
     /// Router logits `x W_g^T` (before noise), `(tokens, E)`, f32; what the aux losses use.
     pub logits: Tensor,
-    /// Softmax of `logits`, `(tokens, E)`, f32.
+    /// Softmax of `logits`, `(tokens, E)`, f32 (whatever the scoring: what the load-balancing
+    /// loss uses).
     pub probs: Tensor,
     /// Gate weights of the chosen experts, `(tokens, k)`, f32, differentiable.
     pub weights: Tensor,
@@ -48,11 +57,19 @@ pub struct Router {
     top_k: usize,
     norm_topk_prob: bool,
     jitter: f64,
+    scoring: RouterScoring,
+    /// DeepSeek-V3's `e_score_correction_bias` `(E,)`: a buffer, never trained (detached).
+    selection_bias: Option<Tensor>,
+    n_group: usize,
+    topk_group: usize,
+    group_score: GroupScore,
+    scaling: f64,
 }
 
 impl Router {
     /// Creates the router; weights `gate.weight` `(E, h)` and, with noisy gating,
-    /// `gate_noise.weight` `(E, h)`.
+    /// `gate_noise.weight` `(E, h)`; with a selection bias, the buffer
+    /// `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
@@ -74,6 +91,15 @@ impl Router {
         } else {
             None
         };
+        let selection_bias = if cfg.selection_bias {
+            Some(vb.pp("gate").get_with_hints(
+                cfg.num_experts,
+                "e_score_correction_bias",
+                candle_nn::Init::Const(0.0),
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             rng: Mutex::new(StdRng::seed_from_u64(0)),
             gate,
@@ -82,12 +108,23 @@ impl Router {
             top_k: cfg.top_k,
             norm_topk_prob: cfg.norm_topk_prob,
             jitter: cfg.router_jitter_noise,
+            scoring: cfg.scoring,
+            selection_bias,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            group_score: cfg.group_score,
+            scaling: cfg.routed_scaling_factor,
         })
     }
 
     /// The gate projection `(E, h)`.
     pub fn gate_weight(&self) -> &Tensor {
         self.gate.weight()
+    }
+
+    /// The selection bias `(E,)` (DeepSeek-V3 `e_score_correction_bias`), when configured.
+    pub fn selection_bias(&self) -> Option<&Tensor> {
+        self.selection_bias.as_ref()
     }
 
     /// Restarts the noise generator from `seed`.
@@ -153,7 +190,14 @@ impl Router {
                 let h = (&logits + (std * eps)?)?;
                 (softmax_last_dim(&h)?, h)
             }
-            _ => (probs.clone(), logits.clone()),
+            _ => match self.scoring {
+                RouterScoring::Softmax => (probs.clone(), self.selection_order(&probs, &logits)?),
+                RouterScoring::Sigmoid => {
+                    let s = candle_nn::ops::sigmoid(&logits)?; // (n, E)
+                    let order = self.selection_order(&s, &s)?;
+                    (s, order)
+                }
+            },
         };
         let (weights, experts) = self.top_k(&scores, &order_by)?;
         Ok(RouterOutput {
@@ -180,12 +224,70 @@ impl Router {
             let ids = order.narrow(1, 0, self.top_k)?.contiguous()?; // (n, k)
             (scores.gather(&ids, 1)?, ids)
         };
-        let weights = if self.norm_topk_prob && self.top_k < self.num_experts {
-            weights.broadcast_div(&weights.sum_keepdim(1)?)?
+        let sigmoid = self.scoring == RouterScoring::Sigmoid;
+        let weights = if self.norm_topk_prob && (self.top_k < self.num_experts || sigmoid) {
+            let sum = weights.sum_keepdim(1)?;
+            // DeepSeek-V3 adds 1e-20 to the sum of its sigmoid weights.
+            let sum = if sigmoid { (sum + 1e-20)? } else { sum };
+            weights.broadcast_div(&sum)?
+        } else {
+            weights
+        };
+        let weights = if self.scaling != 1.0 {
+            (weights * self.scaling)?
         } else {
             weights
         };
         Ok((weights, experts))
+    }
+
+    /// What the top-k is ranked by: `plain` (the logits for softmax scoring, which order like
+    /// the probabilities) unless a selection bias or expert groups are configured; then the
+    /// detached `scores` plus the bias, with the experts outside the `topk_group` best groups
+    /// set to `-inf`.
+    fn selection_order(&self, scores: &Tensor, plain: &Tensor) -> Result<Tensor> {
+        if self.selection_bias.is_none() && self.n_group <= 1 {
+            return Ok(plain.clone());
+        }
+        let mut choice = scores.detach();
+        if let Some(b) = &self.selection_bias {
+            let b = b.detach().to_dtype(choice.dtype())?.unsqueeze(0)?; // (1, E)
+            choice = choice.broadcast_add(&b)?;
+        }
+        if self.n_group > 1 {
+            choice = self.mask_groups(&choice)?;
+        }
+        Ok(choice)
+    }
+
+    /// `choice` `(n, E)` with the experts of all but the `topk_group` best of the `n_group`
+    /// groups set to `-inf`; a group scores its best expert (`max`) or its two best (`top2_sum`).
+    fn mask_groups(&self, choice: &Tensor) -> Result<Tensor> {
+        let (n, e) = choice.dims2()?;
+        let (g, per) = (self.n_group, e / self.n_group);
+        let dev = choice.device();
+        let grouped = choice.reshape((n, g, per))?.contiguous()?; // (n, g, per)
+        let group_scores = match self.group_score {
+            GroupScore::Max => grouped.max(2)?, // (n, g)
+            GroupScore::Top2Sum => grouped.sort_last_dim(false)?.0.narrow(2, 0, 2)?.sum(2)?,
+        };
+        let keep = group_scores
+            .contiguous()?
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, self.topk_group)?; // (n, tg)
+        let gids = Tensor::arange(0u32, g as u32, dev)?.reshape((1, 1, g))?;
+        let hit = keep
+            .unsqueeze(2)?
+            .broadcast_eq(&gids)?
+            .to_dtype(candle_core::DType::F32)?
+            .sum(1)?; // (n, g): 1 for kept groups
+        let mask = hit
+            .unsqueeze(2)?
+            .broadcast_as((n, g, per))?
+            .reshape((n, e))?
+            .gt(0.0)?; // (n, E) u8
+        let neg = Tensor::full(f32::NEG_INFINITY, (n, e), dev)?.to_dtype(choice.dtype())?;
+        mask.where_cond(choice, &neg)
     }
 }
 

@@ -244,6 +244,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         pad_token_id: None,
         hidden_dropout: 0.0,
         qk_norm_per_head: false,
+        mla: None,
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))
@@ -363,6 +364,7 @@ pub(super) fn moe_config(
             _ => 0,
         },
         shared_expert_gate: true,
+        ..MoeConfig::default()
     })
 }
 

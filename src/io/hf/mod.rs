@@ -95,13 +95,15 @@ pub(crate) fn family_var_builder(
 }
 
 /// Checks that the checkpoint has no decoder layers beyond the config's (a config that
-/// disagrees with the weights).
-fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
+/// disagrees with the weights). DeepSeek-V3 checkpoints may carry their multi-token-prediction
+/// layer at index `num_layers`: it is allowed there (and skipped, see [`skipped_tensor`]).
+fn check_layer_count(files: &[PathBuf], num_layers: usize, family: Family) -> Result<()> {
+    let allowed = num_layers + usize::from(family == Family::DeepseekV3);
     for f in files {
         for name in read_header(f)?.keys() {
             if let Some(rest) = name.strip_prefix("model.layers.") {
                 if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
-                    if i >= num_layers {
+                    if i >= allowed {
                         return Err(Error::tensor(
                             f,
                             name.as_str(),
@@ -114,6 +116,18 @@ fn check_layer_count(files: &[PathBuf], num_layers: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tensors a family's checkpoints carry that the model does not use: DeepSeek-V3's
+/// multi-token-prediction layer `model.layers.{num_layers}.*` (a speculative-decoding head that
+/// transformers does not load either).
+fn skipped_tensor(family: Family, num_layers: usize, name: &str) -> bool {
+    family == Family::DeepseekV3
+        && name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            == Some(num_layers)
 }
 
 /// The family and configuration of a Hugging Face `config.json`; a crate-built model's own
@@ -174,11 +188,15 @@ impl crate::models::CausalLm {
         let r = resolve(source, opts)?;
         let v = read_json(&r.config)?;
         let (family, cfg) = config_and_family(&v, &r.config)?;
-        check_layer_count(&r.weights, cfg.num_layers)?;
+        check_layer_count(&r.weights, cfg.num_layers, family)?;
         let varmap = opts.trainable.then(candle_nn::VarMap::new);
         let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
         let mut model = Self::new_validated(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| !skipped_tensor(family, cfg.num_layers, n))
+            .collect();
         check_unused(&log, &names, &first)?;
         let (tok, tokenizer_json) = match &r.tokenizer {
             Some(p) => (

@@ -147,6 +147,7 @@ fn moe(v: &Value, hidden: usize, path: &Path) -> Result<MoeConfig> {
         expert_bias: false,
         shared_expert_intermediate_size: 0,
         shared_expert_gate: false,
+        ..MoeConfig::default()
     })
 }
 
@@ -190,6 +191,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         pad_token_id: None,
         hidden_dropout: 0.0,
         qk_norm_per_head: true,
+        mla: None,
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok(cfg)

@@ -136,6 +136,8 @@ fn hf_config_for(model: &CausalLm, dtype: DType, path: &Path) -> Result<(Family,
                     "torch_dtype"
                 };
                 o.insert(key.into(), json!(dtype_name(dtype)));
+                // Quantised checkpoints (FP8, MXFP4) are dequantised at load and saved as floats.
+                o.remove("quantization_config");
             }
             Ok((family, v))
         }
