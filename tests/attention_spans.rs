@@ -147,8 +147,15 @@ fn dynamic_rope_rescales_only_past_the_original_length() {
     cfg.max_position_embeddings = 32;
     cfg.rope_scaling = Some(s);
     assert_eq!(cfg.position_limit(), 64);
-    let rope = Rope::with_scaling(16, 32, 1e4, cfg.rope_scaling.clone(), DType::F32, &Device::Cpu)
-        .unwrap();
+    let rope = Rope::with_scaling(
+        16,
+        32,
+        1e4,
+        cfg.rope_scaling.clone(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let xs = Tensor::ones((1, 1, 50, 16), DType::F32, &Device::Cpu).unwrap();
     assert!(rope.apply(&xs, 0).is_ok());
     assert!(rope.apply(&xs, 20).is_err(), "70 positions > 64");
@@ -179,9 +186,13 @@ fn unsupported_or_bad_rope_settings_are_refused_naming_the_key() {
             json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
             "high_freq_factor",
         ),
-        (json!({"rope_type": "yarn", "factor": "x"}), "rope_parameters.factor"),
+        (
+            json!({"rope_type": "yarn", "factor": "x"}),
+            "rope_parameters.factor",
+        ),
     ] {
-        let case = json!({"head_dim": 8, "max_position_embeddings": 64, "rope_theta": 1e4, "rope": rope});
+        let case =
+            json!({"head_dim": 8, "max_position_embeddings": 64, "rope_theta": 1e4, "rope": rope});
         let e = map(&hf_config(&case, true)).unwrap_err().to_string();
         assert!(e.contains(needle), "{rope}: {e}");
     }
@@ -190,7 +201,10 @@ fn unsupported_or_bad_rope_settings_are_refused_naming_the_key() {
     c["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4});
     c["rope_scaling"] = json!({"type": "linear", "factor": 3.0});
     let e = map(&c).unwrap_err().to_string();
-    assert!(e.contains("rope_scaling") && e.contains("rope_parameters"), "{e}");
+    assert!(
+        e.contains("rope_scaling") && e.contains("rope_parameters"),
+        "{e}"
+    );
     // And a crate config with a bad factor fails validation naming the field.
     let mut cfg = ModelConfig::tiny(32);
     cfg.rope_scaling = Some(RopeScaling::Linear { factor: f64::NAN });
@@ -218,10 +232,16 @@ fn bad_sliding_window_settings_are_refused() {
     q["sliding_window"] = json!(4);
     q["layer_types"] = json!(["full_attention", "chunked_attention"]);
     let e = map(&q).unwrap_err().to_string();
-    assert!(e.contains("layer_types") && e.contains("chunked_attention"), "{e}");
+    assert!(
+        e.contains("layer_types") && e.contains("chunked_attention"),
+        "{e}"
+    );
     q["layer_types"] = json!(["full_attention"]);
     let e = map(&q).unwrap_err().to_string();
-    assert!(e.contains("layer_types") && e.contains("num_hidden_layers"), "{e}");
+    assert!(
+        e.contains("layer_types") && e.contains("num_hidden_layers"),
+        "{e}"
+    );
     q["layer_types"] = json!(["sliding_attention", "full_attention"]);
     let m = map(&q).unwrap();
     assert_eq!((m.layer_window(0), m.layer_window(1)), (Some(4), None));
@@ -231,18 +251,33 @@ fn bad_sliding_window_settings_are_refused() {
     let m = map(&q).unwrap();
     assert_eq!(
         m.layer_types,
-        vec![AttentionSpan::SlidingAttention, AttentionSpan::FullAttention]
+        vec![
+            AttentionSpan::SlidingAttention,
+            AttentionSpan::FullAttention
+        ]
     );
     // Crate configs: the same rules in validate().
     let mut cfg = ModelConfig::tiny(32);
     cfg.sliding_window = Some(0);
-    assert!(cfg.validate().unwrap_err().to_string().contains("sliding_window"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("sliding_window"));
     cfg.sliding_window = None;
     cfg.layer_types = vec![AttentionSpan::SlidingAttention; 2];
-    assert!(cfg.validate().unwrap_err().to_string().contains("sliding_window"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("sliding_window"));
     cfg.sliding_window = Some(3);
     cfg.layer_types = vec![AttentionSpan::SlidingAttention; 3];
-    assert!(cfg.validate().unwrap_err().to_string().contains("layer_types"));
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("layer_types"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,7 +377,10 @@ fn reference(
                     })
                     .collect();
                 let sink = sinks.as_ref().map(|z| z[h]);
-                let mx = s.iter().chain(sink.iter()).fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+                let mx = s
+                    .iter()
+                    .chain(sink.iter())
+                    .fold(f64::NEG_INFINITY, |a, &v| a.max(v));
                 let z: f64 = s.iter().map(|v| (v - mx).exp()).sum::<f64>()
                     + sink.map_or(0.0, |v| (v - mx).exp());
                 for (&j, sv) in vis.iter().zip(&s) {
@@ -362,15 +400,26 @@ fn reference(
 }
 
 /// The layer over plain tensors (inference: the fused softmax when f32 and unmasked).
-fn frozen(cfg: &ModelConfig, w: &HashMap<String, Tensor>, dtype: DType, window: Option<usize>) -> Attention {
-    let w: HashMap<String, Tensor> =
-        w.iter().map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap())).collect();
+fn frozen(
+    cfg: &ModelConfig,
+    w: &HashMap<String, Tensor>,
+    dtype: DType,
+    window: Option<usize>,
+) -> Attention {
+    let w: HashMap<String, Tensor> = w
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_dtype(dtype).unwrap()))
+        .collect();
     let vb = VarBuilder::from_tensors(w, dtype, &Device::Cpu);
     Attention::new(cfg, vb).unwrap().with_window(window)
 }
 
 /// The layer over trainable variables (the differentiable path), and its VarMap.
-fn trainable(cfg: &ModelConfig, w: &HashMap<String, Tensor>, window: Option<usize>) -> (Attention, VarMap) {
+fn trainable(
+    cfg: &ModelConfig,
+    w: &HashMap<String, Tensor>,
+    window: Option<usize>,
+) -> (Attention, VarMap) {
     let vm = VarMap::new();
     let a = Attention::new(cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu))
         .unwrap()
@@ -383,7 +432,10 @@ fn trainable(cfg: &ModelConfig, w: &HashMap<String, Tensor>, window: Option<usiz
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -397,7 +449,12 @@ fn sliding_window_and_sinks_match_the_reference_in_every_path() {
         r
     }];
     let mask = Tensor::new(mask_rows.clone(), &Device::Cpu).unwrap();
-    for (sinks, window) in [(false, Some(3)), (true, None), (true, Some(4)), (true, Some(1))] {
+    for (sinks, window) in [
+        (false, Some(3)),
+        (true, None),
+        (true, Some(4)),
+        (true, Some(1)),
+    ] {
         let cfg = attn_cfg(sinks, sinks);
         let w = weights(sinks, sinks, 11);
         let what = format!("sinks {sinks}, window {window:?}");
@@ -411,27 +468,42 @@ fn sliding_window_and_sinks_match_the_reference_in_every_path() {
         assert!(d < 1e-4, "{what}: fused path off by {d}");
         // Inference, f64: the bias + softmax path.
         let a64 = frozen(&cfg, &w, DType::F64, window);
-        let d = max_diff(&host(&a64.forward_self(&xs, None, true, None, None).unwrap()), &want);
+        let d = max_diff(
+            &host(&a64.forward_self(&xs, None, true, None, None).unwrap()),
+            &want,
+        );
         assert!(d < 1e-5, "{what}: masked path off by {d}");
         // Training path.
         let (tr, _vm) = trainable(&cfg, &w, window);
-        let d = max_diff(&host(&tr.forward_self(&xs, None, true, None, None).unwrap()), &want);
+        let d = max_diff(
+            &host(&tr.forward_self(&xs, None, true, None, None).unwrap()),
+            &want,
+        );
         assert!(d < 1e-5, "{what}: training path off by {d}");
         // With a padding mask.
         let want_m = reference(&w, &x, b, t, window, Some(&mask_rows));
         let got = a
-            .forward_self(&xs.to_dtype(DType::F32).unwrap(), None, true, Some(&mask), None)
+            .forward_self(
+                &xs.to_dtype(DType::F32).unwrap(),
+                None,
+                true,
+                Some(&mask),
+                None,
+            )
             .unwrap();
         // Rows whose every visible key is padding are undefined; compare the valid rows.
         let (g, wm) = (host(&got), want_m);
-        for bi in 0..b {
-            for i in 0..t {
-                if mask_rows[bi][i] == 0 {
+        for (bi, row) in mask_rows.iter().enumerate() {
+            for (i, &keep) in row.iter().enumerate() {
+                if keep == 0 {
                     continue;
                 }
                 let r = (bi * t + i) * H..(bi * t + i + 1) * H;
                 let d = max_diff(&g[r.clone()], &wm[r]);
-                assert!(d < 1e-4, "{what}: padded batch row {bi} query {i} off by {d}");
+                assert!(
+                    d < 1e-4,
+                    "{what}: padded batch row {bi} query {i} off by {d}"
+                );
             }
         }
     }
@@ -459,12 +531,18 @@ fn kv_cache_decode_equals_full_forward_with_window_and_sinks() {
             while p < t {
                 let n = chunk.min(t - p);
                 let part = xs.narrow(1, p, n).unwrap();
-                outs.push(a.forward_self(&part, Some(&rope), true, None, Some(&mut cache)).unwrap());
+                outs.push(
+                    a.forward_self(&part, Some(&rope), true, None, Some(&mut cache))
+                        .unwrap(),
+                );
                 p += n;
             }
             let dec = Tensor::cat(&outs, 1).unwrap();
             let d = common::max_abs_diff(&dec, &full);
-            assert!(d < 1e-5, "sinks {sinks} window {window:?} chunk {chunk}: decode off by {d}");
+            assert!(
+                d < 1e-5,
+                "sinks {sinks} window {window:?} chunk {chunk}: decode off by {d}"
+            );
             assert_eq!(cache.len(), t);
         }
     }
@@ -478,8 +556,12 @@ fn sink_gradient_matches_finite_differences() {
     let w = weights(true, false, 21);
     let x = common::Rng::new(2).normals(b * t * H, 1.0);
     let xs = Tensor::from_vec(x, (b, t, H), &Device::Cpu).unwrap();
-    let r = Tensor::from_vec(common::Rng::new(3).normals(b * t * H, 1.0), (b, t, H), &Device::Cpu)
-        .unwrap();
+    let r = Tensor::from_vec(
+        common::Rng::new(3).normals(b * t * H, 1.0),
+        (b, t, H),
+        &Device::Cpu,
+    )
+    .unwrap();
     let loss = |a: &Attention| {
         (a.forward_self(&xs, None, true, None, None).unwrap() * &r)
             .unwrap()
@@ -497,7 +579,10 @@ fn sink_gradient_matches_finite_differences() {
             let mut s = s0.clone();
             s[h] += delta;
             let mut w2 = w.clone();
-            w2.insert("sinks".into(), Tensor::from_vec(s, NH, &Device::Cpu).unwrap());
+            w2.insert(
+                "sinks".into(),
+                Tensor::from_vec(s, NH, &Device::Cpu).unwrap(),
+            );
             let (a2, _) = trainable(&cfg, &w2, Some(3));
             loss(&a2).to_scalar::<f64>().unwrap()
         };

@@ -135,17 +135,22 @@ fn check_decode(name: &str, model: &CausalLm) {
     let t = input.dim(1).unwrap();
     let full = model.forward(&input).unwrap().logits;
     let mut cache = model.new_cache();
-    let mut outs = vec![model
-        .forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
-        .unwrap()
-        .logits];
+    let mut outs = vec![
+        model
+            .forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap()
+            .logits,
+    ];
     for p in 5..t {
         let step = input.narrow(1, p, 1).unwrap();
         outs.push(model.forward_cached(&step, &mut cache).unwrap().logits);
     }
     let dec = Tensor::cat(&outs, 1).unwrap();
     let d = common::max_abs_diff(&dec, &full);
-    assert!(d < 1e-4, "{name}: decode differs from the full forward by {d}");
+    assert!(
+        d < 1e-4,
+        "{name}: decode differs from the full forward by {d}"
+    );
 }
 
 #[test]
@@ -205,7 +210,10 @@ fn qwen3_moe_bad_configs_name_the_key() {
     });
     assert!(e.contains("sliding_window"), "{e}");
     let e = err(&|v| v["rope_parameters"]["rope_type"] = "longrope".into());
-    assert!(e.contains("rope_parameters.rope_type") && e.contains("longrope"), "{e}");
+    assert!(
+        e.contains("rope_parameters.rope_type") && e.contains("longrope"),
+        "{e}"
+    );
     let e = err(&|v| v["head_dim"] = 0.into());
     assert!(e.contains("head_dim"), "{e}");
     let e = err(&|v| v["mlp_only_layers"] = "all".into());
@@ -266,8 +274,8 @@ fn export() {
 /// transformers reported no missing, unexpected or mismatched key.
 #[test]
 fn transformers_loads_what_we_save() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/roundtrip_qwen3/expected.json");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/roundtrip_qwen3/expected.json");
     let exp = read_json(&path);
     let cases = exp["cases"].as_object().unwrap();
     assert_eq!(cases.len(), EXPORTS.len());

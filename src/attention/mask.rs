@@ -54,7 +54,10 @@ pub fn window_bias(
         bail!("sliding window must be > 0")
     }
     let mut bias: Option<Tensor> = None;
-    let any_masked = (0..t_q).any(|i| (0..t_k).any(|j| !visible(i, j, offset, causal, window)));
+    // Something is masked iff the first query misses a later key (causal) or the last query
+    // misses the first key (window).
+    let any_masked =
+        t_q > 0 && ((causal && t_k > offset + 1) || window.is_some_and(|w| offset + t_q > w));
     if any_masked {
         let v: Vec<f32> = (0..t_q)
             .flat_map(|i| {
@@ -130,7 +133,10 @@ impl ScaledCausalSoftmax {
     fn range(&self, i: usize, t_k: usize) -> (usize, usize) {
         let pos = self.offset + i;
         let hi = if self.causal { (pos + 1).min(t_k) } else { t_k };
-        let lo = self.window.map_or(0, |w| (pos + 1).saturating_sub(w)).min(hi);
+        let lo = self
+            .window
+            .map_or(0, |w| (pos + 1).saturating_sub(w))
+            .min(hi);
         (lo, hi)
     }
 }

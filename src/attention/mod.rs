@@ -7,6 +7,11 @@
 //! masked). Softmax runs in f32 (it has a backward, unlike `candle_nn::ops::softmax_last_dim`).
 //! In inference on CPU without a padding mask, scaling, the causal mask and the softmax are one
 //! pass over the scores that skips the masked keys.
+//!
+//! Sliding windows (`ModelConfig::sliding_window`, per layer by `layer_types`) and attention
+//! sinks (`ModelConfig::attention_sinks`) are in `mask.rs`. With a window, the KV cache still
+//! keeps every position and the window is applied as a mask (decode = full forward exactly;
+//! the cache is not trimmed to the window).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -16,8 +21,8 @@ use crate::layers::{Norm, Proj};
 
 mod mask;
 mod rope;
-pub use mask::{attention_bias, softmax_with_sinks, window_bias};
 use mask::ScaledCausalSoftmax;
+pub use mask::{attention_bias, softmax_with_sinks, window_bias};
 pub use rope::{rope_parameters, Rope};
 
 /// Cached keys and values of one attention layer, `(b, kv_heads, t, d)` each.
@@ -80,7 +85,11 @@ impl Attention {
         let o_bias = (cfg.attention_bias && cfg.post_norm) || cfg.attention_out_bias;
         let per_head = cfg.qk_norm_per_head;
         let (q_norm, k_norm) = if cfg.qk_norm || per_head {
-            let (qn, kn) = if per_head { (hd, hd) } else { (nh * hd, nkv * hd) };
+            let (qn, kn) = if per_head {
+                (hd, hd)
+            } else {
+                (nh * hd, nkv * hd)
+            };
             (
                 Some(Norm::new(cfg, qn, vb.pp("q_norm"))?),
                 Some(Norm::new(cfg, kn, vb.pp("k_norm"))?),
@@ -160,7 +169,8 @@ impl Attention {
     }
 
     fn keys_values(&self, src: &Tensor, rope: Option<(&Rope, usize)>) -> Result<(Tensor, Tensor)> {
-        let mut k = self.normed_heads(&self.k_proj, self.k_norm.as_ref(), src, self.num_kv_heads)?; // (b, kv, t, d)
+        let mut k =
+            self.normed_heads(&self.k_proj, self.k_norm.as_ref(), src, self.num_kv_heads)?; // (b, kv, t, d)
         if let Some((r, off)) = rope {
             k = r.apply(&k, off)?;
         }

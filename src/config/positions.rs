@@ -149,8 +149,7 @@ impl ModelConfig {
             let slides = self.layer_types.contains(&AttentionSpan::SlidingAttention);
             if slides && self.sliding_window.is_none() {
                 return bad(
-                    "layer_types has sliding_attention layers but sliding_window is not set"
-                        .into(),
+                    "layer_types has sliding_attention layers but sliding_window is not set".into(),
                 );
             }
         }

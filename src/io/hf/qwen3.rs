@@ -102,12 +102,14 @@ fn window(v: &Value, layers: usize, path: &Path) -> Result<Option<usize>> {
     if !bool_field(v, "use_sliding_window", false, path)? {
         return Ok(None);
     }
-    super::window::sliding_window(v, path)?.map(Some).ok_or_else(|| {
-        cfg_err(
-            path,
-            "`use_sliding_window` is true but `sliding_window` is null",
-        )
-    })
+    super::window::sliding_window(v, path)?
+        .map(Some)
+        .ok_or_else(|| {
+            cfg_err(
+                path,
+                "`use_sliding_window` is true but `sliding_window` is null",
+            )
+        })
 }
 
 /// The sparse layers' configuration.
@@ -179,12 +181,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         qk_norm: false,
         tie_word_embeddings: bool_field(v, "tie_word_embeddings", false, path)?,
         type_vocab_size: 0,
-        dense_intermediate_size: usize_of(
-            v,
-            &["intermediate_size"],
-            default::INTERMEDIATE,
-            path,
-        )?,
+        dense_intermediate_size: usize_of(v, &["intermediate_size"], default::INTERMEDIATE, path)?,
         sparse_step,
         mlp_only_layers,
         moe: moe(v, hidden, path)?,

@@ -59,9 +59,10 @@ pub(super) fn rope_scaling_with(
 fn num(p: &Value, dict: &str, key: &str, path: &Path) -> Result<Option<f64>> {
     match field(p, key) {
         None => Ok(None),
-        Some(x) => x.as_f64().map(Some).ok_or_else(|| {
-            cfg_err(path, format!("`{dict}.{key}` must be a number, got {x}"))
-        }),
+        Some(x) => x
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| cfg_err(path, format!("`{dict}.{key}` must be a number, got {x}"))),
     }
 }
 
@@ -107,13 +108,16 @@ fn parse(
     path: &Path,
 ) -> Result<Option<RopeScaling>> {
     if !p.is_object() {
-        return Err(cfg_err(path, format!("`{dict}` must be an object, got {p}")));
+        return Err(cfg_err(
+            path,
+            format!("`{dict}` must be an object, got {p}"),
+        ));
     }
     let (kind, kind_key) = match super::config::spelled(p, &["rope_type", "type"], path)? {
         Some((t, k)) => (
-            t.as_str().map(str::to_string).ok_or_else(|| {
-                cfg_err(path, format!("`{dict}.{k}` must be a string, got {t}"))
-            })?,
+            t.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| cfg_err(path, format!("`{dict}.{k}` must be a string, got {t}")))?,
             k,
         ),
         None => ("default".to_string(), "rope_type".to_string()),
@@ -145,7 +149,10 @@ fn parse(
             let truncate = match field(p, "truncate") {
                 None => true,
                 Some(x) => x.as_bool().ok_or_else(|| {
-                    cfg_err(path, format!("`{dict}.truncate` must be true or false, got {x}"))
+                    cfg_err(
+                        path,
+                        format!("`{dict}.truncate` must be true or false, got {x}"),
+                    )
                 })?,
             };
             RopeScaling::Yarn {

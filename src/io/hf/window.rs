@@ -83,7 +83,10 @@ pub(super) fn spans(
                 return Ok((None, types));
             }
             let window = sliding_window(v, path)?.ok_or_else(|| {
-                cfg_err(path, "`use_sliding_window` is true but `sliding_window` is null")
+                cfg_err(
+                    path,
+                    "`use_sliding_window` is true but `sliding_window` is null",
+                )
             })?;
             if types.is_empty() {
                 let max_window = usize_of(v, &["max_window_layers"], 28, path)?;
