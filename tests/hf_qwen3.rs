@@ -24,7 +24,7 @@ fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// Weights of the variants (`qwen3_moe_yarn`, `qwen3_moe_swa`) are the base fixture's.
+/// Weights of the variants (`qwen3_moe_{yarn,swa,dynamic}`) are the base fixture's.
 fn weights_dir(name: &str) -> PathBuf {
     if name.starts_with("qwen3_moe_") {
         fixture("qwen3_moe")
@@ -178,6 +178,36 @@ fn qwen3_moe_yarn_matches_transformers_past_the_original_length() {
             ..
         })
     ));
+}
+
+/// Dynamic NTK past `max_position_embeddings` (8 < 12 positions): the full forward, and a
+/// KV-cache decode against transformers' own decode (each new position rotated with the
+/// frequencies of the length seen so far; cached keys keep theirs).
+#[test]
+fn qwen3_moe_dynamic_ntk_matches_transformers_full_and_decoding() {
+    let m = check("qwen3_moe_dynamic");
+    assert_eq!(m.config().position_limit(), 16);
+    let exp = read_json(&fixture("qwen3_moe_dynamic").join("expected.json"));
+    let input = ids(&exp["input_ids"]);
+    let t = input.dim(1).unwrap();
+    let mut cache = m.new_cache();
+    let mut outs = vec![
+        m.forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap()
+            .logits,
+    ];
+    for p in 5..t {
+        let step = input.narrow(1, p, 1).unwrap();
+        outs.push(m.forward_cached(&step, &mut cache).unwrap().logits);
+    }
+    let dec = Tensor::cat(&outs, 1).unwrap();
+    let d = max_diff(&dec, &exp["decode_logits"]);
+    assert!(
+        d <= 1e-4,
+        "dynamic decode differs from transformers' by {d}"
+    );
+    // And it is not the full forward (the point of recording transformers' decode).
+    assert!(max_diff(&dec, &exp["logits"]) > 1e-3);
 }
 
 #[test]
