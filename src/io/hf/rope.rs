@@ -15,8 +15,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::config::{as_usize, cfg_err, field};
-use crate::config::RopeScaling;
-use crate::error::Result;
+use crate::config::{AttentionSpan, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
 
 /// The RoPE types the crate implements (besides `default`).
 const SUPPORTED: &str = "default, linear, dynamic, yarn, llama3";
@@ -183,4 +183,53 @@ fn parse(
         .validate()
         .map_err(|e| cfg_err(path, format!("`{dict}`: {e}")))?;
     Ok(Some(scaling))
+}
+
+/// `scaling` as a transformers `rope_scaling` dict (`rope_type` and the set parameters; null
+/// when there is none), for a `config.json` this crate writes.
+pub(super) fn hf_rope_scaling(scaling: Option<&RopeScaling>) -> Result<Value> {
+    let Some(s) = scaling else {
+        return Ok(Value::Null);
+    };
+    let mut v = serde_json::to_value(s).map_err(|e| Error::Config(format!("rope_scaling: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|_, x| !x.is_null());
+    }
+    Ok(v)
+}
+
+/// The first position setting of `cfg` transformers' Mixtral cannot express: attention sinks,
+/// an output-projection bias, per-head q/k norms, a window on only some layers, or a dynamic
+/// NTK threshold other than `max_position_embeddings` (transformers' dynamic NTK has none).
+pub(super) fn not_mixtral_positions(cfg: &ModelConfig) -> Option<String> {
+    let some_full = cfg.layer_types.contains(&AttentionSpan::FullAttention);
+    let dynamic_threshold = matches!(
+        cfg.rope_scaling,
+        Some(RopeScaling::Dynamic {
+            original_max_position_embeddings: Some(o),
+            ..
+        }) if o != cfg.max_position_embeddings
+    );
+    [
+        (cfg.attention_sinks, "attention sinks (`attention_sinks`)"),
+        (
+            cfg.attention_out_bias,
+            "an output-projection bias (`attention_out_bias`)",
+        ),
+        (
+            cfg.qk_norm_per_head,
+            "per-head q/k norms (`qk_norm_per_head`)",
+        ),
+        (
+            cfg.sliding_window.is_some() && some_full,
+            "a sliding window on only some layers (`layer_types`)",
+        ),
+        (
+            dynamic_threshold,
+            "a dynamic-NTK threshold other than max_position_embeddings",
+        ),
+    ]
+    .iter()
+    .find(|c| c.0)
+    .map(|c| c.1.to_string())
 }
