@@ -113,6 +113,29 @@ fn parse(
             format!("`{dict}` must be an object, got {p}"),
         ));
     }
+    // Not implemented, and never silently dropped: RoPE parameters per layer type (5.x nested
+    // dicts) and partial rotary dimensions.
+    for layer_type in ["full_attention", "sliding_attention"] {
+        if field(p, layer_type).is_some_and(Value::is_object) {
+            return Err(cfg_err(
+                path,
+                format!("`{dict}.{layer_type}`: RoPE parameters per layer type are not supported"),
+            ));
+        }
+    }
+    for (src, key) in [
+        (p, format!("{dict}.partial_rotary_factor")),
+        (v, "partial_rotary_factor".into()),
+    ] {
+        if let Some(x) = field(src, "partial_rotary_factor") {
+            if x.as_f64() != Some(1.0) {
+                return Err(cfg_err(
+                    path,
+                    format!("`{key}` {x} is not supported (only 1.0: RoPE on the whole head)"),
+                ));
+            }
+        }
+    }
     let (kind, kind_key) = match super::config::spelled(p, &["rope_type", "type"], path)? {
         Some((t, k)) => (
             t.as_str()
