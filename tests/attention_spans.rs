@@ -196,6 +196,16 @@ fn unsupported_or_bad_rope_settings_are_refused_naming_the_key() {
         let e = map(&hf_config(&case, true)).unwrap_err().to_string();
         assert!(e.contains(needle), "{rope}: {e}");
     }
+    // Per-layer-type RoPE parameters and partial rotary dimensions are refused, not dropped.
+    let mut c = hf_config(&case, true);
+    c["rope_parameters"] = json!({"full_attention": {"rope_type": "default", "rope_theta": 1e4}});
+    let e = map(&c).unwrap_err().to_string();
+    assert!(e.contains("rope_parameters.full_attention"), "{e}");
+    let mut c = hf_config(&case, true);
+    c["rope_parameters"] =
+        json!({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5});
+    let e = map(&c).unwrap_err().to_string();
+    assert!(e.contains("partial_rotary_factor"), "{e}");
     // The two spellings at once must agree.
     let mut c = hf_config(&case, true);
     c["rope_parameters"] = json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4});
@@ -493,9 +503,9 @@ fn sliding_window_and_sinks_match_the_reference_in_every_path() {
             .unwrap();
         // Rows whose every visible key is padding are undefined; compare the valid rows.
         let (g, wm) = (host(&got), want_m);
-        for bi in 0..b {
-            for i in 0..t {
-                if mask_rows[bi][i] == 0 {
+        for (bi, row) in mask_rows.iter().enumerate() {
+            for (i, &keep) in row.iter().enumerate() {
+                if keep == 0 {
                     continue;
                 }
                 let r = (bi * t + i) * H..(bi * t + i + 1) * H;

@@ -24,7 +24,7 @@ fn read_json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// Weights of the variants (`qwen3_moe_yarn`, `qwen3_moe_swa`) are the base fixture's.
+/// Weights of the variants (`qwen3_moe_{yarn,swa,dynamic}`) are the base fixture's.
 fn weights_dir(name: &str) -> PathBuf {
     if name.starts_with("qwen3_moe_") {
         fixture("qwen3_moe")
@@ -180,6 +180,36 @@ fn qwen3_moe_yarn_matches_transformers_past_the_original_length() {
     ));
 }
 
+/// Dynamic NTK past `max_position_embeddings` (8 < 12 positions): the full forward, and a
+/// KV-cache decode against transformers' own decode (each new position rotated with the
+/// frequencies of the length seen so far; cached keys keep theirs).
+#[test]
+fn qwen3_moe_dynamic_ntk_matches_transformers_full_and_decoding() {
+    let m = check("qwen3_moe_dynamic");
+    assert_eq!(m.config().position_limit(), 16);
+    let exp = read_json(&fixture("qwen3_moe_dynamic").join("expected.json"));
+    let input = ids(&exp["input_ids"]);
+    let t = input.dim(1).unwrap();
+    let mut cache = m.new_cache();
+    let mut outs = vec![
+        m.forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap()
+            .logits,
+    ];
+    for p in 5..t {
+        let step = input.narrow(1, p, 1).unwrap();
+        outs.push(m.forward_cached(&step, &mut cache).unwrap().logits);
+    }
+    let dec = Tensor::cat(&outs, 1).unwrap();
+    let d = max_diff(&dec, &exp["decode_logits"]);
+    assert!(
+        d <= 1e-4,
+        "dynamic decode differs from transformers' by {d}"
+    );
+    // And it is not the full forward (the point of recording transformers' decode).
+    assert!(max_diff(&dec, &exp["logits"]) > 1e-3);
+}
+
 #[test]
 fn qwen3_moe_sliding_window_matches_transformers_past_the_window() {
     let m = check("qwen3_moe_swa");
@@ -235,8 +265,35 @@ fn train_cfg(steps: usize) -> TrainConfig {
     }
 }
 
-/// The models the export writes: each fixture fine-tuned for 5 AdamW steps on the fixed batch.
+/// A crate-built model with YaRN (original length 8) and a window of 4 on every layer, which
+/// `save_pretrained` writes as a Mixtral with `rope_scaling` and `sliding_window`.
+fn crate_swa_yarn(seed: u64) -> CausalLm {
+    let mut cfg = candle_moe::ModelConfig::tiny(96);
+    cfg.moe.norm_topk_prob = true;
+    cfg.sliding_window = Some(4);
+    cfg.rope_scaling = Some(candle_moe::config::RopeScaling::Yarn {
+        factor: 2.0,
+        original_max_position_embeddings: 8,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: None,
+        mscale_all_dim: None,
+        attention_factor: None,
+        truncate: true,
+    });
+    let vm = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+    let m = CausalLm::new(&cfg, vb).unwrap();
+    candle_moe::train::init::reseed_varmap(&vm, seed).unwrap();
+    m
+}
+
+/// The models the export writes: each fixture fine-tuned for 5 AdamW steps on the fixed batch,
+/// and a crate-built Mixtral with YaRN and a sliding window.
 fn export_model(name: &str) -> CausalLm {
+    if name == "crate_mixtral_swa_yarn" {
+        return crate_swa_yarn(7);
+    }
     let fam = name.strip_prefix("finetuned_").unwrap();
     let dir = assemble(fam, "config.json");
     let mut m = load(dir.path(), true);
@@ -252,7 +309,8 @@ fn export_model(name: &str) -> CausalLm {
     m
 }
 
-const EXPORTS: [&str; 3] = [
+const EXPORTS: [&str; 4] = [
+    "crate_mixtral_swa_yarn",
     "finetuned_qwen3_moe",
     "finetuned_qwen3_moe_swa",
     "finetuned_mixtral_swa",
@@ -301,4 +359,53 @@ fn transformers_loads_what_we_save() {
             assert_eq!(case[k].as_array().map(|a| a.len()), Some(0), "{name}: {k}");
         }
     }
+}
+
+/// A crate-built model whose attention transformers' Mixtral cannot express is refused by
+/// `save_pretrained`, naming the setting.
+#[test]
+fn save_pretrained_refuses_positions_mixtral_cannot_express() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, edit) in [
+        (
+            "attention_sinks",
+            (|c: &mut candle_moe::ModelConfig| c.attention_sinks = true)
+                as fn(&mut candle_moe::ModelConfig),
+        ),
+        ("qk_norm_per_head", |c| c.qk_norm_per_head = true),
+        ("layer_types", |c| {
+            c.sliding_window = Some(4);
+            c.layer_types = vec![
+                candle_moe::config::AttentionSpan::SlidingAttention,
+                candle_moe::config::AttentionSpan::FullAttention,
+            ];
+        }),
+    ] {
+        let mut cfg = candle_moe::ModelConfig::tiny(96);
+        cfg.moe.norm_topk_prob = true;
+        edit(&mut cfg);
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+        let m = CausalLm::new(&cfg, vb).unwrap();
+        let e = m
+            .save_pretrained(tmp.path().join(what))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{what}: {e}");
+    }
+    // YaRN and a window on every layer are written and read back.
+    let m = crate_swa_yarn(1);
+    m.save_pretrained(tmp.path().join("ok")).unwrap();
+    let saved = read_json(&tmp.path().join("ok/config.json"));
+    assert_eq!(saved["sliding_window"], 4);
+    assert_eq!(saved["rope_scaling"]["rope_type"], "yarn");
+    let back = load(&tmp.path().join("ok"), false);
+    assert_eq!(back.config().rope_scaling, m.config().rope_scaling);
+    let (x, _) = common::fixed_lm_batch();
+    let d = common::max_abs_diff(
+        &m.forward(&x).unwrap().logits,
+        &back.forward(&x).unwrap().logits,
+    );
+    // (The crate-built model runs the training path, the reload the fused inference path.)
+    assert!(d < 1e-5, "reloaded logits differ by {d}");
 }

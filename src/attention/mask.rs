@@ -54,7 +54,10 @@ pub fn window_bias(
         bail!("sliding window must be > 0")
     }
     let mut bias: Option<Tensor> = None;
-    let any_masked = (0..t_q).any(|i| (0..t_k).any(|j| !visible(i, j, offset, causal, window)));
+    // Something is masked iff the first query misses a later key (causal) or the last query
+    // misses the first key (window).
+    let any_masked =
+        t_q > 0 && ((causal && t_k > offset + 1) || window.is_some_and(|w| offset + t_q > w));
     if any_masked {
         let v: Vec<f32> = (0..t_q)
             .flat_map(|i| {

@@ -7,6 +7,11 @@
 //! masked). Softmax runs in f32 (it has a backward, unlike `candle_nn::ops::softmax_last_dim`).
 //! In inference on CPU without a padding mask, scaling, the causal mask and the softmax are one
 //! pass over the scores that skips the masked keys.
+//!
+//! Sliding windows (`ModelConfig::sliding_window`, per layer by `layer_types`) and attention
+//! sinks (`ModelConfig::attention_sinks`) are in `mask.rs`. With a window, the KV cache still
+//! keeps every position and the window is applied as a mask (decode = full forward exactly;
+//! the cache is not trimmed to the window).
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;

@@ -15,8 +15,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::config::{as_usize, cfg_err, field};
-use crate::config::RopeScaling;
-use crate::error::Result;
+use crate::config::{AttentionSpan, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
 
 /// The RoPE types the crate implements (besides `default`).
 const SUPPORTED: &str = "default, linear, dynamic, yarn, llama3";
@@ -113,6 +113,29 @@ fn parse(
             format!("`{dict}` must be an object, got {p}"),
         ));
     }
+    // Not implemented, and never silently dropped: RoPE parameters per layer type (5.x nested
+    // dicts) and partial rotary dimensions.
+    for layer_type in ["full_attention", "sliding_attention"] {
+        if field(p, layer_type).is_some_and(Value::is_object) {
+            return Err(cfg_err(
+                path,
+                format!("`{dict}.{layer_type}`: RoPE parameters per layer type are not supported"),
+            ));
+        }
+    }
+    for (src, key) in [
+        (p, format!("{dict}.partial_rotary_factor")),
+        (v, "partial_rotary_factor".into()),
+    ] {
+        if let Some(x) = field(src, "partial_rotary_factor") {
+            if x.as_f64() != Some(1.0) {
+                return Err(cfg_err(
+                    path,
+                    format!("`{key}` {x} is not supported (only 1.0: RoPE on the whole head)"),
+                ));
+            }
+        }
+    }
     let (kind, kind_key) = match super::config::spelled(p, &["rope_type", "type"], path)? {
         Some((t, k)) => (
             t.as_str()
@@ -183,4 +206,53 @@ fn parse(
         .validate()
         .map_err(|e| cfg_err(path, format!("`{dict}`: {e}")))?;
     Ok(Some(scaling))
+}
+
+/// `scaling` as a transformers `rope_scaling` dict (`rope_type` and the set parameters; null
+/// when there is none), for a `config.json` this crate writes.
+pub(super) fn hf_rope_scaling(scaling: Option<&RopeScaling>) -> Result<Value> {
+    let Some(s) = scaling else {
+        return Ok(Value::Null);
+    };
+    let mut v = serde_json::to_value(s).map_err(|e| Error::Config(format!("rope_scaling: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        o.retain(|_, x| !x.is_null());
+    }
+    Ok(v)
+}
+
+/// The first position setting of `cfg` transformers' Mixtral cannot express: attention sinks,
+/// an output-projection bias, per-head q/k norms, a window on only some layers, or a dynamic
+/// NTK threshold other than `max_position_embeddings` (transformers' dynamic NTK has none).
+pub(super) fn not_mixtral_positions(cfg: &ModelConfig) -> Option<String> {
+    let some_full = cfg.layer_types.contains(&AttentionSpan::FullAttention);
+    let dynamic_threshold = matches!(
+        cfg.rope_scaling,
+        Some(RopeScaling::Dynamic {
+            original_max_position_embeddings: Some(o),
+            ..
+        }) if o != cfg.max_position_embeddings
+    );
+    [
+        (cfg.attention_sinks, "attention sinks (`attention_sinks`)"),
+        (
+            cfg.attention_out_bias,
+            "an output-projection bias (`attention_out_bias`)",
+        ),
+        (
+            cfg.qk_norm_per_head,
+            "per-head q/k norms (`qk_norm_per_head`)",
+        ),
+        (
+            cfg.sliding_window.is_some() && some_full,
+            "a sliding window on only some layers (`layer_types`)",
+        ),
+        (
+            dynamic_threshold,
+            "a dynamic-NTK threshold other than max_position_embeddings",
+        ),
+    ]
+    .iter()
+    .find(|c| c.0)
+    .map(|c| c.1.to_string())
 }

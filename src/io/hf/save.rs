@@ -52,6 +52,9 @@ fn dtype_name(dt: DType) -> &'static str {
 /// The first setting of `cfg` a transformers `MixtralConfig` cannot express, if any.
 fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
     let m = &cfg.moe;
+    if let Some(what) = super::rope::not_mixtral_positions(cfg) {
+        return Some(what);
+    }
     let checks: [(bool, &str); 13] = [
         (m.noisy_gating, "noisy gating (`moe.noisy_gating`)"),
         (
@@ -112,7 +115,8 @@ fn mixtral_config(cfg: &ModelConfig, dtype: DType) -> Result<Value> {
         "router_jitter_noise": m.router_jitter_noise,
         "output_router_logits": false,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "sliding_window": null,
+        "sliding_window": cfg.sliding_window,
+        "rope_scaling": super::rope::hf_rope_scaling(cfg.rope_scaling.as_ref())?,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
         "pad_token_id": cfg.pad_token_id,
