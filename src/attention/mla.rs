@@ -221,7 +221,7 @@ impl Mla {
 #[derive(Debug, Clone)]
 pub enum SelfAttention {
     /// Multi-head / grouped-query attention.
-    Standard(Attention),
+    Standard(Box<Attention>),
     /// Multi-head latent attention (DeepSeek-V2/V3).
     Latent(Box<Mla>),
 }
@@ -231,7 +231,7 @@ impl SelfAttention {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match &cfg.mla {
             Some(m) => Self::Latent(Box::new(Mla::new(cfg, m, vb)?)),
-            None => Self::Standard(Attention::new(cfg, vb)?),
+            None => Self::Standard(Box::new(Attention::new(cfg, vb)?)),
         })
     }
 
