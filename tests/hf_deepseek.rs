@@ -630,7 +630,10 @@ fn save_pretrained_refuses_deepseek_settings_for_a_crate_built_model() {
             CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
         assert!(!model.is_hf_expressible(), "{needle}");
         let tmp = tempfile::tempdir().unwrap();
-        let err = model.save_pretrained(tmp.path().join("m")).unwrap_err().to_string();
+        let err = model
+            .save_pretrained(tmp.path().join("m"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{needle}: {err}");
     }
 }
@@ -654,7 +657,15 @@ fn deepseek_v3_trains_every_part() {
     for (name, v) in vars.iter() {
         let ok = grads
             .get(v.as_tensor())
-            .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            })
             .unwrap_or(false);
         // Experts no token chose this batch may have no gradient.
         if !ok && !name.contains(".experts.") {

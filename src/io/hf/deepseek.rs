@@ -314,7 +314,10 @@ pub(super) fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
             m.scoring != RouterScoring::Softmax,
             "sigmoid router scores (`moe.scoring`)",
         ),
-        (m.selection_bias, "a router selection bias (`moe.selection_bias`)"),
+        (
+            m.selection_bias,
+            "a router selection bias (`moe.selection_bias`)",
+        ),
         (m.n_group > 1, "group-limited routing (`moe.n_group`)"),
         (
             m.routed_scaling_factor != 1.0,
