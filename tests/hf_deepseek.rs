@@ -682,3 +682,25 @@ fn deepseek_v3_trains_every_part() {
     let last = lm_loss(&m, &x, &y).task.to_scalar::<f32>().unwrap();
     assert!(last < first - 0.05, "loss {first} -> {last}");
 }
+
+/// An FP8 checkpoint saves back as floats: no `quantization_config`, no scales, same logits.
+#[test]
+fn fp8_checkpoint_saves_back_dequantised() {
+    let model = load(&fixture("deepseek_v3_fp8"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    model.save_pretrained(&out).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    let ts = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!ts.keys().any(|k| k.ends_with("_scale_inv")));
+    assert!(ts.values().all(|t| t.dtype() == DType::F32));
+    let back = load(&out);
+    let exp = expected("deepseek_v3_fp8");
+    let d = max_diff(
+        &back.forward(&ids(&exp["input_ids"])).unwrap().logits,
+        &floats(&exp["logits"]),
+    );
+    assert!(d < 1e-4, "{d}");
+}
