@@ -592,3 +592,114 @@ fn transformers_loads_the_deepseek_models_we_save() {
         );
     }
 }
+
+/// A crate-built model with DeepSeek-only settings is not written as Mixtral.
+#[test]
+fn save_pretrained_refuses_deepseek_settings_for_a_crate_built_model() {
+    let base = candle_moe::ModelConfig::tiny(32);
+    let cases: Vec<(candle_moe::ModelConfig, &str)> = vec![
+        (
+            candle_moe::ModelConfig {
+                mla: Some(candle_moe::config::MlaConfig::default()),
+                head_dim: Some(8),
+                ..base.clone()
+            },
+            "mla",
+        ),
+        (
+            {
+                let mut c = base.clone();
+                c.moe.scoring = RouterScoring::Sigmoid;
+                c
+            },
+            "moe.scoring",
+        ),
+        (
+            {
+                let mut c = base.clone();
+                c.moe.routed_scaling_factor = 2.0;
+                c
+            },
+            "routed_scaling_factor",
+        ),
+    ];
+    for (cfg, needle) in cases {
+        let vm = candle_nn::VarMap::new();
+        let model =
+            CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        assert!(!model.is_hf_expressible(), "{needle}");
+        let tmp = tempfile::tempdir().unwrap();
+        let err = model
+            .save_pretrained(tmp.path().join("m"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
+/// Loaded trainable, every weight of the V3 model (MLA projections, latent norms, router,
+/// routed and shared experts, dense layer) gets a gradient, and a few AdamW steps lower the
+/// loss.
+#[test]
+fn deepseek_v3_trains_every_part() {
+    let opts = LoadOptions {
+        trainable: true,
+        ..Default::default()
+    };
+    let m = CausalLm::from_pretrained(fixture("deepseek_v3").to_str().unwrap(), &opts).unwrap();
+    let vm = m.varmap().unwrap().clone();
+    let (x, y) = common::fixed_lm_batch();
+    let parts = lm_loss(&m, &x, &y);
+    let grads = parts.task.backward().unwrap();
+    let vars = vm.data().lock().unwrap();
+    let mut missing = vec![];
+    for (name, v) in vars.iter() {
+        let ok = grads
+            .get(v.as_tensor())
+            .map(|g| {
+                g.abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0
+            })
+            .unwrap_or(false);
+        // Experts no token chose this batch may have no gradient.
+        if !ok && !name.contains(".experts.") {
+            missing.push(name.clone());
+        }
+    }
+    drop(vars);
+    assert!(missing.is_empty(), "no gradient: {missing:?}");
+    let first = lm_loss(&m, &x, &y).task.to_scalar::<f32>().unwrap();
+    let mut trainer = candle_moe::Trainer::new(&vm, train_cfg(8)).unwrap();
+    for _ in 0..8 {
+        trainer.step(&lm_loss(&m, &x, &y)).unwrap();
+    }
+    let last = lm_loss(&m, &x, &y).task.to_scalar::<f32>().unwrap();
+    assert!(last < first - 0.05, "loss {first} -> {last}");
+}
+
+/// An FP8 checkpoint saves back as floats: no `quantization_config`, no scales, same logits.
+#[test]
+fn fp8_checkpoint_saves_back_dequantised() {
+    let model = load(&fixture("deepseek_v3_fp8"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    model.save_pretrained(&out).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    let ts = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(!ts.keys().any(|k| k.ends_with("_scale_inv")));
+    assert!(ts.values().all(|t| t.dtype() == DType::F32));
+    let back = load(&out);
+    let exp = expected("deepseek_v3_fp8");
+    let d = max_diff(
+        &back.forward(&ids(&exp["input_ids"])).unwrap().logits,
+        &floats(&exp["logits"]),
+    );
+    assert!(d < 1e-4, "{d}");
+}

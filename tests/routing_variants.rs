@@ -62,7 +62,7 @@ fn reference(c: &MoeConfig, w: &[f64], bias: &[f64], x: &[f64]) -> Vec<(usize, f
         RouterScoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
     };
     let choice: Vec<f64> = scores.iter().zip(bias).map(|(s, b)| s + b).collect();
-    let mut allowed = vec![true; E];
+    let mut allowed = [true; E];
     if c.n_group > 1 {
         let per = E / c.n_group;
         let mut groups: Vec<(usize, f64)> = (0..c.n_group)

@@ -221,7 +221,7 @@ impl Mla {
 #[derive(Debug, Clone)]
 pub enum SelfAttention {
     /// Multi-head / grouped-query attention.
-    Standard(Attention),
+    Standard(Box<Attention>),
     /// Multi-head latent attention (DeepSeek-V2/V3).
     Latent(Box<Mla>),
 }
@@ -231,7 +231,7 @@ impl SelfAttention {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Ok(match &cfg.mla {
             Some(m) => Self::Latent(Box::new(Mla::new(cfg, m, vb)?)),
-            None => Self::Standard(Attention::new(cfg, vb)?),
+            None => Self::Standard(Box::new(Attention::new(cfg, vb)?)),
         })
     }
 
@@ -239,7 +239,7 @@ impl SelfAttention {
     /// latent attention has none, so a window there is an error.
     pub fn with_window(self, window: Option<usize>) -> Result<Self> {
         match (self, window) {
-            (Self::Standard(a), w) => Ok(Self::Standard(a.with_window(w))),
+            (Self::Standard(a), w) => Ok(Self::Standard(Box::new(a.with_window(w)))),
             (s @ Self::Latent(_), None) => Ok(s),
             (Self::Latent(_), Some(w)) => candle_core::bail!(
                 "a sliding window ({w}) is not supported with multi-head latent attention"

@@ -244,6 +244,29 @@ pub(super) fn config(v: &Value, family: Family, path: &Path) -> Result<ModelConf
     Ok(cfg)
 }
 
+/// The first DeepSeek-only setting of a crate-built `cfg` (multi-head latent attention, router
+/// variants) that transformers' Mixtral cannot express, if any.
+pub(super) fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
+    let m = &cfg.moe;
+    let checks = [
+        (cfg.mla.is_some(), "multi-head latent attention (`mla`)"),
+        (
+            m.scoring != RouterScoring::Softmax,
+            "sigmoid router scores (`moe.scoring`)",
+        ),
+        (
+            m.selection_bias,
+            "a router selection bias (`moe.selection_bias`)",
+        ),
+        (m.n_group > 1, "group-limited routing (`moe.n_group`)"),
+        (
+            m.routed_scaling_factor != 1.0,
+            "a routed scaling factor (`moe.routed_scaling_factor`)",
+        ),
+    ];
+    checks.iter().find(|c| c.0).map(|c| c.1.to_string())
+}
+
 /// The crate's (Mixtral) weight name -> the family's weight name.
 pub(super) fn hf_name(ours: &str) -> String {
     ours.replace(".block_sparse_moe.", ".mlp.")

@@ -51,6 +51,9 @@ fn dtype_name(dt: DType) -> &'static str {
 
 /// The first setting of `cfg` a transformers `MixtralConfig` cannot express, if any.
 fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
+    if let Some(what) = super::deepseek::not_mixtral(cfg) {
+        return Some(what);
+    }
     let m = &cfg.moe;
     if let Some(what) = super::rope::not_mixtral_positions(cfg) {
         return Some(what);
