@@ -71,7 +71,51 @@ fn main() -> anyhow::Result<()> {
         c.num_kv_heads,
         c.head_dim()
     );
+    if let Some(mla) = &c.mla {
+        println!(
+            "attention:     multi-head latent (q_lora_rank {:?}, kv_lora_rank {}, qk {} + {} rope, v {})",
+            mla.q_lora_rank,
+            mla.kv_lora_rank,
+            mla.qk_nope_head_dim,
+            mla.qk_rope_head_dim,
+            mla.v_head_dim
+        );
+    }
+    if let Some(w) = c.sliding_window {
+        let sliding = (0..c.num_layers)
+            .filter(|&l| c.layer_window(l).is_some())
+            .count();
+        println!(
+            "attention:     sliding window {w} in {sliding} of {} layers",
+            c.num_layers
+        );
+    }
+    if let Some(s) = &c.rope_scaling {
+        println!("rope scaling:  {s:?}");
+    }
     println!("layers:        {}", layout(&inv));
+    println!(
+        "routing:       {:?} scores{}{}{}",
+        m.scoring,
+        if m.selection_bias {
+            ", selection bias"
+        } else {
+            ""
+        },
+        if m.n_group > 1 {
+            format!(
+                ", {} of {} groups ({:?})",
+                m.topk_group, m.n_group, m.group_score
+            )
+        } else {
+            String::new()
+        },
+        if m.routed_scaling_factor != 1.0 {
+            format!(", scaled by {}", m.routed_scaling_factor)
+        } else {
+            String::new()
+        }
+    );
     println!(
         "experts:       {} routed of width {}, top-{}{}, {}",
         m.num_experts,

@@ -82,6 +82,7 @@ fn published_parameter_counts() {
         ("mixtral-8x7b", 46.7, 12.9, true),
         ("olmoe-1b-7b", 6.9, 1.3, true),
         ("qwen3-30b-a3b", 30.5, 3.3, true),
+        ("deepseek-v2-lite", 15.7, 2.4, false),
     ];
     for (name, total, active, with_embedding) in cases {
         let dir = fixtures().join("real_configs").join(name);
