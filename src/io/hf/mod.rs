@@ -9,12 +9,14 @@
 mod config;
 mod deepseek;
 mod defaults;
+mod fuse;
 mod gpt_oss;
 mod granite;
+pub(crate) mod layout;
 mod qwen3;
 mod save;
 
-pub use save::{SaveOptions, CRATE_CONFIG_KEY};
+pub use save::{ExpertsOnDisk, SaveOptions, CRATE_CONFIG_KEY};
 
 use std::path::PathBuf;
 
@@ -23,8 +25,9 @@ use candle_nn::VarBuilder;
 pub use config::{config_from_hf, read_hf_config};
 
 use crate::error::{Error, Result};
+use crate::io::backend::var_builder_mapped;
 use crate::io::hub::{resolve, LoadOptions};
-use crate::io::safetensors::{build_error, check_unused, read_header, var_builder, SharedLog};
+use crate::io::safetensors::{build_error, check_unused, read_header, SharedLog};
 
 /// The Hugging Face model families this crate loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,14 +80,18 @@ pub fn hf_name(family: Family, ours: &str) -> String {
     }
 }
 
-/// A checked VarBuilder over `files` with the family's tensor names.
+/// A checked VarBuilder over `files` with the family's tensor names; fused expert tensors
+/// (detected once for the checkpoint against `cfg`) are served per expert.
 pub(crate) fn family_var_builder(
     files: &[PathBuf],
     family: Family,
+    cfg: &crate::config::ModelConfig,
     opts: &LoadOptions,
     varmap: Option<candle_nn::VarMap>,
 ) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
-    let (vb, log, names) = var_builder(files, opts, varmap)?;
+    let (vb, log, names) = var_builder_mapped(files, opts, varmap, |headers, first| {
+        layout::detect(headers, family, cfg, first)
+    })?;
     let vb = match family {
         Family::Mixtral => vb,
         f => vb.rename_f(move |n: &str| hf_name(f, n)),
@@ -174,7 +181,7 @@ impl crate::models::CausalLm {
         let (family, cfg) = config_and_family(&v, &r.config)?;
         check_layer_count(&r.weights, cfg.num_layers)?;
         let varmap = opts.trainable.then(candle_nn::VarMap::new);
-        let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
+        let (vb, log, names) = family_var_builder(&r.weights, family, &cfg, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
         let mut model = Self::new_validated(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
         check_unused(&log, &names, &first)?;
