@@ -265,7 +265,7 @@ pub(crate) fn detect(
     map.reading = Some(reading);
     for (l, layer) in &sparse {
         check_layer(layer, headers, reading, d, file)?;
-        add_layer(&mut map, *l, layer, reading, d, family, headers, file)?;
+        add_layer(&mut map, *l, layer, reading, d, family, headers)?;
     }
     Ok(map)
 }
@@ -393,7 +393,6 @@ fn add_layer(
     d: Dims,
     family: Family,
     headers: &HashMap<String, HeaderEntry>,
-    file: &Path,
 ) -> Result<()> {
     let ours = |e: usize, w: &str, kind: &str| {
         hf_name(
