@@ -295,6 +295,15 @@ pub struct ModelConfig {
     /// before its residual add, in training only (BERT's `hidden_dropout_prob`); 0 = off.
     #[serde(alias = "hidden_dropout_prob")]
     pub hidden_dropout: f64,
+    /// Multiplier on the token embeddings (GraniteMoE `embedding_multiplier`; 1 = none).
+    pub embedding_multiplier: f64,
+    /// Multiplier on every attention and feed-forward output before its residual add
+    /// (GraniteMoE `residual_multiplier`; 1 = none).
+    pub residual_multiplier: f64,
+    /// The attention softmax scale (GraniteMoE `attention_multiplier`; `None`: 1/sqrt(head_dim)).
+    pub attention_multiplier: Option<f64>,
+    /// The LM logits are divided by this (GraniteMoE `logits_scaling`; 1 = none).
+    pub logits_scaling: f64,
 }
 
 impl Default for ModelConfig {
@@ -345,6 +354,10 @@ impl ModelConfig {
             pooling: Pooling::Mean,
             pad_token_id: None,
             hidden_dropout: 0.0,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
         }
     }
 
@@ -419,6 +432,21 @@ impl ModelConfig {
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
+        }
+        for (name, v) in [
+            ("embedding_multiplier", self.embedding_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            (
+                "attention_multiplier",
+                self.attention_multiplier.unwrap_or(1.0),
+            ),
+            ("logits_scaling", self.logits_scaling),
+        ] {
+            if !v.is_finite() || (name == "logits_scaling" && v == 0.0) {
+                return bad(format!(
+                    "{name} must be finite (and logits_scaling non-zero), got {v}"
+                ));
+            }
         }
         let any_dense =
             (0..self.num_layers.max(self.num_decoder_layers)).any(|l| !self.is_sparse_layer(l));

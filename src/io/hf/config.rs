@@ -281,6 +281,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         pooling: Default::default(),
         pad_token_id: None,
         hidden_dropout: 0.0,
+        ..ModelConfig::default()
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))

@@ -66,7 +66,7 @@ fn dtype_name(dt: DType) -> &'static str {
 /// The first setting of `cfg` a transformers `MixtralConfig` cannot express, if any.
 fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
     let m = &cfg.moe;
-    let checks: [(bool, &str); 13] = [
+    let checks: [(bool, &str); 14] = [
         (m.noisy_gating, "noisy gating (`moe.noisy_gating`)"),
         (
             m.expert_kind != ExpertKind::Swiglu,
@@ -94,6 +94,13 @@ fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
         (
             cfg.sparse_step != 1 || !cfg.mlp_only_layers.is_empty(),
             "dense layers (`sparse_step`, `mlp_only_layers`)",
+        ),
+        (
+            cfg.embedding_multiplier != 1.0
+                || cfg.residual_multiplier != 1.0
+                || cfg.attention_multiplier.is_some()
+                || cfg.logits_scaling != 1.0,
+            "GraniteMoE multipliers (`embedding_multiplier`, `residual_multiplier`, `attention_multiplier`, `logits_scaling`)",
         ),
     ];
     checks.iter().find(|c| c.0).map(|c| c.1.to_string())
