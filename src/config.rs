@@ -55,6 +55,14 @@ pub struct MoeConfig {
     pub shared_expert_intermediate_size: usize,
     /// Multiply the shared expert by `sigmoid(shared_expert_gate(x))` (Qwen2-MoE).
     pub shared_expert_gate: bool,
+    /// A bias on the router projection, `gate.bias` `(E,)` (gpt-oss).
+    pub router_bias: bool,
+    /// gpt-oss's clamped SwiGLU: with `Some(limit)` the experts compute
+    /// `w2(((clamp(u, -limit, limit) + 1) · g' · sigmoid(swiglu_alpha · g'))` with
+    /// `g' = min(g, limit)`, `g = w1 x`, `u = w3 x` (`None`: plain SwiGLU).
+    pub swiglu_limit: Option<f64>,
+    /// The sigmoid slope α of the clamped SwiGLU (gpt-oss 1.702); used with `swiglu_limit`.
+    pub swiglu_alpha: f64,
 }
 
 impl Default for MoeConfig {
@@ -75,6 +83,9 @@ impl Default for MoeConfig {
             expert_bias: false,
             shared_expert_intermediate_size: 0,
             shared_expert_gate: true,
+            router_bias: false,
+            swiglu_limit: None,
+            swiglu_alpha: 1.702,
         }
     }
 }
@@ -118,6 +129,17 @@ impl MoeConfig {
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
+            }
+        }
+        if let Some(limit) = self.swiglu_limit {
+            if !(limit > 0.0 && limit.is_finite() && self.swiglu_alpha.is_finite()) {
+                return bad(format!(
+                    "swiglu_limit must be > 0 and swiglu_alpha finite, got {limit} and {}",
+                    self.swiglu_alpha
+                ));
+            }
+            if self.expert_kind != ExpertKind::Swiglu {
+                return bad("swiglu_limit needs expert_kind = swiglu".into());
             }
         }
         Ok(())

@@ -401,6 +401,7 @@ pub(super) fn moe_config(
             _ => 0,
         },
         shared_expert_gate: true,
+        ..MoeConfig::default()
     })
 }
 

@@ -16,6 +16,7 @@ pub(crate) mod layout;
 mod qwen3;
 mod save;
 
+pub use crate::io::quant::mxfp4::dequantize_mxfp4;
 pub use save::{ExpertsOnDisk, SaveOptions, CRATE_CONFIG_KEY};
 
 use std::path::PathBuf;
@@ -97,6 +98,36 @@ pub(crate) fn family_var_builder(
         f => vb.rename_f(move |n: &str| hf_name(f, n)),
     };
     Ok((vb, log, names))
+}
+
+/// The per-expert weights that a checkpoint's fused expert tensors serve, under the names the
+/// model asks for (the family's spelling of `model.layers.N.block_sparse_moe.experts.E.w1.weight`,
+/// ...), read as [`crate::models::CausalLm::from_pretrained`] reads them: the layout detected
+/// once for the checkpoint, MXFP4 dequantised, in `opts.dtype`. Empty when the checkpoint stores
+/// its experts per expert.
+pub fn read_fused_experts(
+    source: &str,
+    opts: &LoadOptions,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let r = resolve(source, opts)?;
+    let v = read_json(&r.config)?;
+    let (family, cfg) = config_and_family(&v, &r.config)?;
+    let mut names = vec![];
+    let (vb, log, _) = var_builder_mapped(&r.weights, opts, None, |headers, first| {
+        let map = layout::detect(headers, family, &cfg, first)?;
+        names = map.slices.keys().cloned().collect();
+        Ok(map)
+    })?;
+    let first = r.weights.first().cloned().unwrap_or_default();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = vb
+                .get_unchecked(&n)
+                .map_err(|e| build_error(&log, e, &first))?;
+            Ok((n, t))
+        })
+        .collect()
 }
 
 /// Checks that the checkpoint has no decoder layers beyond the config's (a config that

@@ -77,3 +77,25 @@ pub(crate) fn dequantize(
     }
     Ok(out)
 }
+
+/// Dequantises MXFP4 `blocks` (u8 `[E, R, G, 16]`) with E8M0 `scales` (u8 `[E, R, G]`) into
+/// f32 `[E, 32·G, R]` on the blocks' device, exactly as transformers'
+/// `convert_moe_packed_tensors` (the layout of gpt-oss's `gate_up_proj` / `down_proj`).
+pub fn dequantize_mxfp4(
+    blocks: &candle_core::Tensor,
+    scales: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let shape = dequantized_shape(
+        "blocks",
+        blocks.dims(),
+        &format!("{:?}", blocks.dtype()).to_uppercase(),
+        "scales",
+        scales.dims(),
+        &format!("{:?}", scales.dtype()).to_uppercase(),
+    )
+    .map_err(candle_core::Error::msg)?;
+    let b = blocks.flatten_all()?.to_vec1::<u8>()?;
+    let s = scales.flatten_all()?.to_vec1::<u8>()?;
+    let v = dequantize(&b, blocks.dims(), &s).map_err(candle_core::Error::msg)?;
+    candle_core::Tensor::from_vec(v, shape, blocks.device())
+}
