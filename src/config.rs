@@ -57,11 +57,9 @@ pub struct MoeConfig {
     pub shared_expert_gate: bool,
     /// A bias on the router projection, `gate.bias` `(E,)` (gpt-oss).
     pub router_bias: bool,
-    /// gpt-oss's clamped SwiGLU: with `Some(limit)` the experts compute
-    /// `w2(((clamp(u, -limit, limit) + 1) · g' · sigmoid(swiglu_alpha · g'))` with
-    /// `g' = min(g, limit)`, `g = w1 x`, `u = w3 x` (`None`: plain SwiGLU).
+    /// gpt-oss's clamped SwiGLU limit: `(clamp(u, ±limit) + 1) · g' · σ(α g')`, `g' = min(g, limit)`.
     pub swiglu_limit: Option<f64>,
-    /// The sigmoid slope α of the clamped SwiGLU (gpt-oss 1.702); used with `swiglu_limit`.
+    /// The sigmoid slope α of the clamped SwiGLU (gpt-oss 1.702).
     pub swiglu_alpha: f64,
 }
 
@@ -131,16 +129,13 @@ impl MoeConfig {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
             }
         }
-        if let Some(limit) = self.swiglu_limit {
-            if !(limit > 0.0 && limit.is_finite() && self.swiglu_alpha.is_finite()) {
-                return bad(format!(
-                    "swiglu_limit must be > 0 and swiglu_alpha finite, got {limit} and {}",
-                    self.swiglu_alpha
-                ));
-            }
-            if self.expert_kind != ExpertKind::Swiglu {
-                return bad("swiglu_limit needs expert_kind = swiglu".into());
-            }
+        if !self.swiglu_limit.is_none_or(|l| l > 0.0 && l.is_finite())
+            || !self.swiglu_alpha.is_finite()
+        {
+            return bad(format!(
+                "swiglu_limit ({:?}) must be > 0 and swiglu_alpha ({}) finite",
+                self.swiglu_limit, self.swiglu_alpha
+            ));
         }
         Ok(())
     }
@@ -319,8 +314,7 @@ pub struct ModelConfig {
     pub hidden_dropout: f64,
     /// Multiplier on the token embeddings (GraniteMoE `embedding_multiplier`; 1 = none).
     pub embedding_multiplier: f64,
-    /// Multiplier on every attention and feed-forward output before its residual add
-    /// (GraniteMoE `residual_multiplier`; 1 = none).
+    /// Multiplier on each sublayer output before its residual add (GraniteMoE; 1 = none).
     pub residual_multiplier: f64,
     /// The attention softmax scale (GraniteMoE `attention_multiplier`; `None`: 1/sqrt(head_dim)).
     pub attention_multiplier: Option<f64>,
@@ -455,20 +449,20 @@ impl ModelConfig {
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
         }
-        for (name, v) in [
-            ("embedding_multiplier", self.embedding_multiplier),
-            ("residual_multiplier", self.residual_multiplier),
-            (
-                "attention_multiplier",
-                self.attention_multiplier.unwrap_or(1.0),
-            ),
-            ("logits_scaling", self.logits_scaling),
-        ] {
-            if !v.is_finite() || (name == "logits_scaling" && v == 0.0) {
-                return bad(format!(
-                    "{name} must be finite (and logits_scaling non-zero), got {v}"
-                ));
-            }
+        let m = [
+            self.embedding_multiplier,
+            self.residual_multiplier,
+            self.logits_scaling,
+        ];
+        let fin = m
+            .iter()
+            .chain(&self.attention_multiplier)
+            .all(|v| v.is_finite());
+        if !fin || m[2] == 0.0 {
+            let a = self.attention_multiplier;
+            return bad(format!(
+                "multipliers {m:?}, {a:?}: finite, logits_scaling != 0"
+            ));
         }
         let any_dense =
             (0..self.num_layers.max(self.num_decoder_layers)).any(|l| !self.is_sparse_layer(l));
