@@ -62,6 +62,8 @@ fn save_case(name: &str, dir: &Path) {
         "finetuned_granitemoe" => (finetuned("granitemoe"), ExpertsOnDisk::PerExpert),
         "fused_mixtral" => (load(&fixture("mixtral"), false), ExpertsOnDisk::Fused),
         "fused_finetuned_qwen2_moe" => (finetuned("qwen2_moe"), ExpertsOnDisk::Fused),
+        // gpt-oss is always written in its own interleaved layout with biases.
+        "finetuned_gpt_oss" => (finetuned("gpt_oss"), ExpertsOnDisk::PerExpert),
         other => panic!("unknown case {other}"),
     };
     model
@@ -77,6 +79,11 @@ fn export_fused() {
     let dir = PathBuf::from(std::env::var("CANDLE_MOE_EXPORT").expect("set CANDLE_MOE_EXPORT"));
     for name in CASES {
         save_case(name, &dir.join(name));
+    }
+    if std::env::var("CANDLE_MOE_EXPORT_AFTER_MERGE").is_ok() {
+        for name in AFTER_MERGE {
+            save_case(name, &dir.join(name));
+        }
     }
 }
 

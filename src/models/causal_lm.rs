@@ -223,9 +223,11 @@ impl CausalLm {
     /// The LM head, with GraniteMoE's `logits_scaling` (logits divided by it).
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = self.lm_head.forward(hidden)?;
-        match self.cfg.logits_scaling {
-            s if s == 1.0 => Ok(logits),
-            s => logits / s,
+        let s = self.cfg.logits_scaling;
+        if s == 1.0 {
+            Ok(logits)
+        } else {
+            logits / s
         }
     }
 
