@@ -157,6 +157,9 @@ fn hf_config_for(model: &CausalLm, dtype: DType, path: &Path) -> Result<(Family,
                     "torch_dtype"
                 };
                 o.insert(key.into(), json!(dtype_name(dtype)));
+                // Quantised checkpoints (MXFP4, FP8) were dequantised at load: the weights
+                // written are floats.
+                o.remove("quantization_config");
             }
             Ok((family, v))
         }
