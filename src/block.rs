@@ -59,6 +59,8 @@ pub struct TransformerBlock {
     post_attn_norm: Norm,
     ffn: FeedForward,
     post_norm: bool,
+    /// Multiplier on the sublayer outputs before the residual adds (GraniteMoE).
+    residual_multiplier: f64,
 }
 
 impl TransformerBlock {
@@ -97,6 +99,7 @@ impl TransformerBlock {
             post_attn_norm: Norm::new(cfg, h, vb.pp("post_attention_layernorm"))?,
             ffn,
             post_norm: cfg.post_norm,
+            residual_multiplier: cfg.residual_multiplier,
         })
     }
 
@@ -127,9 +130,17 @@ impl TransformerBlock {
             Some(c) => (Some(&mut c.self_attn), Some(&mut c.cross_attn)),
             None => (None, None),
         };
-        let drop = |t: Tensor| match ctx.dropout {
-            Some(d) => d.forward_t(&t, ctx.train),
-            None => Ok(t),
+        let rm = self.residual_multiplier;
+        let drop = |t: Tensor| {
+            let t = match ctx.dropout {
+                Some(d) => d.forward_t(&t, ctx.train)?,
+                None => t,
+            };
+            if rm == 1.0 {
+                Ok(t)
+            } else {
+                t * rm
+            }
         };
         let mut x = if self.post_norm {
             let a = self

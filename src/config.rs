@@ -74,6 +74,12 @@ pub struct MoeConfig {
     /// Factor on the gate weights after the optional renormalisation (DeepSeek
     /// `routed_scaling_factor`; 1 = none).
     pub routed_scaling_factor: f64,
+    /// A bias on the router projection, `gate.bias` `(E,)` (gpt-oss).
+    pub router_bias: bool,
+    /// gpt-oss's clamped SwiGLU limit: `(clamp(u, ±limit) + 1) · g' · σ(α g')`, `g' = min(g, limit)`.
+    pub swiglu_limit: Option<f64>,
+    /// The sigmoid slope α of the clamped SwiGLU (gpt-oss 1.702).
+    pub swiglu_alpha: f64,
 }
 
 impl Default for MoeConfig {
@@ -100,6 +106,9 @@ impl Default for MoeConfig {
             topk_group: 0,
             group_score: GroupScore::Max,
             routed_scaling_factor: 1.0,
+            router_bias: false,
+            swiglu_limit: None,
+            swiglu_alpha: 1.702,
         }
     }
 }
@@ -144,6 +153,14 @@ impl MoeConfig {
             if !(v >= 0.0 && v.is_finite()) {
                 return bad(format!("{name} must be finite and >= 0, got {v}"));
             }
+        }
+        if !self.swiglu_limit.is_none_or(|l| l > 0.0 && l.is_finite())
+            || !self.swiglu_alpha.is_finite()
+        {
+            return bad(format!(
+                "swiglu_limit ({:?}) must be > 0 and swiglu_alpha ({}) finite",
+                self.swiglu_limit, self.swiglu_alpha
+            ));
         }
         routing::validate_routing(self)
     }
@@ -325,6 +342,14 @@ pub struct ModelConfig {
     pub qk_norm_per_head: bool,
     /// Multi-head latent attention instead of MHA/GQA (DeepSeek-V2/V3; `None`: standard).
     pub mla: Option<MlaConfig>,
+    /// Multiplier on the token embeddings (GraniteMoE `embedding_multiplier`; 1 = none).
+    pub embedding_multiplier: f64,
+    /// Multiplier on each sublayer output before its residual add (GraniteMoE; 1 = none).
+    pub residual_multiplier: f64,
+    /// The attention softmax scale (GraniteMoE `attention_multiplier`; `None`: 1/sqrt(head_dim)).
+    pub attention_multiplier: Option<f64>,
+    /// The LM logits are divided by this (GraniteMoE `logits_scaling`; 1 = none).
+    pub logits_scaling: f64,
 }
 
 impl Default for ModelConfig {
@@ -377,6 +402,10 @@ impl ModelConfig {
             hidden_dropout: 0.0,
             qk_norm_per_head: false,
             mla: None,
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
         }
     }
 
@@ -456,6 +485,21 @@ impl ModelConfig {
             return bad(format!("rope_theta must be > 0, got {}", self.rope_theta));
         }
         self.validate_positions()?;
+        let m = [
+            self.embedding_multiplier,
+            self.residual_multiplier,
+            self.logits_scaling,
+        ];
+        let fin = m
+            .iter()
+            .chain(&self.attention_multiplier)
+            .all(|v| v.is_finite());
+        if !fin || m[2] == 0.0 {
+            let a = self.attention_multiplier;
+            return bad(format!(
+                "multipliers {m:?}, {a:?}: finite, logits_scaling != 0"
+            ));
+        }
         let any_dense =
             (0..self.num_layers.max(self.num_decoder_layers)).any(|l| !self.is_sparse_layer(l));
         if any_dense && self.dense_intermediate_size == 0 {

@@ -268,7 +268,6 @@ fn crafted_routing_matches_transformers() {
 }
 
 #[test]
-#[ignore = "needs the fused-layout loader (merge)"]
 fn fused_expert_copy_gives_the_same_logits() {
     let model = load(&fixture("deepseek_v3_fused"));
     let exp = expected("deepseek_v3");

@@ -69,6 +69,8 @@ pub struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Softmax scale: `attention_multiplier`, else 1/sqrt(head_dim).
+    scale: f64,
 }
 
 impl Attention {
@@ -117,6 +119,7 @@ impl Attention {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
+            scale: cfg.attention_multiplier.unwrap_or(1.0 / (hd as f64).sqrt()),
         })
     }
 
@@ -261,7 +264,7 @@ impl Attention {
         let v = self.repeat_kv(v)?;
         let t_k = k.dim(2)?;
         let dtype = q.dtype();
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale;
         let raw = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // (b, nh, t, tk)
         let sinks_train = self.sinks.as_ref().is_some_and(|s| s.track_op());
         let probs = if key_mask.is_none()

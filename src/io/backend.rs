@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 
+use super::hf::layout::{self, FusedMap, Slice, Source};
 use super::safetensors::{read_header, HeaderEntry};
 use crate::error::{CheckpointErrorKind, Error, Result};
 use crate::io::hub::LoadOptions;
@@ -23,6 +24,8 @@ pub(crate) struct LoadLog {
     pub loaded: Vec<(String, Tensor)>,
     /// The first problem found, with its kind.
     pub error: Option<Error>,
+    /// Stored tensors read to serve other names (fused experts sliced per expert).
+    pub consumed: std::collections::HashSet<String>,
 }
 
 /// Shared handle on a [`LoadLog`].
@@ -37,6 +40,10 @@ struct Checked {
     files: PathBuf,
     varmap: Option<VarMap>,
     log: SharedLog,
+    /// Per-expert names served as slices of fused tensors, and aliases.
+    fused: FusedMap,
+    /// Fused tensors read so far, with the number of slices still to serve from each.
+    cache: Mutex<HashMap<String, (Tensor, usize)>>,
 }
 
 impl Checked {
@@ -54,6 +61,12 @@ impl Checked {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let Some(h) = self.headers.get(name) else {
+            if let Some(stored) = self.fused.aliases.get(name) {
+                return self.load(stored, want, dtype, dev);
+            }
+            if let Some(s) = self.fused.slices.get(name) {
+                return self.load_slice(name, s, want, dtype, dev);
+            }
             return Err(self.fail(Error::tensor(
                 &self.files,
                 name,
@@ -66,19 +79,7 @@ impl Checked {
         } else {
             self.load_float(name, h, want, dev)?.to_dtype(dtype)?
         };
-        // Buffers (DeepSeek-V3's `e_score_correction_bias`) are never trainable variables.
-        let buffer = name.ends_with("e_score_correction_bias");
-        let t = match &self.varmap {
-            Some(vm) if !buffer => {
-                let var = candle_core::Var::from_tensor(&t)?;
-                let t = var.as_tensor().clone();
-                lock(vm.data()).insert(name.to_string(), var);
-                t
-            }
-            _ => t,
-        };
-        lock(&self.log).loaded.push((name.to_string(), t.clone()));
-        Ok(t)
+        self.register(name, t)
     }
 
     /// The error for a tensor whose stored shape is not `want`.
@@ -177,6 +178,137 @@ impl Checked {
             .push((scale_name, Tensor::zeros(0, DType::F32, &Device::Cpu)?));
         Tensor::from_vec(w, h.shape.as_slice(), &Device::Cpu)?.to_device(dev)
     }
+
+    /// Makes `t` a variable registered as `name` when training, and logs it.
+    fn register(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let t = match &self.varmap {
+            // Buffers (DeepSeek-V3's `e_score_correction_bias`) are never trainable variables.
+            Some(vm) if !name.ends_with("e_score_correction_bias") => {
+                let var = candle_core::Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                lock(vm.data()).insert(name.to_string(), var);
+                t
+            }
+            _ => t,
+        };
+        lock(&self.log).loaded.push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    /// Serves per-expert tensor `name` as slice `s` of a fused tensor (read once, cached until
+    /// its last slice is served).
+    fn load_slice(
+        &self,
+        name: &str,
+        s: &Slice,
+        want: Option<&[usize]>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let key = s.source.key().to_string();
+        let full = self.fused_tensor(&s.source, dtype, dev)?;
+        let t = layout::slice(&full, s)?;
+        if let Some(want) = want {
+            if t.dims() != want {
+                return Err(self.fail(Error::tensor(
+                    &self.files,
+                    key.as_str(),
+                    CheckpointErrorKind::Shape {
+                        expected: want.to_vec(),
+                        found: t.dims().to_vec(),
+                    },
+                    format!(
+                        "`{name}` sliced from fused tensor `{key}` has shape {:?}, the config expects {want:?}",
+                        t.dims()
+                    ),
+                )));
+            }
+        }
+        lock(&self.log).consumed.extend(s.source.names());
+        self.register(name, t)
+    }
+
+    /// The whole fused tensor of `src` in `dtype` on `dev`: from the cache, or read (MXFP4
+    /// dequantised) and cached for its remaining slices.
+    fn fused_tensor(
+        &self,
+        src: &Source,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let key = src.key().to_string();
+        let mut cache = lock(&self.cache);
+        if let Some((t, left)) = cache.get_mut(&key) {
+            let t = t.clone();
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                cache.remove(&key);
+            }
+            return Ok(t);
+        }
+        let t = match self.read_source(src, dev) {
+            Ok(t) => t.to_dtype(dtype)?,
+            Err(e) => return Err(self.fail(e)),
+        };
+        let uses = self.fused.uses.get(&key).copied().unwrap_or(1);
+        if uses > 1 {
+            cache.insert(key, (t.clone(), uses - 1));
+        }
+        Ok(t)
+    }
+
+    /// Reads a fused source from disk.
+    fn read_source(&self, src: &Source, dev: &Device) -> Result<Tensor> {
+        let entry = |n: &str| {
+            self.headers.get(n).ok_or_else(|| {
+                Error::tensor(
+                    &self.files,
+                    n,
+                    CheckpointErrorKind::Missing,
+                    format!("missing tensor `{n}`"),
+                )
+            })
+        };
+        let corrupt = |h: &HeaderEntry, n: &str, e: String| {
+            Error::tensor(
+                &h.file,
+                n,
+                CheckpointErrorKind::Corrupt,
+                format!("tensor `{n}`: {e}"),
+            )
+        };
+        match src {
+            Source::Plain(n) => {
+                let h = entry(n)?;
+                if !matches!(h.dtype.as_str(), "F32" | "F16" | "BF16" | "F64") {
+                    return Err(Error::tensor(
+                        &h.file,
+                        n.as_str(),
+                        CheckpointErrorKind::Dtype {
+                            expected: "a float dtype".into(),
+                            found: h.dtype.clone(),
+                        },
+                        format!(
+                            "fused tensor `{n}` has dtype {}, expected a float dtype",
+                            h.dtype
+                        ),
+                    ));
+                }
+                read_tensor(h, dev).map_err(|e| corrupt(h, n, e.to_string()))
+            }
+            Source::Mxfp4 { blocks, scales } => {
+                let (hb, hs) = (entry(blocks)?, entry(scales)?);
+                let b = read_bytes(hb).map_err(|e| corrupt(hb, blocks, e.to_string()))?;
+                let s = read_bytes(hs).map_err(|e| corrupt(hs, scales, e.to_string()))?;
+                let v = super::quant::mxfp4::dequantize(&b, &hb.shape, &s)
+                    .map_err(|e| corrupt(hb, blocks, e))?;
+                let (e, r, g) = (hb.shape[0], hb.shape[1], hb.shape[2]);
+                Tensor::from_vec(v, (e, 32 * g, r), &Device::Cpu)
+                    .and_then(|t| t.to_device(dev))
+                    .map_err(|e| corrupt(hb, blocks, e.to_string()))
+            }
+        }
+    }
 }
 
 impl SimpleBackend for Checked {
@@ -208,6 +340,17 @@ pub(crate) fn var_builder(
     opts: &LoadOptions,
     varmap: Option<VarMap>,
 ) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
+    var_builder_mapped(files, opts, varmap, |_, _| Ok(FusedMap::default()))
+}
+
+/// [`var_builder`] that also serves the names `map` finds for the headers (fused experts
+/// sliced per expert, aliases); `map` gets the headers and the first file (for errors).
+pub(crate) fn var_builder_mapped(
+    files: &[PathBuf],
+    opts: &LoadOptions,
+    varmap: Option<VarMap>,
+    map: impl FnOnce(&HashMap<String, HeaderEntry>, &Path) -> Result<FusedMap>,
+) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
     let mut headers: HashMap<String, HeaderEntry> = HashMap::new();
     for f in files {
         for (name, h) in read_header(f)? {
@@ -227,6 +370,7 @@ pub(crate) fn var_builder(
         }
     }
     let first = files.first().cloned().unwrap_or_default();
+    let fused = map(&headers, &first)?;
     let mut names: Vec<String> = headers.keys().cloned().collect();
     names.sort();
     let log = SharedLog::default();
@@ -235,6 +379,8 @@ pub(crate) fn var_builder(
         files: first,
         varmap,
         log: log.clone(),
+        fused,
+        cache: Mutex::new(HashMap::new()),
     });
     let vb = VarBuilder::from_backend(backend, opts.dtype, opts.device.clone());
     Ok((vb, log, names))
@@ -254,8 +400,8 @@ fn read_tensor(h: &HeaderEntry, dev: &Device) -> candle_core::Result<Tensor> {
     Tensor::from_raw_buffer(&buf, dt, &h.shape, &Device::Cpu)?.to_device(dev)
 }
 
-/// One tensor's stored bytes, with a positioned read.
-fn read_bytes(h: &HeaderEntry) -> candle_core::Result<Vec<u8>> {
+/// A tensor's raw bytes, with one positioned read.
+pub(crate) fn read_bytes(h: &HeaderEntry) -> candle_core::Result<Vec<u8>> {
     let len = usize::try_from(h.len).map_err(candle_core::Error::wrap)?;
     let mut buf = vec![0u8; len];
     let f = std::fs::File::open(&h.file)?;
@@ -277,8 +423,14 @@ fn read_bytes(h: &HeaderEntry) -> candle_core::Result<Vec<u8>> {
 /// Checks that every tensor of the checkpoint was used by the model (a config that disagrees
 /// with the weights, e.g. fewer experts than stored, is an error, not a silent drop).
 pub(crate) fn check_unused(log: &SharedLog, names: &[String], path: &Path) -> Result<()> {
-    let used: std::collections::HashSet<String> =
-        lock(log).loaded.iter().map(|(n, _)| n.clone()).collect();
+    let used: std::collections::HashSet<String> = {
+        let log = lock(log);
+        log.loaded
+            .iter()
+            .map(|(n, _)| n.clone())
+            .chain(log.consumed.iter().cloned())
+            .collect()
+    };
     let extra: Vec<&String> = names
         .iter()
         .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))

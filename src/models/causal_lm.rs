@@ -217,7 +217,18 @@ impl CausalLm {
             .forward(input_ids, None, None, None, cache, false, 0)?;
         let t = out.hidden.dim(1)?;
         let last = out.hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // (b, h)
-        self.lm_head.forward(&last)
+        self.head(&last)
+    }
+
+    /// The LM head, with GraniteMoE's `logits_scaling` (logits divided by it).
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(hidden)?;
+        let s = self.cfg.logits_scaling;
+        if s == 1.0 {
+            Ok(logits)
+        } else {
+            logits / s
+        }
     }
 
     /// A cache sized for this model.
@@ -231,7 +242,7 @@ impl CausalLm {
     }
 
     fn finish(&self, out: super::TrunkOut, mask: Option<&Tensor>) -> Result<CausalLmOutput> {
-        let logits = self.lm_head.forward(&out.hidden)?; // (b, t, vocab)
+        let logits = self.head(&out.hidden)?; // (b, t, vocab)
         let row_masks = match mask {
             Some(m) => Some(vec![m.flatten_all()?; out.aux.len()]),
             None => None,

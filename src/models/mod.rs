@@ -272,6 +272,9 @@ impl Trunk {
         let ids = check_ids(ids, &self.cfg, offset)?;
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.forward(&ids)?; // (b, t, h)
+        if self.cfg.embedding_multiplier != 1.0 {
+            x = (x * self.cfg.embedding_multiplier)?;
+        }
         if let Some(p) = &self.positions {
             let pos = Tensor::arange(offset as u32, (offset + t) as u32, ids.device())?;
             x = x.broadcast_add(&p.forward(&pos)?.unsqueeze(0)?)?;

@@ -19,6 +19,8 @@ pub struct Expert {
     w1: Proj,
     w3: Option<Proj>,
     w2: Proj,
+    /// gpt-oss's clamped SwiGLU `(limit, alpha)` (`None`: plain SwiGLU).
+    clamp: Option<(f64, f64)>,
 }
 
 impl Expert {
@@ -43,7 +45,25 @@ impl Expert {
             ExpertKind::Gelu => None,
         };
         let w2 = lin(inter, hidden, vb.pp("w2"))?;
-        Ok(Self { w1, w3, w2 })
+        Ok(Self {
+            w1,
+            w3,
+            w2,
+            clamp: None,
+        })
+    }
+
+    /// Makes a SwiGLU expert gpt-oss's clamped SwiGLU:
+    /// `(clamp(u, -limit, limit) + 1) · g' · sigmoid(alpha · g')` with `g' = min(g, limit)`.
+    pub fn with_clamped_swiglu(mut self, limit: f64, alpha: f64) -> Self {
+        self.clamp = Some((limit, alpha));
+        self
+    }
+
+    /// Whether the expert is a plain (unclamped) SwiGLU, what the grouped and fused CPU paths
+    /// compute.
+    pub fn is_plain_swiglu(&self) -> bool {
+        self.w3.is_some() && self.clamp.is_none()
     }
 
     /// Builds an expert from existing weight tensors (`w3` is `None` for a GELU MLP).
@@ -53,6 +73,7 @@ impl Expert {
             w1: p(w1),
             w3: w3.map(p),
             w2: p(w2),
+            clamp: None,
         }
     }
 
@@ -105,9 +126,15 @@ impl Module for Expert {
     /// - `xs`: `(n, h)` or `(b, t, h)` -> same shape
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let a = self.w1.forward(xs)?; // (n, f)
-        let hidden = match &self.w3 {
-            Some(w3) => (a.silu()? * w3.forward(xs)?)?,
-            None => a.gelu_erf()?,
+        let hidden = match (&self.w3, self.clamp) {
+            (Some(w3), Some((limit, alpha))) => {
+                let g = a.minimum(limit)?;
+                let u = w3.forward(xs)?.clamp(-limit, limit)?;
+                let glu = (&g * candle_nn::ops::sigmoid(&(&g * alpha)?)?)?;
+                ((u + 1.0)? * glu)?
+            }
+            (Some(w3), None) => (a.silu()? * w3.forward(xs)?)?,
+            (None, _) => a.gelu_erf()?,
         };
         self.w2.forward(&hidden) // (n, h)
     }
@@ -121,6 +148,16 @@ pub struct Experts {
 }
 
 impl Experts {
+    /// Makes every expert gpt-oss's clamped SwiGLU (see [`Expert::with_clamped_swiglu`]).
+    pub fn with_clamped_swiglu(mut self, limit: f64, alpha: f64) -> Self {
+        self.experts = self
+            .experts
+            .into_iter()
+            .map(|e| e.with_clamped_swiglu(limit, alpha))
+            .collect();
+        self
+    }
+
     /// Creates `n` experts named `{i}.w1`, `{i}.w3`, `{i}.w2` under `vb`.
     pub fn new(
         n: usize,
@@ -166,7 +203,7 @@ impl Experts {
             && xs.dtype() == candle_core::DType::F32
             && self.experts.iter().all(|e| {
                 !e.has_bias()
-                    && e.w3.is_some()
+                    && e.is_plain_swiglu()
                     && e.w1.weight().dtype() == candle_core::DType::F32
                     && e.w1.weight().device().is_cpu()
             })
@@ -176,6 +213,13 @@ impl Experts {
     /// [`Self::supports_grouped`]); `None` when it does not apply. Differentiable (see
     /// `moe::grouped`).
     pub fn forward_grouped(&self, xs: &Tensor, offsets: &[usize]) -> Result<Option<Tensor>> {
+        if !self
+            .experts
+            .iter()
+            .all(|e| e.is_plain_swiglu() && !e.has_bias())
+        {
+            return Ok(None);
+        }
         let w1: Vec<&Proj> = self.experts.iter().map(|e| &e.w1).collect();
         let w3: Option<Vec<&Proj>> = self.experts.iter().map(|e| e.w3.as_ref()).collect();
         let Some(w3) = w3 else { return Ok(None) };

@@ -33,8 +33,8 @@ impl FusedExperts {
         let Some(first) = ex.first() else {
             return Ok(None);
         };
-        let (w1, w3, _) = first.weights();
-        if w3.is_none() || first.has_bias() || w1.dtype() != candle_core::DType::F32 {
+        let (w1, _, _) = first.weights();
+        if !first.is_plain_swiglu() || first.has_bias() || w1.dtype() != candle_core::DType::F32 {
             return Ok(None);
         }
         let (f, h) = w1.dims2()?;
@@ -42,7 +42,7 @@ impl FusedExperts {
         for e in ex {
             let (w1, w3, w2) = e.weights();
             let Some(w3) = w3 else { return Ok(None) };
-            if e.has_lora() {
+            if e.has_lora() || !e.is_plain_swiglu() || e.has_bias() {
                 return Ok(None);
             }
             for w in [w1, w3, w2] {

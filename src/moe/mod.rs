@@ -120,6 +120,10 @@ impl SparseMoe {
             cfg.expert_bias,
             vb.pp("experts"),
         )?;
+        let experts = match cfg.swiglu_limit {
+            Some(limit) => experts.with_clamped_swiglu(limit, cfg.swiglu_alpha),
+            None => experts,
+        };
         let shared = if cfg.shared_expert_intermediate_size > 0 {
             Some(SharedExpert::new(
                 cfg.hidden_size,

@@ -67,9 +67,9 @@ pub struct Router {
 }
 
 impl Router {
-    /// Creates the router; weights `gate.weight` `(E, h)` and, with noisy gating,
-    /// `gate_noise.weight` `(E, h)`; with a selection bias, the buffer
-    /// `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch).
+    /// Creates the router; weights `gate.weight` `(E, h)` (and `gate.bias` `(E,)` with
+    /// `router_bias`) and, with noisy gating, `gate_noise.weight` `(E, h)`; with a selection
+    /// bias, the buffer `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
@@ -79,7 +79,12 @@ impl Router {
 
     /// [`Self::new`] for a configuration the caller has validated.
     pub(crate) fn new_validated(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
-        let gate = candle_nn::linear_no_bias(cfg.hidden_size, cfg.num_experts, vb.pp("gate"))?;
+        let gate = candle_nn::linear_b(
+            cfg.hidden_size,
+            cfg.num_experts,
+            cfg.router_bias,
+            vb.pp("gate"),
+        )?;
         let noise = if cfg.noisy_gating {
             // Start with little noise: zero-initialised noise projection gives softplus(0) = ln 2.
             let w = vb.get_with_hints(
@@ -115,6 +120,16 @@ impl Router {
             group_score: cfg.group_score,
             scaling: cfg.routed_scaling_factor,
         })
+    }
+
+    /// `x W_g^T (+ b_g)` in `x`'s dtype.
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.gate.weight().to_dtype(x.dtype())?;
+        let logits = x.matmul(&w.t()?)?; // (n, E)
+        match self.gate.bias() {
+            Some(b) => logits.broadcast_add(&b.to_dtype(x.dtype())?),
+            None => Ok(logits),
+        }
     }
 
     /// The gate projection `(E, h)`.
@@ -175,8 +190,7 @@ impl Router {
             )?;
             x = (x * u.to_dtype(dt)?)?;
         }
-        let w = self.gate.weight().to_dtype(dt)?;
-        let logits = x.matmul(&w.t()?)?; // (n, E)
+        let logits = self.logits(&x)?; // (n, E)
         let probs = softmax_last_dim(&logits)?;
         // Rank by the (noisy) logits, not the probabilities: they order the same, and the
         // logits cannot tie where the softmax underflows to zero.
@@ -303,8 +317,6 @@ enum NoiseKind {
 impl Module for Router {
     /// Router logits `(tokens, E)` in f32.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dt = compute_dtype(xs.dtype());
-        let w = self.gate.weight().to_dtype(dt)?;
-        xs.to_dtype(dt)?.matmul(&w.t()?)
+        self.logits(&xs.to_dtype(compute_dtype(xs.dtype()))?)
     }
 }

@@ -245,6 +245,7 @@ pub fn config_from_hf(v: &Value, path: &Path) -> Result<(Family, ModelConfig)> {
         hidden_dropout: 0.0,
         qk_norm_per_head: false,
         mla: None,
+        ..ModelConfig::default()
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok((family, cfg))

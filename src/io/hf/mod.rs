@@ -9,14 +9,17 @@
 mod config;
 mod deepseek;
 mod defaults;
+mod fuse;
 mod gpt_oss;
 mod granite;
+pub(crate) mod layout;
 mod qwen3;
 mod rope;
 mod save;
 mod window;
 
-pub use save::{SaveOptions, CRATE_CONFIG_KEY};
+pub use crate::io::quant::mxfp4::dequantize_mxfp4;
+pub use save::{ExpertsOnDisk, SaveOptions, CRATE_CONFIG_KEY};
 
 use std::path::PathBuf;
 
@@ -25,8 +28,9 @@ use candle_nn::VarBuilder;
 pub use config::{config_from_hf, read_hf_config};
 
 use crate::error::{Error, Result};
+use crate::io::backend::var_builder_mapped;
 use crate::io::hub::{resolve, LoadOptions};
-use crate::io::safetensors::{build_error, check_unused, read_header, var_builder, SharedLog};
+use crate::io::safetensors::{build_error, check_unused, read_header, SharedLog};
 
 /// The Hugging Face model families this crate loads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,19 +83,53 @@ pub fn hf_name(family: Family, ours: &str) -> String {
     }
 }
 
-/// A checked VarBuilder over `files` with the family's tensor names.
+/// A checked VarBuilder over `files` with the family's tensor names; fused expert tensors
+/// (detected once for the checkpoint against `cfg`) are served per expert.
 pub(crate) fn family_var_builder(
     files: &[PathBuf],
     family: Family,
+    cfg: &crate::config::ModelConfig,
     opts: &LoadOptions,
     varmap: Option<candle_nn::VarMap>,
 ) -> Result<(VarBuilder<'static>, SharedLog, Vec<String>)> {
-    let (vb, log, names) = var_builder(files, opts, varmap)?;
+    let (vb, log, names) = var_builder_mapped(files, opts, varmap, |headers, first| {
+        layout::detect(headers, family, cfg, first)
+    })?;
     let vb = match family {
         Family::Mixtral => vb,
         f => vb.rename_f(move |n: &str| hf_name(f, n)),
     };
     Ok((vb, log, names))
+}
+
+/// The per-expert weights that a checkpoint's fused expert tensors serve, under the names the
+/// model asks for (the family's spelling of `model.layers.N.block_sparse_moe.experts.E.w1.weight`,
+/// ...), read as [`crate::models::CausalLm::from_pretrained`] reads them: the layout detected
+/// once for the checkpoint, MXFP4 dequantised, in `opts.dtype`. Empty when the checkpoint stores
+/// its experts per expert.
+pub fn read_fused_experts(
+    source: &str,
+    opts: &LoadOptions,
+) -> Result<std::collections::BTreeMap<String, candle_core::Tensor>> {
+    let r = resolve(source, opts)?;
+    let v = read_json(&r.config)?;
+    let (family, cfg) = config_and_family(&v, &r.config)?;
+    let mut names = vec![];
+    let (vb, log, _) = var_builder_mapped(&r.weights, opts, None, |headers, first| {
+        let map = layout::detect(headers, family, &cfg, first)?;
+        names = map.slices.keys().cloned().collect();
+        Ok(map)
+    })?;
+    let first = r.weights.first().cloned().unwrap_or_default();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = vb
+                .get_unchecked(&n)
+                .map_err(|e| build_error(&log, e, &first))?;
+            Ok((n, t))
+        })
+        .collect()
 }
 
 /// Checks that the checkpoint has no decoder layers beyond the config's (a config that
@@ -190,7 +228,7 @@ impl crate::models::CausalLm {
         let (family, cfg) = config_and_family(&v, &r.config)?;
         check_layer_count(&r.weights, cfg.num_layers, family)?;
         let varmap = opts.trainable.then(candle_nn::VarMap::new);
-        let (vb, log, names) = family_var_builder(&r.weights, family, opts, varmap.clone())?;
+        let (vb, log, names) = family_var_builder(&r.weights, family, &cfg, opts, varmap.clone())?;
         let first = r.weights.first().cloned().unwrap_or_default();
         let mut model = Self::new_validated(&cfg, vb).map_err(|e| build_error(&log, e, &first))?;
         let names: Vec<String> = names

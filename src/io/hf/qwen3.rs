@@ -192,6 +192,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         hidden_dropout: 0.0,
         qk_norm_per_head: true,
         mla: None,
+        ..ModelConfig::default()
     };
     cfg.validate().map_err(|e| cfg_err(path, e))?;
     Ok(cfg)

@@ -36,6 +36,20 @@ impl Default for SaveOptions {
     }
 }
 
+/// How [`CausalLm::save_pretrained_experts`] writes the routed experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertsOnDisk {
+    /// One tensor per expert and projection (`experts.{e}.gate_proj.weight`, ...), as
+    /// transformers' default `save_pretrained` writes (GraniteMoE and gpt-oss, which have no
+    /// per-expert names, are written in their own fused layout).
+    #[default]
+    PerExpert,
+    /// Fused per layer: transformers 5's `mlp.experts.gate_up_proj` `[E, 2I, H]` +
+    /// `mlp.experts.down_proj` `[E, H, I]`, as its `save_pretrained(...,
+    /// save_original_format=False)` writes (GraniteMoE and gpt-oss: their own fused layout).
+    Fused,
+}
+
 /// The key of `config.json` under which a crate-built model keeps its [`ModelConfig`].
 pub const CRATE_CONFIG_KEY: &str = "candle_moe_config";
 
@@ -58,7 +72,7 @@ fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
     if let Some(what) = super::rope::not_mixtral_positions(cfg) {
         return Some(what);
     }
-    let checks: [(bool, &str); 13] = [
+    let checks: [(bool, &str); 14] = [
         (m.noisy_gating, "noisy gating (`moe.noisy_gating`)"),
         (
             m.expert_kind != ExpertKind::Swiglu,
@@ -86,6 +100,13 @@ fn not_mixtral(cfg: &ModelConfig) -> Option<String> {
         (
             cfg.sparse_step != 1 || !cfg.mlp_only_layers.is_empty(),
             "dense layers (`sparse_step`, `mlp_only_layers`)",
+        ),
+        (
+            cfg.embedding_multiplier != 1.0
+                || cfg.residual_multiplier != 1.0
+                || cfg.attention_multiplier.is_some()
+                || cfg.logits_scaling != 1.0,
+            "GraniteMoE multipliers (`embedding_multiplier`, `residual_multiplier`, `attention_multiplier`, `logits_scaling`)",
         ),
     ];
     checks.iter().find(|c| c.0).map(|c| c.1.to_string())
@@ -213,8 +234,19 @@ impl CausalLm {
 
     /// [`Self::save_pretrained`] with options (shard size).
     pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, opts: &SaveOptions) -> Result<()> {
+        self.save_pretrained_experts(dir, opts, ExpertsOnDisk::PerExpert)
+    }
+
+    /// [`Self::save_pretrained_with`], choosing how the routed experts are written (per expert
+    /// or fused, see [`ExpertsOnDisk`]).
+    pub fn save_pretrained_experts(
+        &self,
+        dir: impl AsRef<Path>,
+        opts: &SaveOptions,
+        experts: ExpertsOnDisk,
+    ) -> Result<()> {
         let dir = dir.as_ref();
-        let files = self.pretrained_files(opts, dir)?;
+        let files = self.pretrained_files(opts, experts, dir)?;
         write_dir_atomic(dir, &files, opts.fail_after_files)
     }
 
@@ -234,7 +266,8 @@ impl CausalLm {
         dir: &Path,
     ) -> Result<Vec<(String, Vec<u8>)>> {
         if self.is_hf_expressible() {
-            let mut files = self.pretrained_files(&SaveOptions::default(), dir)?;
+            let mut files =
+                self.pretrained_files(&SaveOptions::default(), ExpertsOnDisk::PerExpert, dir)?;
             if let Some(t) = tokenizer_json {
                 files.retain(|(n, _)| n != "tokenizer.json");
                 files.push(("tokenizer.json".into(), t.as_bytes().to_vec()));
@@ -251,7 +284,12 @@ impl CausalLm {
     }
 
     /// The files [`Self::save_pretrained_with`] writes.
-    fn pretrained_files(&self, opts: &SaveOptions, dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    fn pretrained_files(
+        &self,
+        opts: &SaveOptions,
+        experts: ExpertsOnDisk,
+        dir: &Path,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
         let dtype = self
             .parameters()
             .first()
@@ -262,6 +300,10 @@ impl CausalLm {
         for (name, t) in self.parameters() {
             let t = t.detach().to_dtype(dtype)?.contiguous()?;
             tensors.insert(hf_name(family, name), t);
+        }
+        if experts == ExpertsOnDisk::Fused || matches!(family, Family::GraniteMoe | Family::GptOss)
+        {
+            super::fuse::fuse_for_save(family, self.config(), &mut tensors)?;
         }
         let mut files = shard(tensors, opts.max_shard_bytes, dir)?;
         let json_bytes = |v: &Value, name: &str| {
