@@ -17,9 +17,7 @@ use serde_json::Value;
 use super::config::{
     as_usize, bool_field, cfg_err, f64_field, field, rope_theta, spelled, usize_of,
 };
-use crate::config::{
-    AttentionSpan, ExpertKind, ModelConfig, MoeConfig, NormKind, PositionKind, RopeScaling,
-};
+use crate::config::{AttentionSpan, ExpertKind, ModelConfig, MoeConfig, NormKind, PositionKind};
 use crate::error::Result;
 
 /// Maps the family's `config.json` onto a [`ModelConfig`] (the defaults of `GptOssConfig`,
@@ -75,6 +73,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         swiglu_alpha: f64_field(v, "swiglu_alpha", 1.702, path)?,
         ..MoeConfig::default()
     };
+    let max_pos = usize_of(v, &["max_position_embeddings"], 131_072, path)?;
     let cfg = ModelConfig {
         vocab_size: usize_of(v, &["vocab_size"], 201_088, path)?,
         hidden_size: hidden,
@@ -83,9 +82,9 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim: Some(usize_of(v, &["head_dim"], 64, path)?),
-        max_position_embeddings: usize_of(v, &["max_position_embeddings"], 131_072, path)?,
+        max_position_embeddings: max_pos,
         rope_theta: rope_theta(v, 150_000.0, path)?,
-        rope_scaling: rope_scaling(v, path)?,
+        rope_scaling: super::rope::rope_scaling_with(v, Some(max_pos), path)?,
         sliding_window: Some(usize_of(v, &["sliding_window"], 128, path)?),
         layer_types: layer_types(v, layers, path)?,
         attention_sinks: true,
@@ -113,76 +112,18 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
 
 /// `layer_types` (default: sliding, full, sliding, ... as `GptOssConfig.__post_init__`).
 fn layer_types(v: &Value, layers: usize, path: &Path) -> Result<Vec<AttentionSpan>> {
-    let Some(t) = field(v, "layer_types") else {
-        return Ok((0..layers)
-            .map(|i| {
-                if i % 2 == 0 {
-                    AttentionSpan::SlidingAttention
-                } else {
-                    AttentionSpan::FullAttention
-                }
-            })
-            .collect());
-    };
-    let kinds = t
-        .as_array()
-        .ok_or_else(|| cfg_err(path, format!("`layer_types` must be a list, got {t}")))?;
-    if kinds.len() != layers {
-        return Err(cfg_err(
-            path,
-            format!(
-                "`layer_types` lists {} layers but `num_hidden_layers` is {layers}",
-                kinds.len()
-            ),
-        ));
+    if field(v, "layer_types").is_some() {
+        return super::window::layer_types(v, layers, path);
     }
-    kinds
-        .iter()
-        .map(|k| match k.as_str() {
-            Some("sliding_attention") => Ok(AttentionSpan::SlidingAttention),
-            Some("full_attention") => Ok(AttentionSpan::FullAttention),
-            _ => Err(cfg_err(
-                path,
-                format!("`layer_types` entry {k} is not supported (\"sliding_attention\" or \"full_attention\")"),
-            )),
+    Ok((0..layers)
+        .map(|i| {
+            if i % 2 == 0 {
+                AttentionSpan::SlidingAttention
+            } else {
+                AttentionSpan::FullAttention
+            }
         })
-        .collect()
-}
-
-/// gpt-oss's RoPE scaling: `rope_parameters` (5.x) or `rope_scaling` (4.x), `yarn` or the
-/// default; any other type is an error naming the key. (A local parser until the shared one in
-/// `rope.rs` is merged.)
-fn rope_scaling(v: &Value, path: &Path) -> Result<Option<RopeScaling>> {
-    // 5.x `rope_parameters` (which also holds `rope_theta`), else 4.x `rope_scaling`.
-    let Some((p, key)) = ["rope_parameters", "rope_scaling"]
-        .into_iter()
-        .find_map(|k| field(v, k).map(|p| (p, k)))
-    else {
-        return Ok(None);
-    };
-    let kind = spelled(p, &["rope_type", "type"], path)?
-        .and_then(|(t, _)| t.as_str().map(str::to_string))
-        .unwrap_or_else(|| "default".into());
-    let num = |k: &str, d: f64| {
-        f64_field(p, k, d, path).map_err(|_| cfg_err(path, format!("`{key}.{k}` must be a number")))
-    };
-    match kind.as_str() {
-        "default" => Ok(None),
-        "yarn" => Ok(Some(RopeScaling::Yarn {
-            factor: num("factor", 1.0)?,
-            original_max_position_embeddings: usize_of(p, &["original_max_position_embeddings"], 4096, path)?,
-            beta_fast: num("beta_fast", 32.0)?,
-            beta_slow: num("beta_slow", 1.0)?,
-            mscale: field(p, "mscale").and_then(|x| x.as_f64()),
-            mscale_all_dim: field(p, "mscale_all_dim").and_then(|x| x.as_f64()),
-            attention_factor: field(p, "attention_factor").and_then(|x| x.as_f64()),
-            truncate: bool_field(p, "truncate", true, path)?,
-        })),
-        other => Err(cfg_err(
-            path,
-            format!("`{key}.rope_type` `{other}` is not supported for gpt_oss (\"yarn\" or \"default\")"),
-        )),
-    }
+        .collect())
 }
 
 /// The crate's (Mixtral) weight name -> the family's weight name: `block_sparse_moe.gate` is
