@@ -1,5 +1,6 @@
 //! transformers loads what `save_pretrained` writes in fused layouts: GraniteMoE in its native
-//! `input_linear` / `output_linear` (after fine-tuning), and Mixtral / Qwen2-MoE with
+//! `input_linear` / `output_linear` and gpt-oss in its interleaved layout with biases (both after
+//! fine-tuning), and Mixtral / Qwen2-MoE with
 //! `ExpertsOnDisk::Fused` (transformers 5's `mlp.experts.gate_up_proj` / `down_proj`).
 //! `tests/fixtures/gen_roundtrip_fused.py` runs the ignored `export_fused` test, loads every
 //! directory with transformers (`output_loading_info=True`) and records the key lists and the
@@ -15,16 +16,12 @@ use candle_moe::io::hf::{ExpertsOnDisk, SaveOptions};
 use candle_moe::{CausalLm, LoadOptions, TrainConfig, Trainer};
 use serde_json::Value;
 
-const CASES: [&str; 3] = [
+const CASES: [&str; 4] = [
     "finetuned_granitemoe",
     "fused_mixtral",
     "fused_finetuned_qwen2_moe",
+    "finetuned_gpt_oss",
 ];
-
-/// Cases that need the gpt-oss attention side (sinks, sliding windows, YaRN) to load: after the
-/// merge, move them into `CASES` and rerun `gen_roundtrip_fused.py` with
-/// `CANDLE_MOE_EXPORT_AFTER_MERGE=1`.
-const AFTER_MERGE: [&str; 1] = ["finetuned_gpt_oss"];
 
 fn fixture(fam: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -84,11 +81,6 @@ fn export_fused() {
     let dir = PathBuf::from(std::env::var("CANDLE_MOE_EXPORT").expect("set CANDLE_MOE_EXPORT"));
     for name in CASES {
         save_case(name, &dir.join(name));
-    }
-    if std::env::var("CANDLE_MOE_EXPORT_AFTER_MERGE").is_ok() {
-        for name in AFTER_MERGE {
-            save_case(name, &dir.join(name));
-        }
     }
 }
 
