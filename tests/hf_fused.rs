@@ -132,6 +132,11 @@ fn fused_olmoe_matches_per_expert_original() {
     check_fused("olmoe", "olmoe");
 }
 
+#[test]
+fn fused_qwen3_moe_matches_per_expert_original() {
+    check_fused("qwen3_moe", "qwen3_moe");
+}
+
 /// The per-expert weights served from a fused checkpoint are exactly the original ones.
 #[test]
 fn fused_experts_slice_to_the_original_weights() {
