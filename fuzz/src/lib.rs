@@ -168,6 +168,19 @@ mod tests {
         for (name, json) in seed_configs() {
             std::fs::write(dir.join(format!("seed_{name}.json")), json).unwrap();
         }
+        // Every Hugging Face config the repo's tests load (all eight families, both spellings).
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        for set in ["hf", "hf_v5", "hf_v5_fused", "real_configs"] {
+            for e in std::fs::read_dir(fixtures.join(set)).unwrap() {
+                let d = e.unwrap().path();
+                for file in ["config.json", "config.v4.json"] {
+                    if let Ok(text) = std::fs::read_to_string(d.join(file)) {
+                        let name = format!("seed_{set}_{}_{file}", d.file_name().unwrap().to_string_lossy());
+                        std::fs::write(dir.join(name), text).unwrap();
+                    }
+                }
+            }
+        }
 
         let dir = corpus("checkpoint_bytes");
         let st = seed_checkpoint_bytes();
