@@ -1,16 +1,17 @@
 //! gpt-oss (`gpt_oss`): a tiny random model written by transformers 5.24
 //! (`tests/fixtures/gen_hf_gpt_oss.py`) and its MXFP4 copy.
 //!
-//! Expert and router side (pass on their own): the config maps as transformers reads it (v5 and
+//! Expert and router side: the config maps as transformers reads it (v5 and
 //! v4 spellings alike); the fused interleaved experts de-interleave to transformers' weights; the
 //! MXFP4 blocks dequantise bit for bit to what transformers' `convert_moe_packed_tensors` gives;
 //! layer 0's MoE (router with bias, top-k then softmax, clamped SwiGLU experts with biases)
 //! reproduces transformers' `GptOssMLP`; a per-token f64 reference pins the clamped SwiGLU and
 //! the biased router; MXFP4 blocks without scales are an error naming the tensor.
 //!
-//! Whole-model parity (logits 1e-4, aux 1e-5, padding mask, decode = full forward, both config
-//! spellings, the MXFP4 model) needs the attention side (sinks, sliding windows, YaRN, o_proj
-//! bias), built separately: those tests are ignored until it is merged.
+//! Whole model, with the attention side (per-head sinks, alternating sliding-window and full
+//! layers with a window shorter than the sequence, YaRN, q/k/v/o biases): logits to 1e-4 and
+//! aux loss to 1e-5 with and without a padding mask, decode with the KV cache equal to the full
+//! forward, both config spellings, and the MXFP4 model.
 
 mod common;
 
