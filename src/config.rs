@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod positions;
-pub use positions::dynamic_limit;
+pub use positions::{dynamic_limit, AttentionSpan, RopeScaling};
 mod routing;
 pub use routing::{GroupScore, MlaConfig, RouterScoring};
 
@@ -202,69 +202,6 @@ pub enum Pooling {
     Mean,
     /// The first token (BERT's `[CLS]`).
     First,
-}
-
-/// The attention span of one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum AttentionSpan {
-    /// Every earlier position (transformers' `full_attention`).
-    #[default]
-    FullAttention,
-    /// The last `sliding_window` positions (transformers' `sliding_attention`).
-    SlidingAttention,
-}
-
-/// RoPE frequency scaling for contexts longer than the pretraining length, as transformers'
-/// `rope_scaling` / `rope_parameters` (`rope_type` names the variant).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rope_type", rename_all = "lowercase")]
-pub enum RopeScaling {
-    /// Position interpolation: every frequency divided by `factor`.
-    Linear {
-        /// Scaling factor (> 0).
-        factor: f64,
-    },
-    /// Dynamic NTK: the base grows with the sequence length past
-    /// `original_max_position_embeddings`.
-    Dynamic {
-        /// Scaling factor (> 0).
-        factor: f64,
-        /// The pretraining context length (`None`: `max_position_embeddings`).
-        original_max_position_embeddings: Option<usize>,
-    },
-    /// YaRN (Peng et al. 2023): per-frequency interpolation between `beta_fast` and
-    /// `beta_slow` rotations, and an attention temperature.
-    Yarn {
-        /// Scaling factor (> 0).
-        factor: f64,
-        /// The pretraining context length.
-        original_max_position_embeddings: usize,
-        /// Fast boundary (rotations), transformers' default 32.
-        beta_fast: f64,
-        /// Slow boundary (rotations), transformers' default 1.
-        beta_slow: f64,
-        /// DeepSeek's `mscale` (`None`: not given).
-        mscale: Option<f64>,
-        /// DeepSeek's `mscale_all_dim` (`None`: not given).
-        mscale_all_dim: Option<f64>,
-        /// Explicit attention factor (`None`: derived from `factor` and the mscales).
-        attention_factor: Option<f64>,
-        /// Round the correction range to whole dimensions (transformers' `truncate`, default
-        /// true; gpt-oss sets false).
-        truncate: bool,
-    },
-    /// Llama 3.1's piecewise frequency scaling.
-    Llama3 {
-        /// Scaling factor (> 0).
-        factor: f64,
-        /// Wavelengths above `original / low_freq_factor` are divided by `factor`.
-        low_freq_factor: f64,
-        /// Wavelengths below `original / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// The pretraining context length.
-        original_max_position_embeddings: usize,
-    },
 }
 
 /// Configuration of a whole model (causal LM, encoder-decoder or classifier).

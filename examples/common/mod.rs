@@ -14,6 +14,7 @@ use candle_nn::{VarBuilder, VarMap};
 use plotters::prelude::*;
 
 mod args;
+#[allow(unused_imports)] // not every example uses both
 pub use args::{MoeShape, RunArgs};
 use tokenizers::Tokenizer;
 
