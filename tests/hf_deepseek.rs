@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::json::ids;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -38,22 +40,6 @@ fn floats(v: &Value) -> Vec<f64> {
     let mut out = vec![];
     flat(v, &mut out);
     out
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 fn load(dir: &Path) -> CausalLm {

@@ -5,6 +5,10 @@
 //! fused experts on request and reads them back; a fused tensor of the wrong shape and an
 //! ambiguous layout are errors naming the tensor.
 
+mod common;
+
+use common::json::ids;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -22,22 +26,6 @@ fn fixtures() -> PathBuf {
 fn expected(family: &str) -> Value {
     let p = fixtures().join("hf_v5").join(family).join("expected.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 fn flat(v: &Value, out: &mut Vec<f64>) {

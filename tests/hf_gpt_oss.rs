@@ -15,6 +15,8 @@
 
 mod common;
 
+use common::json::{flat, ids};
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -436,34 +438,6 @@ fn clamped_swiglu_and_biased_router_match_a_per_token_reference() {
 }
 
 // ---- Whole-model parity: needs the attention side (sinks, sliding windows, YaRN). ----
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
-}
-
-fn flat(v: &Value) -> Vec<f64> {
-    fn go(v: &Value, out: &mut Vec<f64>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| go(x, out)),
-            x => out.push(x.as_f64().unwrap()),
-        }
-    }
-    let mut out = vec![];
-    go(v, &mut out);
-    out
-}
 
 fn max_diff(got: &Tensor, want: &[f64], keep: Option<&[bool]>) -> f64 {
     let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -5,9 +5,13 @@
 //! saved with fused `experts.gate_up_proj` give the same logits, and the config maps its four
 //! multipliers.
 
+mod common;
+
+use common::json::{flat, ids};
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use candle_moe::{CausalLm, LoadOptions};
 use serde_json::Value;
 
@@ -21,34 +25,6 @@ fn fixture(set: &str) -> PathBuf {
 fn expected() -> Value {
     let p = fixture("hf_v5").join("expected.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
-}
-
-fn flat(v: &Value) -> Vec<f64> {
-    fn go(v: &Value, out: &mut Vec<f64>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| go(x, out)),
-            x => out.push(x.as_f64().unwrap()),
-        }
-    }
-    let mut out = vec![];
-    go(v, &mut out);
-    out
 }
 
 fn load(dir: &Path) -> CausalLm {

@@ -4,9 +4,13 @@
 //! The same for the transformers 5.x fixtures (`tests/fixtures/gen_hf_models_v5.py`, in
 //! `tests/fixtures/hf_v5/`): v5-style config.json, top-1 routing, tied embeddings.
 
+mod common;
+
+use common::json::ids;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_moe::{CausalLm, LoadOptions};
 use serde_json::Value;
 
@@ -31,22 +35,6 @@ fn expected_in(set: &str, name: &str) -> Value {
         &std::fs::read_to_string(fixture_in(set, name).join("expected.json")).unwrap(),
     )
     .unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 fn flat(v: &Value, out: &mut Vec<f64>) {

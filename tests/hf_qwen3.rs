@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::json::ids;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -55,22 +57,6 @@ fn load(dir: &Path, trainable: bool) -> CausalLm {
         ..Default::default()
     };
     CausalLm::from_pretrained(dir.to_str().unwrap(), &opts).unwrap()
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 fn flat(v: &Value, out: &mut Vec<f64>) {

@@ -1,6 +1,10 @@
 //! BERT-family loading (hidden states equal transformers') and sparse upcycling (identical
 //! experts reproduce the dense model).
 
+mod common;
+
+use common::json::ids;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,22 +18,6 @@ fn flat(v: &Value, out: &mut Vec<f64>) {
         Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
         x => out.push(x.as_f64().unwrap()),
     }
-}
-
-fn ids(v: &Value) -> Tensor {
-    let rows: Vec<Vec<u32>> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
-    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f64]) -> f64 {

@@ -182,7 +182,7 @@ fn config_path(source: &str, opts: &LoadOptions) -> Result<PathBuf> {
     Ok(crate::io::hub::resolve(source, opts)?.config)
 }
 
-/// Inspects the checkpoint at `source` (see [`config_path`]) from its configuration alone.
+/// Inspects the checkpoint at `source` (a `config.json`, a checkpoint directory holding one, or a hub id resolved through the hf-hub cache) from its configuration alone.
 pub fn inspect(source: &str, opts: &LoadOptions) -> Result<Inventory> {
     let path = config_path(source, opts)?;
     let text = crate::files::read_json_text(&path, "config.json")?;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod classic;
+pub mod json;
 pub mod moe_ref;
 
 use candle_core::{DType, Device, Tensor};
