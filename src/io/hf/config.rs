@@ -328,13 +328,7 @@ pub(super) fn moe_config(
         Family::Qwen2Moe => usize_of(v, &["moe_intermediate_size"], d.moe_intermediate_size, path)?,
         _ => intermediate,
     };
-    let top_k = usize_of(v, &["num_experts_per_tok"], d.num_experts_per_tok, path)?;
-    if top_k == 0 || top_k > experts {
-        return Err(cfg_err(
-            path,
-            format!("`num_experts_per_tok` ({top_k}) must be between 1 and the number of experts ({experts})"),
-        ));
-    }
+    let top_k = top_k_of(v, experts, d.num_experts_per_tok, path)?;
     Ok(MoeConfig {
         hidden_size: hidden,
         intermediate_size: expert_ffn,
@@ -410,6 +404,18 @@ pub(super) fn sparsity(
         }
     }
     Ok((sparse_step, mlp_only))
+}
+
+/// `num_experts_per_tok` (default `default`), checked to be between 1 and `experts`.
+pub(super) fn top_k_of(v: &Value, experts: usize, default: usize, path: &Path) -> Result<usize> {
+    let top_k = usize_of(v, &["num_experts_per_tok"], default, path)?;
+    if top_k == 0 || top_k > experts {
+        return Err(cfg_err(
+            path,
+            format!("`num_experts_per_tok` ({top_k}) must be between 1 and the number of experts ({experts})"),
+        ));
+    }
+    Ok(top_k)
 }
 
 /// Reads and maps a Hugging Face `config.json` (a regular file of at most 64 MiB).

@@ -38,13 +38,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
     }
     let layers = usize_of(v, &["num_hidden_layers"], 36, path)?;
     let experts = usize_of(v, &["num_local_experts"], 128, path)?;
-    let top_k = usize_of(v, &["num_experts_per_tok"], 4, path)?;
-    if top_k == 0 || top_k > experts {
-        return Err(cfg_err(
-            path,
-            format!("`num_experts_per_tok` ({top_k}) must be between 1 and `num_local_experts` ({experts})"),
-        ));
-    }
+    let top_k = super::config::top_k_of(v, experts, 4, path)?;
     if let Some(q) = field(v, "quantization_config") {
         let method = q.get("quant_method").and_then(|m| m.as_str());
         if method != Some("mxfp4") {

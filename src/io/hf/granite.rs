@@ -40,13 +40,7 @@ pub(super) fn config(v: &Value, path: &Path) -> Result<ModelConfig> {
         .map(|(x, k)| as_usize(x, &k, path))
         .transpose()?;
     let experts = usize_of(v, &["num_local_experts"], 8, path)?;
-    let top_k = usize_of(v, &["num_experts_per_tok"], 2, path)?;
-    if top_k == 0 || top_k > experts {
-        return Err(cfg_err(
-            path,
-            format!("`num_experts_per_tok` ({top_k}) must be between 1 and `num_local_experts` ({experts})"),
-        ));
-    }
+    let top_k = super::config::top_k_of(v, experts, 2, path)?;
     let inter = usize_of(v, &["intermediate_size"], 11008, path)?;
     let attention_bias = bool_field(v, "attention_bias", false, path)?;
     let moe = MoeConfig {

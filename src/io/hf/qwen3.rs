@@ -120,13 +120,7 @@ fn moe(v: &Value, hidden: usize, path: &Path) -> Result<MoeConfig> {
         default::EXPERTS,
         path,
     )?;
-    let top_k = usize_of(v, &["num_experts_per_tok"], default::TOP_K, path)?;
-    if top_k == 0 || top_k > experts {
-        return Err(cfg_err(
-            path,
-            format!("`num_experts_per_tok` ({top_k}) must be between 1 and the number of experts ({experts})"),
-        ));
-    }
+    let top_k = super::config::top_k_of(v, experts, default::TOP_K, path)?;
     Ok(MoeConfig {
         hidden_size: hidden,
         intermediate_size: usize_of(
