@@ -1,4 +1,4 @@
-//! `tokenizer.json` text: `data::tokenizer::from_json`; a tokenizer that loads encodes a short
+//! `tokenizer.json` text: `tokenizer::from_json`; a tokenizer that loads encodes a short
 //! string and decodes the ids back. Non-UTF-8 inputs are skipped. Errors are fine; panics are
 //! bugs.
 #![no_main]
