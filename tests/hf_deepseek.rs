@@ -253,6 +253,28 @@ fn crafted_routing_matches_transformers() {
     assert!(seen.len() >= 3, "{seen:?}");
 }
 
+/// DeepSeek-V2 saved by transformers with fused experts (`gen_hf_fused.py`,
+/// `tests/fixtures/hf_v5_fused/deepseek_v2`): the per-expert model's logits, with the v5 and the
+/// v4 config.
+#[test]
+fn v2_fused_expert_copy_gives_the_same_logits() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf_v5_fused/deepseek_v2");
+    let exp = expected("deepseek_v2");
+    for config in ["config.json", "config.v4.json"] {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["model.safetensors", config] {
+            std::fs::copy(
+                dir.join(f),
+                tmp.path().join(if f == config { "config.json" } else { f }),
+            )
+            .unwrap();
+        }
+        let out = load(tmp.path()).forward(&ids(&exp["input_ids"])).unwrap();
+        let d = max_diff(&out.logits, &floats(&exp["logits"]));
+        assert!(d < 1e-4, "fused V2 ({config}): logits differ by {d}");
+    }
+}
+
 #[test]
 fn fused_expert_copy_gives_the_same_logits() {
     let model = load(&fixture("deepseek_v3_fused"));

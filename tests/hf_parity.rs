@@ -49,12 +49,12 @@ fn check_family(name: &str) {
 }
 
 fn check_fixture(set: &str, name: &str) {
-    let exp = expected_in(set, name);
-    let model = CausalLm::from_pretrained(
-        fixture_in(set, name).to_str().unwrap(),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    check_dir(&fixture_in(set, name), &expected_in(set, name), name)
+}
+
+/// The model in `dir` against transformers' `exp`: logits, aux loss, masked aux loss.
+fn check_dir(dir: &Path, exp: &Value, name: &str) {
+    let model = CausalLm::from_pretrained(dir.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let input = ids(&exp["input_ids"]);
     let out = model.forward(&input).unwrap();
     let got = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -214,6 +214,25 @@ fn candle_transformers_mixtral_gives_the_same_last_logits() {
             d < 1e-4,
             "row {row}: candle-transformers vs ours differ by {d}"
         );
+    }
+}
+
+/// Every fixture of the three families, with the other spelling of its config
+/// (`config.v5.json` next to a 4.x fixture, `config.v4.json` next to a 5.x one;
+/// `gen_config_spellings.py`), reproduces the same numbers.
+#[test]
+fn both_config_spellings_reproduce_transformers() {
+    for (set, alt) in [("hf", "config.v5.json"), ("hf_v5", "config.v4.json")] {
+        for name in ["mixtral", "qwen2_moe", "olmoe"] {
+            let tmp = tempfile::tempdir().unwrap();
+            copy_dir(&fixture_in(set, name), tmp.path());
+            std::fs::copy(tmp.path().join(alt), tmp.path().join("config.json")).unwrap();
+            check_dir(
+                tmp.path(),
+                &expected_in(set, name),
+                &format!("{set}/{name} with {alt}"),
+            );
+        }
     }
 }
 
