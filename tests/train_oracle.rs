@@ -57,7 +57,9 @@ fn var(vm: &VarMap, name: &str) -> Var {
 }
 
 /// Three AdamW steps with global-norm clipping (norms 5, 0.3, 2 against max 1) and decay on the
-/// weight only: the norms, learning rates and parameters equal torch's to 1e-12.
+/// weight only: the norms and learning rates equal torch's to 1e-12; the parameters after the
+/// first step to 1e-12, after the later ones to 1e-7 (the effect of `clip_grad_norm_`'s
+/// `+ 1e-6` on the norm, which ours leaves out).
 #[test]
 fn adamw_with_clipping_matches_torch() {
     let o = oracle()["adamw_clip"].clone();
@@ -118,8 +120,11 @@ fn adamw_with_clipping_matches_torch() {
                 .unwrap()
                 .to_vec1::<f64>()
                 .unwrap();
+            // Step 0 is clipped by both, and Adam's first update does not depend on the
+            // gradients' scale: equal to 1e-12 there.
+            let tol = if i == 0 { 1e-12 } else { 1e-7 };
             for (x, y) in ours.iter().zip(floats(&step["after"][name])) {
-                assert!((x - y).abs() < 1e-12, "step {i} {name}: {x} vs {y}");
+                assert!((x - y).abs() < tol, "step {i} {name}: {x} vs {y}");
             }
         }
     }

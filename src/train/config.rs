@@ -39,9 +39,9 @@ pub struct TrainConfig {
     pub beta2: f64,
     /// Adam ε.
     pub eps: f64,
-    /// Clip the global gradient norm to this value: gradients are scaled by
-    /// `max / (norm + 1e-6)` when `norm > max`, as `torch.nn.utils.clip_grad_norm_` does
-    /// (checked against torch in `tests/train_oracle.rs`).
+    /// Clip the global gradient norm to this value: gradients are scaled by `max / norm` when
+    /// `norm > max` (`torch.nn.utils.clip_grad_norm_` uses `max / (norm + 1e-6)`: the same to
+    /// 1e-6 relative; checked against torch in `tests/train_oracle.rs`).
     pub grad_clip: Option<f64>,
     /// Override of the load-balancing loss coefficient; `None` (default): the model's
     /// `MoeConfig::router_aux_loss_coef` (see [`Trainer::for_model`]).

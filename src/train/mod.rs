@@ -224,8 +224,7 @@ impl Trainer {
             Some(mut g) => {
                 if let Some(max) = self.cfg.grad_clip {
                     if stats.grad_norm > max {
-                        // torch.nn.utils.clip_grad_norm_'s coefficient, epsilon included.
-                        let s = max / (stats.grad_norm + 1e-6);
+                        let s = max / stats.grad_norm;
                         for v in self.opt.vars() {
                             if let Some(gv) = g.remove(v) {
                                 g.insert(v, (gv * s)?);
