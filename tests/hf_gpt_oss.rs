@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::json::{flat, ids};
+use common::json::{check_parity, flat, ids, max_diff};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -439,44 +439,15 @@ fn clamped_swiglu_and_biased_router_match_a_per_token_reference() {
 
 // ---- Whole-model parity: needs the attention side (sinks, sliding windows, YaRN). ----
 
-fn max_diff(got: &Tensor, want: &[f64], keep: Option<&[bool]>) -> f64 {
-    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(got.len(), want.len());
-    let per_pos = got.len() / keep.map_or(got.len(), |k| k.len());
-    got.iter()
-        .zip(want)
-        .enumerate()
-        .filter(|(i, _)| keep.is_none_or(|k| k[i / per_pos]))
-        .map(|(_, (g, w))| (*g as f64 - w).abs())
-        .fold(0.0, f64::max)
-}
-
 fn load(dir: &Path) -> CausalLm {
     CausalLm::from_pretrained(dir.to_str().unwrap(), &LoadOptions::default()).unwrap()
 }
 
 fn check_model(model: &CausalLm, what: &str) {
-    let exp = json(&fixture("gpt_oss").join("expected.json"));
-    let input = ids(&exp["input_ids"]);
-    let out = model.forward(&input).unwrap();
-    let d = max_diff(&out.logits, &flat(&exp["logits"]), None);
-    assert!(d <= 1e-4, "{what}: logits differ from transformers by {d}");
-    let aux = out.load_balancing_loss.to_scalar::<f32>().unwrap() as f64;
-    let want = exp["aux_loss"].as_f64().unwrap();
-    assert!((aux - want).abs() <= 1e-5, "{what}: aux {aux} vs {want}");
-    let mask = ids(&exp["attention_mask"]);
-    let keep: Vec<bool> = flat(&exp["attention_mask"])
-        .iter()
-        .map(|m| *m > 0.5)
-        .collect();
-    let out = model.forward_t(&input, Some(&mask), false).unwrap();
-    let d = max_diff(&out.logits, &flat(&exp["logits_masked"]), Some(&keep));
-    assert!(d <= 1e-4, "{what}: masked logits differ by {d}");
-    let aux = out.load_balancing_loss.to_scalar::<f32>().unwrap() as f64;
-    let want = exp["aux_loss_masked"].as_f64().unwrap();
-    assert!(
-        (aux - want).abs() <= 1e-5,
-        "{what}: masked aux {aux} vs {want}"
+    check_parity(
+        model,
+        &json(&fixture("gpt_oss").join("expected.json")),
+        what,
     );
 }
 

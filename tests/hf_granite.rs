@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::json::{flat, ids};
+use common::json::{check_parity, flat, ids, max_diff};
 
 use std::path::{Path, PathBuf};
 
@@ -32,47 +32,9 @@ fn load(dir: &Path) -> CausalLm {
 }
 
 /// Max |got - want| over the positions where `keep` is true (all when `None`).
-fn max_diff(got: &Tensor, want: &[f64], keep: Option<&[bool]>) -> f64 {
-    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(got.len(), want.len());
-    let per_pos = got.len() / keep.map_or(got.len(), |k| k.len());
-    got.iter()
-        .zip(want)
-        .enumerate()
-        .filter(|(i, _)| keep.is_none_or(|k| k[i / per_pos]))
-        .map(|(_, (g, w))| (*g as f64 - w).abs())
-        .fold(0.0, f64::max)
-}
-
-fn check(model: &CausalLm, what: &str) {
-    let exp = expected();
-    let input = ids(&exp["input_ids"]);
-    let out = model.forward(&input).unwrap();
-    let d = max_diff(&out.logits, &flat(&exp["logits"]), None);
-    assert!(d <= 1e-4, "{what}: logits differ from transformers by {d}");
-    let aux = out.load_balancing_loss.to_scalar::<f32>().unwrap() as f64;
-    let want = exp["aux_loss"].as_f64().unwrap();
-    assert!((aux - want).abs() <= 1e-5, "{what}: aux {aux} vs {want}");
-    // With the padding mask: the same logits at the kept positions, padding out of the loss.
-    let mask = ids(&exp["attention_mask"]);
-    let keep: Vec<bool> = flat(&exp["attention_mask"])
-        .iter()
-        .map(|m| *m > 0.5)
-        .collect();
-    let out = model.forward_t(&input, Some(&mask), false).unwrap();
-    let d = max_diff(&out.logits, &flat(&exp["logits_masked"]), Some(&keep));
-    assert!(d <= 1e-4, "{what}: masked logits differ by {d}");
-    let aux = out.load_balancing_loss.to_scalar::<f32>().unwrap() as f64;
-    let want = exp["aux_loss_masked"].as_f64().unwrap();
-    assert!(
-        (aux - want).abs() <= 1e-5,
-        "{what}: masked aux {aux} vs {want}"
-    );
-}
-
 #[test]
 fn granitemoe_matches_transformers() {
-    check(&load(&fixture("hf_v5")), "granitemoe");
+    check_parity(&load(&fixture("hf_v5")), &expected(), "granitemoe");
 }
 
 #[test]
@@ -93,7 +55,7 @@ fn granitemoe_trainable_load_matches_transformers() {
     ] {
         assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
     }
-    check(&m, "granitemoe (trainable)");
+    check_parity(&m, &expected(), "granitemoe (trainable)");
 }
 
 #[test]
@@ -133,7 +95,7 @@ fn granitemoe_v4_config_and_fused_copy_give_the_same_logits() {
         std::fs::create_dir_all(&dst).unwrap();
         std::fs::copy(src.join("model.safetensors"), dst.join("model.safetensors")).unwrap();
         std::fs::copy(src.join(config), dst.join("config.json")).unwrap();
-        check(&load(&dst), &format!("{set}/{config}"));
+        check_parity(&load(&dst), &expected(), &format!("{set}/{config}"));
     }
 }
 
