@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::json::{flat, max_diff};
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -105,19 +107,7 @@ fn transformers_loads_what_we_save_fused() {
         let n = ids.len();
         let x = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
         let got = back.forward(&x).unwrap().logits;
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want: Vec<f64> = case["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        assert_eq!(got.len(), want.len(), "{name}");
-        let d = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (*g as f64 - w).abs())
-            .fold(0.0, f64::max);
+        let d = max_diff(&got, &flat(&case["logits"]), None);
         assert!(d < 1e-4, "{name}: transformers' logits differ by {d}");
         for k in ["missing_keys", "unexpected_keys", "mismatched_keys"] {
             assert_eq!(case[k].as_array().map(|a| a.len()), Some(0), "{name}: {k}");
