@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 mod positions;
 pub use positions::{dynamic_limit, AttentionSpan, RopeScaling};
 mod routing;
-pub use routing::{GroupScore, MlaConfig, RouterScoring};
+pub use routing::{GroupScore, MlaConfig, RouterScoring, RoutingKind};
 
 /// The feed-forward used by each expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -80,6 +80,14 @@ pub struct MoeConfig {
     pub swiglu_limit: Option<f64>,
     /// The sigmoid slope α of the clamped SwiGLU (gpt-oss 1.702).
     pub swiglu_alpha: f64,
+    /// Who chooses: tokens pick their top-k experts (default), or each expert picks its
+    /// top-C tokens (expert choice, Zhou et al. 2022; encoders only).
+    pub routing: RoutingKind,
+    /// Coefficient of DeepSeek-V3's sequence-wise balance loss in the total loss (0 = off).
+    pub seq_aux_loss_coef: f64,
+    /// Coefficient of Shazeer et al.'s importance and load (CV²) losses of noisy top-k gating
+    /// in the total loss (0 = off).
+    pub cv_loss_coef: f64,
 }
 
 impl Default for MoeConfig {
@@ -109,6 +117,9 @@ impl Default for MoeConfig {
             router_bias: false,
             swiglu_limit: None,
             swiglu_alpha: 1.702,
+            routing: RoutingKind::TokenChoice,
+            seq_aux_loss_coef: 0.0,
+            cv_loss_coef: 0.0,
         }
     }
 }

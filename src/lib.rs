@@ -26,7 +26,8 @@ pub mod upcycle;
 
 pub use block::TransformerBlock;
 pub use config::{
-    AttentionSpan, ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind, RopeScaling,
+    AttentionSpan, ExpertKind, ModelConfig, MoeConfig, NormKind, Pooling, PositionKind,
+    RopeScaling, RouterScoring, RoutingKind,
 };
 pub use error::{Error, Result};
 pub use io::hub::LoadOptions;

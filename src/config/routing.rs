@@ -28,6 +28,18 @@ pub enum RouterScoring {
     Sigmoid,
 }
 
+/// Who chooses in a sparse layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingKind {
+    /// Each token picks its top-k experts.
+    #[default]
+    TokenChoice,
+    /// Each expert picks its top-C tokens (Zhou et al. 2022); `C` from the capacity factor.
+    /// It looks at every token of the batch at once, so it is refused in causal decoding.
+    ExpertChoice,
+}
+
 /// How group-limited selection scores a group of experts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -49,6 +49,13 @@ pub struct TrainConfig {
     /// Override of the router z-loss coefficient; `None` (default): the model's
     /// `MoeConfig::router_z_loss_coef`.
     pub z_loss_coef: Option<f64>,
+    /// Rate γ of the auxiliary-loss-free balancing bias update (DeepSeek-V3): after each
+    /// optimizer step every router selection bias moves by `γ · sign(mean load − load_e)`
+    /// (0 = off).
+    pub bias_update_rate: f64,
+    /// Global-batch load balancing (Qiu et al. 2025): the expert frequencies `F_e` of the
+    /// load-balancing loss are counted over all micro-batches of an optimizer step.
+    pub global_batch_balance: bool,
     /// Substrings of the variable names that get no weight decay (norms, biases, embeddings
     /// and the router by default); an empty list decays every variable.
     pub no_decay: Vec<String>,
@@ -78,6 +85,8 @@ impl Default for TrainConfig {
             grad_clip: Some(1.0),
             aux_loss_coef: None,
             z_loss_coef: None,
+            bias_update_rate: 0.0,
+            global_batch_balance: false,
             no_decay: DEFAULT_NO_DECAY.iter().map(|s| s.to_string()).collect(),
             eval_every: 0,
             checkpoint_every: 0,
