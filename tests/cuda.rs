@@ -56,7 +56,11 @@ fn configs() -> Vec<MoeConfig> {
 /// The f64 CPU varmap (weights rounded to `dt`) and the layer in `dt` on `dev`.
 fn layer_on(cfg: &MoeConfig, seed: u64, dt: DType, dev: &Device) -> (VarMap, VarMap, SparseMoe) {
     let vm64 = VarMap::new();
-    SparseMoe::new(cfg, VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu)).unwrap();
+    SparseMoe::new(
+        cfg,
+        VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
     randomize(&vm64, &mut Rng::new(seed), 0.5);
     let vm = VarMap::new();
     let moe = SparseMoe::new(cfg, VarBuilder::from_varmap(&vm, dt, dev)).unwrap();
@@ -124,7 +128,10 @@ fn cuda_layer_gradients_match_the_cpu() {
             }
             out.push((
                 "x".into(),
-                g.get(x.as_tensor()).unwrap().to_device(&Device::Cpu).unwrap(),
+                g.get(x.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
             ));
             out.sort_by(|a, b| a.0.cmp(&b.0));
             out
@@ -132,7 +139,14 @@ fn cuda_layer_gradients_match_the_cpu() {
         let (gc, gg) = (grads(&Device::Cpu), grads(&dev));
         assert_eq!(gc.len(), gg.len(), "{cfg:?}");
         for ((n, a), (_, b)) in gc.iter().zip(&gg) {
-            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0);
             let d = common::max_abs_diff(a, b);
             assert!(d <= 1e-4 * scale as f64, "{cfg:?} {n}: {d}");
         }
@@ -149,8 +163,11 @@ fn cuda_language_model_matches_the_cpu_and_trains() {
     (cfg.hidden_size, cfg.moe.hidden_size, cfg.num_layers) = (32, 32, 2);
     (cfg.moe.intermediate_size, cfg.dense_intermediate_size) = (32, 64);
     let vm_cpu = VarMap::new();
-    let cpu = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm_cpu, DType::F32, &Device::Cpu))
-        .unwrap();
+    let cpu = CausalLm::new(
+        &cfg,
+        VarBuilder::from_varmap(&vm_cpu, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     let vm = VarMap::new();
     let model = CausalLm::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
     for (name, v) in vm_cpu.data().lock().unwrap().iter() {
@@ -158,7 +175,10 @@ fn cuda_language_model_matches_the_cpu_and_trains() {
             .set(&v.as_tensor().to_device(&dev).unwrap())
             .unwrap();
     }
-    let ids = Tensor::arange(0u32, 64, &Device::Cpu).unwrap().reshape((4, 16)).unwrap();
+    let ids = Tensor::arange(0u32, 64, &Device::Cpu)
+        .unwrap()
+        .reshape((4, 16))
+        .unwrap();
     let a = cpu.forward_t(&ids, None, false).unwrap().logits;
     let b = model
         .forward_t(&ids.to_device(&dev).unwrap(), None, false)

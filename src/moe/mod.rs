@@ -67,7 +67,7 @@ pub enum ExpertBackend {
     /// The fastest that applies (fused, then grouped, then the loop).
     #[default]
     Auto,
-    /// The fused CPU inference op (frozen f32 weights, no gradient).
+    /// The fused CPU inference op (frozen f32 or bf16 weights, f32 arithmetic, no gradient).
     Fused,
     /// The grouped CPU op with a backward pass (f32 SwiGLU experts).
     Grouped,
@@ -273,7 +273,10 @@ impl SparseMoe {
             // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
             let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
             let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
-            return fused::moe_cpu_forward(x, fused, plan, &gate); // (n, h)
+            // The op computes in f32 (bf16 weights are converted inside it, per matrix).
+            let x32 = x.to_dtype(DType::F32)?;
+            return fused::moe_cpu_forward(&x32, fused, plan, &gate)?.to_dtype(x.dtype());
+            // (n, h)
         }
         let idx = PlanTensors::new(plan, x.device())?;
         let gathered = dispatch::gather(x, &idx)?; // (n_kept, h)
@@ -313,13 +316,13 @@ impl SparseMoe {
     }
 
     /// The one place the expert computation is chosen: the fused inference op when the layer
-    /// is frozen and nothing needs a gradient (f32 on CPU), else the grouped op (f32 on CPU,
+    /// is frozen and nothing needs a gradient (f32 or bf16 on CPU), else the grouped op (f32 on CPU,
     /// SwiGLU), else the per-expert loop (any dtype, device, expert kind).
     fn backend_for(&self, x: &Tensor, train: bool) -> Result<Backend> {
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let cpu_fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16);
         let want = self.backend;
         if matches!(want, ExpertBackend::Auto | ExpertBackend::Fused)
-            && cpu_f32
+            && cpu_fused
             && !train
             && !self.trainable
             && !x.track_op()
