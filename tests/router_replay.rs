@@ -170,7 +170,7 @@ fn router_gradient_flows_through_the_replayed_gate_weights() {
     let eps = 1e-6;
     let mut worst: f64 = 0.0;
     for i in 0..base.len() {
-        let mut at = |delta: f64| {
+        let at = |delta: f64| {
             let mut p = base.clone();
             p[i] += delta;
             gate.set(&Tensor::from_vec(p, (E, H), &Device::Cpu).unwrap())
@@ -196,9 +196,9 @@ fn bad_replay_inputs_are_refused_by_name() {
     assert!(e.contains("(tokens, top_k)"), "{e}");
     let mut v = ids_of(&ok);
     v[2][1] = E as u32;
-    let e = err(&Tensor::new(v, &dev).unwrap());
+    let e = err(&Tensor::from_vec(v.concat(), (N, 2), &dev).unwrap());
     assert!(e.contains("out of range") && e.contains("token 2"), "{e}");
-    let e = err(&Tensor::new(vec![[1u32, 1]; N], &dev).unwrap());
+    let e = err(&Tensor::from_vec(vec![1u32; 2 * N], (N, 2), &dev).unwrap());
     assert!(e.contains("twice"), "{e}");
     let e = err(&ok.to_dtype(DType::F32).unwrap());
     assert!(e.contains("integers"), "{e}");
