@@ -56,6 +56,7 @@ fn to_tensor(xs: &[Vec<f64>], dtype: DType) -> Tensor {
 }
 
 /// The reference: outputs per token and how many experts picked each token.
+#[allow(clippy::needless_range_loop)] // an expert's column of the scores, by index
 fn reference(c: &MoeConfig, vm: &VarMap, xs: &[Vec<f64>]) -> (Vec<Vec<f64>>, Vec<usize>) {
     let n = xs.len();
     let cf = c.capacity_factor.unwrap_or(c.top_k as f64);
@@ -123,7 +124,10 @@ fn expert_choice_matches_the_per_token_reference() {
             if cf.is_some() {
                 // The case the test is for: some tokens unpicked, some picked several times.
                 assert!(picks.contains(&0), "no unpicked token: {picks:?}");
-                assert!(picks.iter().any(|&p| p >= 2), "no token picked twice: {picks:?}");
+                assert!(
+                    picks.iter().any(|&p| p >= 2),
+                    "no token picked twice: {picks:?}"
+                );
             }
             let cap = expert_capacity(cf, N, 2, E);
             let out = m.forward(&to_tensor(&xs, DType::F64)).unwrap();
@@ -185,7 +189,12 @@ fn var(vm: &VarMap, name: &str) -> Var {
 
 /// Central differences of the objective in every entry of `v` against its gradient.
 fn check_fd(what: &str, v: &Var, grad: &Tensor, f: &dyn Fn() -> f64) {
-    let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = v
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let g = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let eps = 1e-6;
     let mut worst: f64 = 0.0;
@@ -215,17 +224,17 @@ fn expert_choice_gradients_match_finite_differences() {
     let r = Rng::new(13).tensor(&[N, H], 1.0, DType::F64);
     let loss = objective(&m, x.as_tensor(), &r);
     let grads = loss.backward().unwrap();
-    let f = || {
-        objective(&m, x.as_tensor(), &r)
-            .to_scalar::<f64>()
-            .unwrap()
-    };
+    let f = || objective(&m, x.as_tensor(), &r).to_scalar::<f64>().unwrap();
     for name in ["gate.weight", "experts.1.w1.weight", "experts.2.w2.weight"] {
         let v = var(&vm, name);
-        let g = grads.get(v.as_tensor()).expect("gradient reaches the variable");
+        let g = grads
+            .get(v.as_tensor())
+            .expect("gradient reaches the variable");
         check_fd(name, &v, g, &f);
     }
-    let g = grads.get(x.as_tensor()).expect("gradient reaches the input");
+    let g = grads
+        .get(x.as_tensor())
+        .expect("gradient reaches the input");
     check_fd("input", &x, g, &f);
 }
 
@@ -256,7 +265,10 @@ fn causal_models_refuse_expert_choice() {
     let err = SparseMoe::new(&bad, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("expert_choice") && err.contains("noisy_gating"), "{err}");
+    assert!(
+        err.contains("expert_choice") && err.contains("noisy_gating"),
+        "{err}"
+    );
 }
 
 #[test]

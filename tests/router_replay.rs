@@ -73,8 +73,14 @@ fn replaying_the_chosen_ids_reproduces_the_forward_bit_for_bit() {
             "{dtype:?} {backend:?} cf={cf:?}: replay differs"
         );
         assert_eq!(ids_of(&ids), ids_of(rep.expert_ids.as_ref().unwrap()));
-        assert_eq!((out.expert_counts, out.dropped), (rep.expert_counts, rep.dropped));
-        assert!(bits_equal(&out.load_balancing_loss, &rep.load_balancing_loss));
+        assert_eq!(
+            (out.expert_counts, out.dropped),
+            (rep.expert_counts, rep.dropped)
+        );
+        assert!(bits_equal(
+            &out.load_balancing_loss,
+            &rep.load_balancing_loss
+        ));
     }
 
     // A whole model: the record of one forward replayed in another.
@@ -126,9 +132,14 @@ fn replay_after_the_router_changed_keeps_the_recorded_experts() {
     let recorded = m.forward(&x).unwrap().expert_ids.unwrap();
     // A different router.
     let gate = var(&vm, "gate.weight");
-    gate.set(&Rng::new(7).tensor(&[E, H], 0.8, DType::F64)).unwrap();
+    gate.set(&Rng::new(7).tensor(&[E, H], 0.8, DType::F64))
+        .unwrap();
     let fresh = m.forward(&x).unwrap().expert_ids.unwrap();
-    assert_ne!(ids_of(&recorded), ids_of(&fresh), "the new router should choose differently");
+    assert_ne!(
+        ids_of(&recorded),
+        ids_of(&fresh),
+        "the new router should choose differently"
+    );
     let rep = m.forward_replay(&x, &recorded, false).unwrap();
     assert_eq!(ids_of(rep.expert_ids.as_ref().unwrap()), ids_of(&recorded));
     let want = forced_reference(&vm, &xs, &ids_of(&recorded));
@@ -149,7 +160,8 @@ fn router_gradient_flows_through_the_replayed_gate_weights() {
     let x = Rng::new(9).tensor(&[N, H], 1.0, DType::F64);
     let recorded = m.forward(&x).unwrap().expert_ids.unwrap();
     let gate = var(&vm, "gate.weight");
-    gate.set(&Rng::new(10).tensor(&[E, H], 0.8, DType::F64)).unwrap();
+    gate.set(&Rng::new(10).tensor(&[E, H], 0.8, DType::F64))
+        .unwrap();
     let r = Rng::new(11).tensor(&[N, H], 1.0, DType::F64);
     let objective = || {
         (m.forward_replay(&x, &recorded, true).unwrap().hidden_states * &r)
@@ -166,7 +178,12 @@ fn router_gradient_flows_through_the_replayed_gate_weights() {
         .to_vec1::<f64>()
         .unwrap();
     assert!(g.iter().any(|v| v.abs() > 1e-6), "zero router gradient");
-    let base = gate.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let base = gate
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let eps = 1e-6;
     let mut worst: f64 = 0.0;
     for i in 0..base.len() {
@@ -180,7 +197,10 @@ fn router_gradient_flows_through_the_replayed_gate_weights() {
         let fd = (at(eps) - at(-eps)) / (2.0 * eps);
         worst = worst.max((fd - g[i]).abs() / (1.0 + fd.abs()));
     }
-    assert!(worst < 1e-6, "router gradient vs finite differences: {worst}");
+    assert!(
+        worst < 1e-6,
+        "router gradient vs finite differences: {worst}"
+    );
 }
 
 #[test]
@@ -290,7 +310,10 @@ fn frozen_routers_stay_bit_identical_while_experts_train() {
             let same = bits_equal(old, data[name].as_tensor());
             if is_router_param(name) {
                 routers += 1;
-                assert_eq!(same, freeze, "{name}: frozen = {freeze}, unchanged = {same}");
+                assert_eq!(
+                    same, freeze,
+                    "{name}: frozen = {freeze}, unchanged = {same}"
+                );
             } else if name.contains(".experts.") && !same {
                 experts_moved += 1;
             }
