@@ -185,6 +185,9 @@ impl TransformerBlock {
             FeedForward::Sparse(m) => {
                 let o = match ctx.replay {
                     Some(ids) => m.forward_replay(&ffn_in, ids, ctx.train)?,
+                    // Expert choice skips padding (the key mask of a bidirectional stack
+                    // marks the tokens themselves).
+                    None if !ctx.causal => m.forward_masked(&ffn_in, ctx.key_mask, ctx.train)?,
                     None => m.forward_t(&ffn_in, ctx.train)?,
                 };
                 (o.hidden_states.clone(), Some(o))

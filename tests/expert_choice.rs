@@ -2,7 +2,8 @@
 //! score. Checked against a per-token f64 reference loop written here (scores, per-expert
 //! top-C, per-token weighted sum), on f64 and f32 and every expert backend, with and without a
 //! shared expert; finite-difference gradients (f64) for the router, an expert and the input;
-//! the causal models' refusal; a classifier with expert choice that trains.
+//! the causal models' refusal; padding never picked; a classifier with expert choice that
+//! trains.
 
 mod common;
 
@@ -322,5 +323,55 @@ fn classifier_with_expert_choice_trains() {
     assert!(
         losses[losses.len() - 1] < 0.7 * losses[0],
         "loss did not decrease: {losses:?}"
+    );
+}
+
+#[test]
+fn padding_is_never_picked_and_does_not_count_for_capacity() {
+    let c = cfg(true, Some(1.2));
+    let (m, vm) = layer(&c, DType::F64, 9);
+    let xs = inputs(14); // 10 tokens: a (2, 5) batch, the last two of the second row padding
+    let mask =
+        Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (2, 5), &Device::Cpu).unwrap();
+    let x = to_tensor(&xs, DType::F64).reshape((2, 5, H)).unwrap();
+    let out = m.forward_masked(&x, Some(&mask), false).unwrap();
+    let (want, picks) = reference(&c, &vm, &xs[..8]);
+    let got = out.hidden_states.reshape((N, H)).unwrap();
+    let d = max_diff(&got.narrow(0, 0, 8).unwrap(), &want);
+    assert!(
+        d < 1e-12,
+        "real tokens vs the reference without padding: {d}"
+    );
+    assert_eq!(
+        out.expert_counts,
+        vec![expert_capacity(Some(1.2), 8, 2, E); E]
+    );
+    assert_eq!(out.dropped, picks.iter().filter(|&&p| p == 0).count());
+    // The padding rows get the shared expert only.
+    let pad = got.narrow(0, 8, 2).unwrap().to_vec2::<f64>().unwrap();
+    for (t, row) in pad.iter().enumerate() {
+        let shared: Vec<f64> = {
+            let g = mat(&vm, "shared_expert_gate.weight");
+            let s = sigmoid(matvec(&g, &xs[8 + t])[0]);
+            swiglu_ref(&vm, "shared_expert", &xs[8 + t])
+                .iter()
+                .map(|o| s * o)
+                .collect()
+        };
+        let d = row
+            .iter()
+            .zip(&shared)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(d < 1e-12, "padding row {t} got routed experts: {d}");
+    }
+    let bad = Tensor::ones((2, 4), DType::U32, &Device::Cpu).unwrap();
+    let err = m
+        .forward_masked(&x, Some(&bad), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("token mask has 8 entries for 10 tokens"),
+        "{err}"
     );
 }

@@ -86,7 +86,7 @@ pub fn is_router_param(name: &str) -> bool {
 /// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
 /// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
 /// Inf anywhere in the input shows up there), which is an error.
-fn host_ids(logits: &Tensor, ids: &Tensor) -> Result<Vec<u32>> {
+pub(super) fn host_ids(logits: &Tensor, ids: &Tensor) -> Result<Vec<u32>> {
     let peak = logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
     let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
     let bad = diff
@@ -233,7 +233,7 @@ impl SparseMoe {
         let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
         let routed = self.router.forward_t(&x, train)?;
         if self.cfg.routing == RoutingKind::ExpertChoice {
-            return self.expert_choice(&x, routed, &dims, train);
+            return self.expert_choice(&x, routed, None, &dims, train);
         }
         let ids = host_ids(&routed.logits, &routed.experts)?;
         let aux_ids = if train && self.cfg.noisy_gating {
@@ -302,30 +302,9 @@ impl SparseMoe {
         self.finish(x, y, routed, aux_ids, plan, dims, expert_ids)
     }
 
-    /// The expert-choice layer output (see [`crate::moe::expert_choice`]).
-    fn expert_choice(
-        &self,
-        x: &Tensor,
-        routed: RouterOutput,
-        dims: &[usize],
-        train: bool,
-    ) -> Result<MoeOutput> {
-        let (n, e, k) = (x.dim(0)?, self.cfg.num_experts, self.cfg.top_k);
-        let cap = expert_choice::expert_capacity(self.cfg.capacity_factor, n, k, e);
-        let scaling = self.cfg.routed_scaling_factor;
-        let (picked, gates) = expert_choice::pick(&routed.probs, cap, scaling)?; // (E, C) each
-                                                                                 // One transfer: the picks, then the token-choice top-k the load-balancing loss counts.
-        let both = Tensor::cat(&[picked.flatten_all()?, routed.experts.flatten_all()?], 0)?;
-        let mut host = host_ids(&routed.logits, &both)?;
-        let aux_ids = host.split_off(e * cap);
-        let plan = expert_choice::plan(host, e, n);
-        let y = self.experts_forward(x, &gates, &plan, train)?; // (n, h)
-        self.finish(x, y, routed, aux_ids, plan, dims, None)
-    }
-
     /// Adds the shared expert and forms the aux losses and stats.
     #[allow(clippy::too_many_arguments)]
-    fn finish(
+    pub(super) fn finish(
         &self,
         x: &Tensor,
         mut y: Tensor,
@@ -387,7 +366,7 @@ impl SparseMoe {
 
     /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend;
     /// `weights` holds the gate weights the plan's `slot_idx` index (flattened).
-    fn experts_forward(
+    pub(super) fn experts_forward(
         &self,
         x: &Tensor,
         weights: &Tensor,
