@@ -36,9 +36,11 @@ pub struct LayerRouting {
     pub tokens: usize,
     /// Experts per token.
     pub top_k: usize,
-    /// Kept assignments per expert (sums to `tokens · top_k - dropped`).
+    /// Kept assignments per expert (sums to `tokens · top_k - dropped`; under expert choice,
+    /// the `C` tokens each expert picked).
     pub expert_counts: Vec<usize>,
-    /// Assignments dropped by the capacity limit.
+    /// Assignments dropped by the capacity limit (under expert choice: tokens no expert
+    /// picked).
     pub dropped: usize,
 }
 
