@@ -3,6 +3,11 @@
 //! `y = Σ_{e ∈ top-k(x)} g_e(x) · E_e(x)` (Shazeer et al. 2017, eq. 1), with tokens permuted by
 //! expert, each expert run once on its contiguous segment, and one weighted combine back
 //! (see [`crate::moe::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
+//!
+//! With `routing = expert_choice` the experts pick their tokens instead
+//! ([`crate::moe::expert_choice`]); [`SparseMoe::forward_replay`] forces recorded expert ids
+//! ([`crate::moe::replay`]). [`is_router_param`] names the router variables, to train with the
+//! routers frozen.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,12 +15,14 @@ use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 pub mod dispatch;
+pub mod expert_choice;
 pub mod experts;
 pub(crate) mod fused;
 pub(crate) mod grouped;
+pub mod replay;
 pub mod router;
 
-use crate::config::MoeConfig;
+use crate::config::{MoeConfig, RoutingKind};
 use crate::losses;
 use dispatch::DispatchPlan;
 use dispatch::PlanTensors;
@@ -35,25 +42,58 @@ pub struct MoeOutput {
     pub load_balancing_loss: Tensor,
     /// Scalar f32: the ST-MoE router z-loss; unscaled.
     pub z_loss: Tensor,
-    /// Kept (token, slot) assignments per expert.
+    /// Kept (token, slot) assignments per expert; under expert choice, the tokens each expert
+    /// picked (`C` for every expert).
     pub expert_counts: Vec<usize>,
-    /// Assignments dropped by the capacity limit (0 when dropless).
+    /// Assignments dropped by the capacity limit (0 when dropless); under expert choice, the
+    /// tokens no expert picked (they get only the shared expert, or zero).
     pub dropped: usize,
     /// The router outputs the aux losses are formed from (models pool these over layers).
+    /// Under expert choice the load-balancing loss is formed as for token choice, from the
+    /// softmax scores and the top-k each token's scores would pick (expert choice itself is
+    /// balanced by construction, so it is a diagnostic there); the z-loss is the usual one.
     pub aux: losses::RouterAux,
+    /// The expert ids routed to, `(tokens, k)` u32 (before capacity drops): what
+    /// [`SparseMoe::forward_replay`] can force later. `None` under expert choice.
+    pub expert_ids: Option<Tensor>,
+}
+
+/// Whether the variable `name` belongs to a router (its gate projection `gate.weight` /
+/// `gate.bias`, the noise projection `gate_noise.weight`, the selection-bias buffer
+/// `gate.e_score_correction_bias`), under the crate's own parameter names
+/// (`model.layers.{i}.block_sparse_moe.gate.weight`, or `gate.weight` for a bare layer).
+/// The shared expert's `shared_expert_gate` is not a router. Train with the routers frozen by
+/// training `select_vars(&varmap, |n| !is_router_param(n))`
+/// ([`crate::train::select_vars`]).
+///
+/// ```
+/// use candle_moe::moe::is_router_param;
+/// assert!(is_router_param("model.layers.0.block_sparse_moe.gate.weight"));
+/// assert!(is_router_param("gate_noise.weight"));
+/// assert!(!is_router_param("model.layers.0.block_sparse_moe.experts.1.w1.weight"));
+/// assert!(!is_router_param("model.layers.0.block_sparse_moe.shared_expert_gate.weight"));
+/// ```
+pub fn is_router_param(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).any(|w| {
+        matches!(
+            (w[0], w[1]),
+            ("gate", "weight" | "bias" | "e_score_correction_bias") | ("gate_noise", "weight")
+        )
+    })
 }
 
 /// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
 /// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
 /// Inf anywhere in the input shows up there), which is an error.
-fn host_ids(routed: &RouterOutput) -> Result<Vec<u32>> {
-    let peak = routed.logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
+pub(super) fn host_ids(logits: &Tensor, ids: &Tensor) -> Result<Vec<u32>> {
+    let peak = logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
     let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
     let bad = diff
         .ne(&diff.zeros_like()?)?
         .to_dtype(DType::U32)?
         .reshape(1)?;
-    let ids = routed.experts.flatten_all()?;
+    let ids = ids.flatten_all()?;
     let mut host = Tensor::cat(&[&ids, &bad], 0)?.to_vec1::<u32>()?;
     if host.pop() != Some(0) {
         bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
@@ -192,16 +232,10 @@ impl SparseMoe {
         let (dims, n) = self.check_input(xs)?;
         let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
         let routed = self.router.forward_t(&x, train)?;
-        let ids = host_ids(&routed)?;
-        let cap = self
-            .cfg
-            .capacity_factor
-            .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
-        let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
-        let mut y = self.experts_forward(&x, &routed, &plan, train)?; // (n, h)
-        if let Some(shared) = &self.shared {
-            y = (y + shared.forward(&x)?)?;
+        if self.cfg.routing == RoutingKind::ExpertChoice {
+            return self.expert_choice(&x, routed, None, &dims, train);
         }
+        let ids = host_ids(&routed.logits, &routed.experts)?;
         let aux_ids = if train && self.cfg.noisy_gating {
             // The loss counts the clean top-k choices, as transformers does.
             routed
@@ -211,8 +245,78 @@ impl SparseMoe {
                 .flatten_all()?
                 .to_vec1::<u32>()?
         } else {
-            ids
+            ids.clone()
         };
+        self.token_choice(&x, routed, &ids, aux_ids, &dims, train)
+    }
+
+    /// Forward with the expert ids forced to `expert_ids` (routing replay, see
+    /// [`crate::moe::replay`]): the gate weights are the current router's scores at those ids
+    /// (renormalised as configured), differentiable; the returned `expert_ids` are the forced
+    /// ones. Token-choice routing only.
+    ///
+    /// # Shapes
+    /// - `xs`: `(b, t, h)` or `(n, h)`; `expert_ids`: `(b·t, k)` integer ids in `0..E`
+    pub fn forward_replay(
+        &self,
+        xs: &Tensor,
+        expert_ids: &Tensor,
+        train: bool,
+    ) -> Result<MoeOutput> {
+        if self.cfg.routing == RoutingKind::ExpertChoice {
+            bail!("SparseMoe::forward_replay: replay needs token-choice routing (`routing` is expert_choice)")
+        }
+        let (dims, n) = self.check_input(xs)?;
+        let (k, e) = (self.cfg.top_k, self.cfg.num_experts);
+        let forced = replay::check_ids(expert_ids, n, k, e, xs.device())?;
+        let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
+        let routed = self.router.forward_t(&x, train)?;
+        let routed = RouterOutput {
+            weights: replay::forced_weights(&self.cfg, &routed, &forced)?,
+            experts: forced,
+            ..routed
+        };
+        let ids = host_ids(&routed.logits, &routed.experts)?;
+        self.token_choice(&x, routed, &ids, ids.clone(), &dims, train)
+    }
+
+    /// The token-choice layer output for the routed ids `ids` (host copy of
+    /// `routed.experts`); the load-balancing loss counts `aux_ids`.
+    fn token_choice(
+        &self,
+        x: &Tensor,
+        routed: RouterOutput,
+        ids: &[u32],
+        aux_ids: Vec<u32>,
+        dims: &[usize],
+        train: bool,
+    ) -> Result<MoeOutput> {
+        let n = x.dim(0)?;
+        let cap = self
+            .cfg
+            .capacity_factor
+            .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
+        let plan = dispatch::plan(ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
+        let y = self.experts_forward(x, &routed.weights, &plan, train)?; // (n, h)
+        let expert_ids = Some(routed.experts.clone());
+        self.finish(x, y, routed, aux_ids, plan, dims, expert_ids)
+    }
+
+    /// Adds the shared expert and forms the aux losses and stats.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish(
+        &self,
+        x: &Tensor,
+        mut y: Tensor,
+        routed: RouterOutput,
+        aux_ids: Vec<u32>,
+        plan: DispatchPlan,
+        dims: &[usize],
+        expert_ids: Option<Tensor>,
+    ) -> Result<MoeOutput> {
+        if let Some(shared) = &self.shared {
+            y = (y + shared.forward(x)?)?;
+        }
         let aux = losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
         let (load_balancing_loss, z_loss) =
             losses::pooled_aux_losses(&[&aux], None, self.cfg.num_experts, x.device())?;
@@ -224,6 +328,7 @@ impl SparseMoe {
             expert_counts: plan.counts(),
             dropped: plan.dropped,
             aux,
+            expert_ids,
         })
     }
 
@@ -259,11 +364,12 @@ impl SparseMoe {
         Ok((dims, n))
     }
 
-    /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend.
-    fn experts_forward(
+    /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend;
+    /// `weights` holds the gate weights the plan's `slot_idx` index (flattened).
+    pub(super) fn experts_forward(
         &self,
         x: &Tensor,
-        routed: &RouterOutput,
+        weights: &Tensor,
         plan: &DispatchPlan,
         train: bool,
     ) -> Result<Tensor> {
@@ -271,7 +377,7 @@ impl SparseMoe {
         let backend = self.backend_for(x, train)?;
         if let Backend::Fused(fused) = &backend {
             // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
-            let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
+            let w = weights.flatten_all()?.to_vec1::<f32>()?;
             let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
             // The op computes in f32 (bf16 weights are converted inside it, per matrix).
             let x32 = x.to_dtype(DType::F32)?;
@@ -290,7 +396,7 @@ impl SparseMoe {
                 .experts
                 .forward_segments_loop(&gathered, &plan.offsets)?,
         }; // (n_kept, h)
-        let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
+        let w = dispatch::gather_weights(weights, &idx, x.dtype())?; // (n_kept, 1)
         dispatch::combine(&expert_out, &w, &idx, n) // (n, h)
     }
 
