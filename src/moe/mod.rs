@@ -41,6 +41,9 @@ pub struct MoeOutput {
     pub dropped: usize,
     /// The router outputs the aux losses are formed from (models pool these over layers).
     pub aux: losses::RouterAux,
+    /// The other balance losses of this layer, unscaled (`None` when their coefficient is 0):
+    /// the sequence-wise loss treats a `(b, t, h)` input as `b` sequences, `(n, h)` as one.
+    pub balance: losses::BalanceLosses,
 }
 
 /// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
@@ -213,7 +216,12 @@ impl SparseMoe {
         } else {
             ids
         };
-        let aux = losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
+        let mut aux =
+            losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
+        (aux.affinity, aux.cv) = (routed.affinity, routed.cv);
+        let batch = if dims.len() == 3 { dims[0] } else { 1 };
+        let balance =
+            losses::BalanceLosses::pooled(std::slice::from_ref(&aux), batch, self.cfg.num_experts)?;
         let (load_balancing_loss, z_loss) =
             losses::pooled_aux_losses(&[&aux], None, self.cfg.num_experts, x.device())?;
         Ok(MoeOutput {
@@ -224,6 +232,7 @@ impl SparseMoe {
             expert_counts: plan.counts(),
             dropped: plan.dropped,
             aux,
+            balance,
         })
     }
 
