@@ -100,7 +100,7 @@ pub fn sequence_balance_loss(
         bail!("sequence balance loss: the mask does not have {rows} rows")
     }
     let t = rows / batch;
-    let mut coef = vec![0f32; rows * e];
+    let mut coef = vec![0f64; rows * e];
     let mut sequences = 0usize;
     for s in 0..batch {
         let w = |r: usize| row_mask.map_or(1.0, |m| m[r] as f64);
@@ -121,7 +121,7 @@ pub fn sequence_balance_loss(
         // L_s = Σ_i f_i · (1/T) Σ_t m_t s'_{t,i}: one coefficient per (row, expert).
         for r in s * t..(s + 1) * t {
             for i in 0..e {
-                coef[r * e + i] = (f[i] * scale * w(r) / real) as f32;
+                coef[r * e + i] = f[i] * scale * w(r) / real;
             }
         }
     }
@@ -229,7 +229,7 @@ pub fn global_batch_load_balancing(
     if valid <= 0.0 {
         bail!("global-batch balance: no unmasked tokens in any micro-batch")
     }
-    let f: Vec<f32> = counts.iter().map(|c| (c / valid) as f32).collect();
+    let f: Vec<f64> = counts.iter().map(|c| c / valid).collect();
     let mut out = Vec::with_capacity(micro.len());
     for layers in micro {
         let Some(first) = layers.first() else {
