@@ -675,3 +675,96 @@ fn a_fine_tuned_deepseek_v3_saves_its_updated_bias() {
         assert_eq!(&got, want, "{key}");
     }
 }
+
+#[test]
+fn the_trainer_adds_every_balance_loss_with_the_model_coefficients() {
+    let (m, vm) = tiny_lm(|c| {
+        c.moe.noisy_gating = true;
+        c.moe.seq_aux_loss_coef = 0.3;
+        c.moe.cv_loss_coef = 0.2;
+        c.moe.router_aux_loss_coef = 0.1;
+        c.moe.router_z_loss_coef = 0.01;
+    });
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        progress: false,
+        ..Default::default()
+    };
+    let mut tr = Trainer::for_model(&vm, cfg, &m.config().moe).unwrap();
+    assert_eq!(tr.balance_coefs(), (0.3, 0.2));
+    let ids = Tensor::arange(0u32, 32, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 16))
+        .unwrap();
+    let (x, y) = (
+        ids.narrow(1, 0, 15).unwrap(),
+        ids.narrow(1, 1, 15).unwrap().flatten_all().unwrap(),
+    );
+    let parts = candle_moe::tasks::language_model::loss_parts(&m, &x, &y, true).unwrap();
+    let b = &parts.balance;
+    let (seq, imp, load) = (
+        scalar(b.seq_aux.as_ref().unwrap()),
+        scalar(b.importance.as_ref().unwrap()),
+        scalar(b.load.as_ref().unwrap()),
+    );
+    let s = tr.step(&parts).unwrap();
+    assert_eq!((s.seq_aux, s.importance, s.load), (seq, imp, load));
+    let want = s.task + 0.1 * s.load_balancing + 0.01 * s.z_loss + 0.3 * seq + 0.2 * (imp + load);
+    assert!((s.loss - want).abs() < 1e-5, "{} vs {want}", s.loss);
+    assert!(seq > 0.0 && imp > 0.0 && load > 0.0);
+}
+
+#[test]
+fn seq2seq_and_classifier_return_the_sequence_wise_loss_with_padding() {
+    let mut cfg = ModelConfig::tiny(32);
+    (cfg.hidden_size, cfg.moe.hidden_size) = (16, 16);
+    (cfg.num_layers, cfg.num_decoder_layers) = (1, 1);
+    (cfg.moe.intermediate_size, cfg.dense_intermediate_size) = (16, 16);
+    cfg.moe.seq_aux_loss_coef = 1e-3;
+    cfg.moe.selection_bias = true;
+    cfg.moe.scoring = RouterScoring::Sigmoid;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let s2s =
+        candle_moe::Seq2Seq::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev)).unwrap();
+    let ids = Tensor::arange(0u32, 12, &dev)
+        .unwrap()
+        .reshape((2, 6))
+        .unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], &dev).unwrap();
+    let out = s2s
+        .forward_t(&ids, Some(&mask), &ids, Some(&mask), true)
+        .unwrap();
+    let seq = scalar(out.balance.seq_aux.as_ref().unwrap());
+    assert!(seq.is_finite() && seq > 0.0);
+    assert_eq!(out.balance.router_aux.len(), 2);
+    assert_eq!(
+        s2s.selection_biases()
+            .iter()
+            .map(|b| b.0)
+            .collect::<Vec<_>>(),
+        out.routing.iter().map(|r| r.layer).collect::<Vec<_>>()
+    );
+    // The padding rows carry their mask, so they change nothing.
+    let a = &out.balance.router_aux[0];
+    let m = a.row_mask.as_ref().unwrap();
+    assert_eq!(m, &[1.0f32, 1., 1., 1., 0., 0., 1., 1., 1., 1., 1., 1.]);
+    let mut c2 = cfg.clone();
+    c2.num_labels = 2;
+    let vm = VarMap::new();
+    let cls =
+        candle_moe::SequenceClassifier::new(&c2, VarBuilder::from_varmap(&vm, DType::F32, &dev))
+            .unwrap();
+    let out = cls.forward_t(&ids, None, Some(&mask), true).unwrap();
+    let a = &out.balance.router_aux[0];
+    let want = sequence_balance_loss(
+        a.affinity.as_ref().unwrap(),
+        &a.top_k_ids,
+        a.top_k,
+        a.row_mask.as_deref(),
+        2,
+        cfg.moe.num_experts,
+    )
+    .unwrap();
+    assert_eq!(scalar(out.balance.seq_aux.as_ref().unwrap()), scalar(&want));
+}

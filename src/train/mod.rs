@@ -18,67 +18,19 @@ pub mod balance;
 pub mod checkpoint;
 mod config;
 pub mod init;
+mod loss;
 pub mod optim;
 pub mod schedule;
 mod state;
 
 pub use config::{TrainConfig, DEFAULT_NO_DECAY};
+pub use loss::LossParts;
 pub use optim::AdamW;
 pub use state::{StepStats, TrainerState};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes};
-use crate::losses::BalanceLosses;
-use crate::models::{LayerRouting, RoutedOutput};
-
-/// The parts of one step's loss, as the model returned them. Build it with
-/// [`LossParts::from_output`] (every part a model returns) or [`LossParts::new`].
-#[derive(Debug, Clone)]
-pub struct LossParts {
-    /// The task loss (cross entropy), scalar.
-    pub task: Tensor,
-    /// Load-balancing loss, scalar (unscaled).
-    pub load_balancing: Tensor,
-    /// Router z-loss, scalar (unscaled).
-    pub z_loss: Tensor,
-    /// Per-layer routing statistics.
-    pub routing: Vec<LayerRouting>,
-    /// The other balance losses (unscaled) and the router outputs global-batch balancing
-    /// recounts; `BalanceLosses::default()` when there are none.
-    pub balance: BalanceLosses,
-}
-
-impl LossParts {
-    /// The parts from a task loss and the load-balancing, z-loss and routing statistics, with
-    /// no other balance loss.
-    pub fn new(
-        task: Tensor,
-        load_balancing: Tensor,
-        z_loss: Tensor,
-        routing: Vec<LayerRouting>,
-    ) -> Self {
-        Self {
-            task,
-            load_balancing,
-            z_loss,
-            routing,
-            balance: BalanceLosses::default(),
-        }
-    }
-
-    /// The parts from a task loss and everything a model's output carries (the aux losses,
-    /// the routing statistics, the balance losses and router outputs).
-    pub fn from_output(task: Tensor, out: &impl RoutedOutput) -> Self {
-        Self {
-            task,
-            load_balancing: out.load_balancing_loss().clone(),
-            z_loss: out.z_loss().clone(),
-            routing: out.routing().to_vec(),
-            balance: out.balance().clone(),
-        }
-    }
-}
 
 /// The variables of `varmap` whose names satisfy `keep`, as a new `VarMap` sharing them (not
 /// copies): train it to freeze the others, e.g. `|n| !n.ends_with(".gate.weight")` keeps the
@@ -151,7 +103,7 @@ pub struct Trainer {
     balance_coefs: (f64, f64),
     /// The variables the optimizer was built over (to find the selection biases in).
     varmap: VarMapHandle,
-    /// The tracked selection biases, by layer index as in [`LayerRouting::layer`].
+    /// The tracked selection biases, by layer index as in [`crate::LayerRouting::layer`].
     biases: Vec<(usize, candle_core::Var)>,
 }
 
@@ -162,13 +114,6 @@ impl std::fmt::Debug for VarMapHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("VarMap")
     }
-}
-
-fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
-    if routing.is_empty() {
-        return 1.0;
-    }
-    routing.iter().map(|r| r.imbalance()).sum::<f64>() / routing.len() as f64
 }
 
 impl Trainer {
@@ -218,7 +163,7 @@ impl Trainer {
     /// Tracks the selection biases DeepSeek-V3's auxiliary-loss-free balancing updates
     /// (`TrainConfig::bias_update_rate` > 0): `(layer, bias)` pairs as a model's
     /// `selection_biases()` gives them ([`crate::CausalLm::selection_biases`]), the layer
-    /// index matching [`LayerRouting::layer`]; each bias must be a variable of the trainer's
+    /// index matching [`crate::LayerRouting::layer`]; each bias must be a variable of the trainer's
     /// `VarMap` (matched by identity). Replaces any earlier list.
     pub fn track_selection_biases(&mut self, biases: &[(usize, Tensor)]) -> Result<()> {
         self.biases = balance::find_bias_vars(&self.varmap.0, biases)?;
@@ -354,90 +299,6 @@ impl Trainer {
         stats.step = self.state.step;
         self.state.history.push(stats.clone());
         Ok(stats)
-    }
-
-    /// Backward passes of the micro-batches, their gradients summed (each loss divided by their
-    /// number), and their mean losses in `stats`; `false` when a loss is not finite.
-    fn accumulate(
-        &self,
-        micro: &[LossParts],
-        stats: &mut StepStats,
-    ) -> Result<(Option<candle_core::backprop::GradStore>, bool)> {
-        let k = micro.len() as f64;
-        let (aux, zc) = self.aux_coefs();
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let (sc, cc) = self.balance_coefs;
-        let global = if self.cfg.global_batch_balance {
-            balance::global_load_balancing(micro)?
-        } else {
-            None
-        };
-        let mut grads: Option<candle_core::backprop::GradStore> = None;
-        let mut finite = true;
-        for (m, parts) in micro.iter().enumerate() {
-            let lb = global.as_ref().map_or(&parts.load_balancing, |g| &g[m]);
-            let mut total = ((&parts.task + (lb * aux)?)? + (&parts.z_loss * zc)?)?;
-            let b = &parts.balance;
-            if let Some(s) = &b.seq_aux {
-                stats.seq_aux += scalar(s)? / k;
-                total = (total + (s * sc)?)?;
-            }
-            for (t, slot) in [
-                (&b.importance, &mut stats.importance),
-                (&b.load, &mut stats.load),
-            ] {
-                if let Some(t) = t {
-                    *slot += scalar(t)? / k;
-                    total = (total + (t * cc)?)?;
-                }
-            }
-            let loss = scalar(&total)?;
-            stats.loss += loss / k;
-            stats.task += scalar(&parts.task)? / k;
-            stats.load_balancing += scalar(lb)? / k;
-            stats.z_loss += scalar(&parts.z_loss)? / k;
-            stats.imbalance += mean_imbalance(&parts.routing) / k;
-            if !loss.is_finite() {
-                finite = false;
-                continue;
-            }
-            let mut g = (total / k)?.backward()?;
-            grads = Some(match grads {
-                None => g,
-                Some(mut acc) => {
-                    for v in self.opt.vars() {
-                        if let Some(gv) = g.remove(v) {
-                            let sum = match acc.remove(v) {
-                                Some(a) => (a + gv)?,
-                                None => gv,
-                            };
-                            acc.insert(v, sum);
-                        }
-                    }
-                    acc
-                }
-            });
-        }
-        Ok((grads, finite))
-    }
-
-    /// The global gradient norm: one reduction on the device, one scalar to the host.
-    fn grad_norm(&self, g: &candle_core::backprop::GradStore) -> Result<f64> {
-        let mut sq: Option<Tensor> = None;
-        for v in self.opt.vars() {
-            if let Some(gv) = g.get(v) {
-                let s = gv.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-                sq = Some(match sq {
-                    None => s,
-                    Some(a) => (a + s)?,
-                });
-            }
-        }
-        Ok(match sq {
-            Some(s) => s.to_scalar::<f64>()?.sqrt(),
-            None => 0.0,
-        })
     }
 
     /// Runs until `cfg.steps`: `batch_loss` computes one training batch's losses (training
