@@ -588,7 +588,8 @@ fn global_batch_balance_counts_frequencies_over_the_whole_step() {
         .iter()
         .map(|x| 4.0 * (0..4).map(|e| f[e] * p_mean(x)[e]).sum::<f64>())
         .collect();
-    let got = global_batch_load_balancing(&[&[a.clone()], &[b.clone()]], 4).unwrap();
+    let got = global_batch_load_balancing(&[std::slice::from_ref(&a), std::slice::from_ref(&b)], 4)
+        .unwrap();
     for (g, w) in got.iter().zip(&global_ref) {
         assert!((scalar(g) - w).abs() < 1e-12);
     }
@@ -624,7 +625,7 @@ fn global_batch_balance_counts_frequencies_over_the_whole_step() {
     assert!((p - per_ref).abs() < 1e-9);
     assert!(p > g + 0.1, "per-micro {p} vs global {g}");
     // One micro-batch: global is the usual pooled loss.
-    let one = global_batch_load_balancing(&[&[a.clone()]], 4).unwrap();
+    let one = global_batch_load_balancing(&[std::slice::from_ref(&a)], 4).unwrap();
     // (the pooled loss forms F in f32)
     assert!((scalar(&one[0]) - scalar(&per_micro(&a))).abs() < 1e-6);
 }

@@ -1,7 +1,7 @@
 //! Training: AdamW (Loshchilov & Hutter 2019) with checkpointable state, linear warmup + cosine
 //! decay, global gradient-norm clipping (Pascanu et al. 2013), the MoE total loss
-//! `task + aux_coef · load_balancing + z_coef · z_loss + seq_coef · seq_aux
-//! + cv_coef · (importance + load)`, optional global-batch balancing and DeepSeek-V3's
+//! `task + aux_coef · load_balancing + z_coef · z_loss + seq_coef · seq_aux +
+//! cv_coef · (importance + load)`, optional global-batch balancing and DeepSeek-V3's
 //! selection-bias update ([`balance`]), non-finite guards, a progress bar with loss and expert
 //! balance, periodic evaluation and checkpoints, and exact resume.
 //!
@@ -132,8 +132,8 @@ impl Trainer {
     /// model's (`router_aux_loss_coef`, `router_z_loss_coef`) unless `cfg` overrides them, and
     /// the model's `seq_aux_loss_coef` and `cv_loss_coef`. ([`Trainer::new`] uses
     /// `MoeConfig::default()`'s.) The total loss of a micro-batch is
-    /// `task + aux · load_balancing + z · z_loss + seq_aux_loss_coef · seq_aux
-    /// + cv_loss_coef · (importance + load)` (a balance loss the parts do not carry counts 0).
+    /// `task + aux · load_balancing + z · z_loss + seq_aux_loss_coef · seq_aux +
+    /// cv_loss_coef · (importance + load)` (a balance loss the parts do not carry counts 0).
     pub fn for_model(
         varmap: &VarMap,
         cfg: TrainConfig,
