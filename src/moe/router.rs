@@ -18,7 +18,8 @@
 //!   `n_group` expert groups, scored by their best expert or the sum of their two best, then
 //!   top-k among the kept groups); the weights (renormalised when `norm_topk_prob`) times
 //!   `routed_scaling_factor`. The selection is integer-valued and has no gradient; the weights
-//!   are gathered from the unbiased scores, so gradients reach the gate.
+//!   are gathered from the unbiased scores, so gradients reach the gate. The bias is trained
+//!   by the trainer's auxiliary-loss-free update ([`crate::train::balance`]), not by gradients.
 //!
 //! All router math runs in f32 whatever the model dtype (f64 models keep f64). The softmax is built from primitive ops
 //! so that it has a backward pass (`candle_nn::ops::softmax_last_dim` has none), and the top-k is
@@ -69,7 +70,8 @@ pub struct Router {
     norm_topk_prob: bool,
     jitter: f64,
     scoring: RouterScoring,
-    /// DeepSeek-V3's `e_score_correction_bias` `(E,)`: a buffer, never trained (detached).
+    /// DeepSeek-V3's `e_score_correction_bias` `(E,)`: detached here (no gradient); moved only
+    /// by the trainer's bias update (`TrainConfig::bias_update_rate`), never by AdamW.
     selection_bias: Option<Tensor>,
     n_group: usize,
     topk_group: usize,
@@ -84,7 +86,8 @@ pub struct Router {
 impl Router {
     /// Creates the router; weights `gate.weight` `(E, h)` (and `gate.bias` `(E,)` with
     /// `router_bias`) and, with noisy gating, `gate_noise.weight` `(E, h)`; with a selection
-    /// bias, the buffer `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch).
+    /// bias, `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch; a variable
+    /// over a `VarMap`, which AdamW skips and the trainer's bias update moves).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
