@@ -784,3 +784,15 @@ fn seq2seq_and_classifier_return_the_sequence_wise_loss_with_padding() {
     .unwrap();
     assert_eq!(scalar(out.balance.seq_aux.as_ref().unwrap()), scalar(&want));
 }
+
+#[test]
+fn step_stats_written_before_the_balance_losses_still_load() {
+    let old = r#"{"step":3,"loss":1.5,"task":1.25,"load_balancing":2.0,"z_loss":0.5,"lr":0.001,
+        "grad_norm":"NaN","imbalance":1.5,"skipped":false}"#;
+    let s: candle_moe::train::StepStats = serde_json::from_str(old).unwrap();
+    assert_eq!((s.step, s.task, s.load_balancing), (3, 1.25, 2.0));
+    assert_eq!((s.seq_aux, s.importance, s.load), (0.0, 0.0, 0.0));
+    let back: candle_moe::train::StepStats =
+        serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!((back.seq_aux, back.task), (0.0, 1.25));
+}
