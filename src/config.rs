@@ -64,8 +64,9 @@ pub struct MoeConfig {
     pub shared_expert_gate: bool,
     /// How router logits become expert scores (softmax; DeepSeek-V3: sigmoid).
     pub scoring: RouterScoring,
-    /// A per-expert selection bias (buffer `gate.e_score_correction_bias` `(E,)`, DeepSeek-V3)
-    /// added to the scores to choose the experts only, never to the weights.
+    /// A per-expert selection bias (`gate.e_score_correction_bias` `(E,)`, DeepSeek-V3)
+    /// added to the scores to choose the experts only, never to the weights; trained by
+    /// `TrainConfig::bias_update_rate` (auxiliary-loss-free balancing), never by AdamW.
     pub selection_bias: bool,
     /// Expert groups of group-limited selection (0 or 1: no groups; DeepSeek `n_group`).
     pub n_group: usize,
@@ -85,10 +86,12 @@ pub struct MoeConfig {
     /// Who chooses: tokens pick their top-k experts (default), or each expert picks its
     /// top-C tokens (expert choice, Zhou et al. 2022; encoders only).
     pub routing: RoutingKind,
-    /// Coefficient of DeepSeek-V3's sequence-wise balance loss in the total loss (0 = off).
+    /// Coefficient of DeepSeek-V3's sequence-wise balance loss in the total loss (0 = off: the
+    /// loss is not computed); see [`crate::losses::balance`].
     pub seq_aux_loss_coef: f64,
     /// Coefficient of Shazeer et al.'s importance and load (CV²) losses of noisy top-k gating
-    /// in the total loss (0 = off).
+    /// in the total loss (0 = off: not computed; without noisy gating the load loss is 0); see
+    /// [`crate::losses::balance`].
     pub cv_loss_coef: f64,
 }
 

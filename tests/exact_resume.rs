@@ -52,12 +52,10 @@ fn train(model: &CausalLm, trainer: &mut Trainer, until: usize, reseed: bool) {
             ids.narrow(1, 1, 8).unwrap().flatten_all().unwrap(),
         );
         let out = model.forward_t(&inp, None, true).unwrap();
-        let parts = LossParts {
-            task: cross_entropy(&out.logits.reshape((16, VOCAB)).unwrap(), &tgt, None).unwrap(),
-            load_balancing: out.load_balancing_loss,
-            z_loss: out.z_loss,
-            routing: out.routing,
-        };
+        let parts = LossParts::from_output(
+            cross_entropy(&out.logits.reshape((16, VOCAB)).unwrap(), &tgt, None).unwrap(),
+            &out,
+        );
         trainer.step(&parts).unwrap();
     }
 }

@@ -175,13 +175,8 @@ fn norms_biases_embeddings_and_routers_get_no_weight_decay() {
         ..Default::default()
     };
     let mut t = Trainer::new(&vm, c).unwrap();
-    t.step(&LossParts {
-        task: loss.unwrap(),
-        load_balancing: zero.clone(),
-        z_loss: zero,
-        routing: vec![],
-    })
-    .unwrap();
+    t.step(&LossParts::new(loss.unwrap(), zero.clone(), zero, vec![]))
+        .unwrap();
     let data = vm.data().lock().unwrap();
     for n in names {
         let v = data[n].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];

@@ -620,12 +620,12 @@ fn quadratic() -> (VarMap, candle_core::Var) {
 
 fn parts(w: &candle_core::Var) -> LossParts {
     let z = Tensor::new(0f32, &Device::Cpu).unwrap();
-    LossParts {
-        task: w.as_tensor().sqr().unwrap().sum_all().unwrap(),
-        load_balancing: z.clone(),
-        z_loss: z,
-        routing: vec![],
-    }
+    LossParts::new(
+        w.as_tensor().sqr().unwrap().sum_all().unwrap(),
+        z.clone(),
+        z,
+        vec![],
+    )
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -930,6 +930,7 @@ fn non_finite_floats_round_trip_through_the_state_file() {
         grad_norm: f64::NAN,
         imbalance: f64::MAX,
         skipped: true,
+        ..Default::default()
     };
     tr.state.history.push(weird.clone());
     tr.state.evals = vec![

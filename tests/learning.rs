@@ -56,12 +56,10 @@ fn causal_lm_memorises_a_short_text() {
         |_| {
             let out = m.forward_t(&inp, None, true)?;
             let logits = out.logits.reshape((n - 1, v))?;
-            Ok(LossParts {
-                task: cross_entropy(&logits, &tgt, None)?,
-                load_balancing: out.load_balancing_loss,
-                z_loss: out.z_loss,
-                routing: out.routing,
-            })
+            Ok(LossParts::from_output(
+                cross_entropy(&logits, &tgt, None)?,
+                &out,
+            ))
         },
         || {
             let out = m.forward(&inp)?;
@@ -156,12 +154,10 @@ fn seq2seq_learns_to_reverse_sequences() {
             let (to, _) = pad(&tout, 7);
             let out = m.forward_t(&s, Some(&sm), &ti, Some(&tm), true)?;
             let logits = out.logits.reshape((32 * 7, 13))?;
-            Ok(LossParts {
-                task: cross_entropy(&logits, &to.flatten_all()?, Some(PAD))?,
-                load_balancing: out.load_balancing_loss,
-                z_loss: out.z_loss,
-                routing: out.routing,
-            })
+            Ok(LossParts::from_output(
+                cross_entropy(&logits, &to.flatten_all()?, Some(PAD))?,
+                &out,
+            ))
         },
         || Ok(0.0),
         |_| Ok(()),
@@ -228,12 +224,10 @@ fn classifier_learns_a_synthetic_rule() {
         |rng| {
             let (x, y) = rule_batch(rng, 32);
             let out = m.forward_t(&x, None, None, true)?;
-            Ok(LossParts {
-                task: cross_entropy(&out.logits, &y, None)?,
-                load_balancing: out.load_balancing_loss,
-                z_loss: out.z_loss,
-                routing: out.routing,
-            })
+            Ok(LossParts::from_output(
+                cross_entropy(&out.logits, &y, None)?,
+                &out,
+            ))
         },
         || Ok(0.0),
         |_| Ok(()),

@@ -215,12 +215,7 @@ fn lm_step_loss(m: &CausalLm, rng: &mut rand::rngs::StdRng) -> LossParts {
         .reshape((22, 50))
         .unwrap();
     let tgt = x.narrow(1, 1, 11).unwrap().flatten_all().unwrap();
-    LossParts {
-        task: cross_entropy(&logits, &tgt, None).unwrap(),
-        load_balancing: out.load_balancing_loss,
-        z_loss: out.z_loss,
-        routing: out.routing,
-    }
+    LossParts::from_output(cross_entropy(&logits, &tgt, None).unwrap(), &out)
 }
 
 fn train_cfg(steps: usize) -> TrainConfig {

@@ -251,6 +251,17 @@ fn check_gradient(c: &MoeConfig, seed: u64) {
 #[test]
 fn router_variants_have_finite_difference_gradients() {
     check_gradient(&cfg(|c| c.routed_scaling_factor = 1.5), 11);
+    // Each DeepSeek option on its own.
+    check_gradient(&cfg(|c| c.scoring = RouterScoring::Sigmoid), 14);
+    check_gradient(&cfg(|c| c.selection_bias = true), 15);
+    check_gradient(
+        &cfg(|c| {
+            c.n_group = 4;
+            c.topk_group = 2;
+            c.group_score = GroupScore::Top2Sum;
+        }),
+        16,
+    );
     check_gradient(
         &cfg(|c| {
             c.top_k = 3;

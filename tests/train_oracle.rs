@@ -95,12 +95,7 @@ fn adamw_with_clipping_matches_torch() {
             let g = Tensor::from_vec(floats(&step["grad"][name]), shape, &dev).unwrap();
             task = (task + (var(&vm, name).as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
         }
-        let parts = LossParts {
-            task,
-            load_balancing: zero.clone(),
-            z_loss: zero.clone(),
-            routing: vec![],
-        };
+        let parts = LossParts::new(task, zero.clone(), zero.clone(), vec![]);
         let stats = trainer.step(&parts).unwrap();
         let norm = step["total_norm"].as_f64().unwrap();
         assert!(

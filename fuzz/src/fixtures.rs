@@ -125,12 +125,7 @@ fn loss(model: &CausalLm) -> candle_moe::Result<LossParts> {
     let ids = Tensor::arange(0u32, 8, &Device::Cpu)?.reshape((2, 4))?;
     let (inp, tgt) = (ids.narrow(1, 0, 3)?, ids.narrow(1, 1, 3)?.flatten_all()?);
     let out = model.forward_t(&inp, None, true)?;
-    Ok(LossParts {
-        task: cross_entropy(&out.logits.reshape((6, 16))?, &tgt, None)?,
-        load_balancing: out.load_balancing_loss,
-        z_loss: out.z_loss,
-        routing: out.routing,
-    })
+    Ok(LossParts::from_output(cross_entropy(&out.logits.reshape((6, 16))?, &tgt, None)?, &out))
 }
 
 /// Runs `f` on the process's trainer fixture (built on first use).

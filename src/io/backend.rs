@@ -182,8 +182,9 @@ impl Checked {
     /// Makes `t` a variable registered as `name` when training, and logs it.
     fn register(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         let t = match &self.varmap {
-            // Buffers (DeepSeek-V3's `e_score_correction_bias`) are never trainable variables.
-            Some(vm) if !name.ends_with("e_score_correction_bias") => {
+            // DeepSeek-V3's `e_score_correction_bias` is a variable too: AdamW skips it, the
+            // trainer's bias update (`TrainConfig::bias_update_rate`) moves it.
+            Some(vm) => {
                 let var = candle_core::Var::from_tensor(&t)?;
                 let t = var.as_tensor().clone();
                 lock(vm.data()).insert(name.to_string(), var);

@@ -20,6 +20,9 @@ pub struct CausalLmOutput {
     pub z_loss: Tensor,
     /// Per-layer routing statistics.
     pub routing: Vec<LayerRouting>,
+    /// The other balance losses (sequence-wise, importance / load; unscaled, `None` when
+    /// their coefficient is 0) and every sparse layer's router outputs.
+    pub balance: crate::losses::BalanceLosses,
     /// Router logits of every sparse layer, `(b·t, E)` each.
     pub router_logits: Vec<Tensor>,
     /// The expert ids every sparse layer chose, `(b·t, k)` each: replay them with
@@ -276,6 +279,13 @@ impl CausalLm {
         DecodeCache::new(self.trunk.num_layers())
     }
 
+    /// Every sparse layer's trainable selection bias (`gate.e_score_correction_bias`, with
+    /// `selection_bias`) with its layer index as in [`LayerRouting::layer`]: what
+    /// [`crate::Trainer::track_selection_biases`] updates.
+    pub fn selection_biases(&self) -> Vec<(usize, Tensor)> {
+        super::selection_biases(&[(&self.trunk, 0)])
+    }
+
     /// The blocks (to inspect their sparse layers).
     pub fn layers(&self) -> &[crate::block::TransformerBlock] {
         self.trunk.layers()
@@ -287,11 +297,12 @@ impl CausalLm {
             Some(m) => Some(vec![m.flatten_all()?; out.aux.len()]),
             None => None,
         };
-        let (lb, z) = pool_aux(
+        let (lb, z, balance) = pool_aux(
             &self.cfg,
             &out.aux.iter().collect::<Vec<_>>(),
             row_masks.as_deref(),
             logits.device(),
+            logits.dim(0)?,
         )?;
         Ok(CausalLmOutput {
             logits,
@@ -300,6 +311,7 @@ impl CausalLm {
             routing: out.routing,
             router_logits: out.router_logits,
             routing_record: out.record,
+            balance,
         })
     }
 

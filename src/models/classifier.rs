@@ -18,6 +18,9 @@ pub struct ClassifierOutput {
     pub z_loss: Tensor,
     /// Per-layer routing statistics.
     pub routing: Vec<LayerRouting>,
+    /// The other balance losses (sequence-wise, importance / load; unscaled, `None` when
+    /// their coefficient is 0) and every sparse layer's router outputs.
+    pub balance: crate::losses::BalanceLosses,
 }
 
 /// A bidirectional encoder with a pooled linear classification head.
@@ -97,6 +100,13 @@ impl SequenceClassifier {
             .hidden)
     }
 
+    /// Every sparse layer's trainable selection bias (`gate.e_score_correction_bias`, with
+    /// `selection_bias`) with its layer index as in [`LayerRouting::layer`]: what
+    /// [`crate::Trainer::track_selection_biases`] updates.
+    pub fn selection_biases(&self) -> Vec<(usize, Tensor)> {
+        super::selection_biases(&[(&self.trunk, 0)])
+    }
+
     /// The pooled encoder states `(b, h)` (before the head).
     pub fn encode(
         &self,
@@ -146,17 +156,19 @@ impl SequenceClassifier {
             Some(m) => Some(vec![m.flatten_all()?.to_dtype(DType::F32)?; aux.len()]),
             None => None,
         };
-        let (lb, z) = pool_aux(
+        let (lb, z, balance) = pool_aux(
             &self.cfg,
             &aux.iter().collect::<Vec<_>>(),
             masks.as_deref(),
             logits.device(),
+            logits.dim(0)?,
         )?;
         Ok(ClassifierOutput {
             logits,
             load_balancing_loss: lb,
             z_loss: z,
             routing,
+            balance,
         })
     }
 }

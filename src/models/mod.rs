@@ -373,14 +373,80 @@ impl Trunk {
 }
 
 /// The aux losses pooled over the given layers' router outputs (see
-/// [`crate::losses::pooled_aux_losses`]).
+/// [`crate::losses::pooled_aux_losses`]), and the other balance losses
+/// ([`crate::losses::BalanceLosses::pooled`], sequences of `batch` rows each layer).
 pub(crate) fn pool_aux(
     cfg: &ModelConfig,
     aux: &[&crate::losses::RouterAux],
     row_masks: Option<&[Tensor]>,
     dev: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
-    crate::losses::pooled_aux_losses(aux, row_masks, cfg.moe.num_experts, dev)
+    batch: usize,
+) -> Result<(Tensor, Tensor, crate::losses::BalanceLosses)> {
+    let (lb, z) = crate::losses::pooled_aux_losses(aux, row_masks, cfg.moe.num_experts, dev)?;
+    let mut layers: Vec<crate::losses::RouterAux> = aux.iter().map(|a| (*a).clone()).collect();
+    if let Some(masks) = row_masks {
+        let mut host: Option<(candle_core::TensorId, Vec<f32>)> = None;
+        for (a, m) in layers.iter_mut().zip(masks) {
+            let v = match &host {
+                Some((id, v)) if *id == m.id() => v.clone(),
+                _ => m.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            };
+            host = Some((m.id(), v.clone()));
+            a.row_mask = Some(v);
+        }
+    }
+    let balance = crate::losses::BalanceLosses::pooled(&layers, batch, cfg.moe.num_experts)?;
+    Ok((lb, z, balance))
+}
+
+/// What the three models' outputs share: the task-independent parts of a training loss.
+pub trait RoutedOutput {
+    /// The pooled load-balancing loss (unscaled), scalar.
+    fn load_balancing_loss(&self) -> &Tensor;
+    /// The pooled router z-loss (unscaled), scalar.
+    fn z_loss(&self) -> &Tensor;
+    /// Per-layer routing statistics.
+    fn routing(&self) -> &[LayerRouting];
+    /// The other balance losses and the router outputs global-batch balancing needs.
+    fn balance(&self) -> &crate::losses::BalanceLosses;
+}
+
+macro_rules! routed_output {
+    ($t:ty) => {
+        impl RoutedOutput for $t {
+            fn load_balancing_loss(&self) -> &Tensor {
+                &self.load_balancing_loss
+            }
+            fn z_loss(&self) -> &Tensor {
+                &self.z_loss
+            }
+            fn routing(&self) -> &[LayerRouting] {
+                &self.routing
+            }
+            fn balance(&self) -> &crate::losses::BalanceLosses {
+                &self.balance
+            }
+        }
+    };
+}
+routed_output!(CausalLmOutput);
+routed_output!(Seq2SeqOutput);
+routed_output!(ClassifierOutput);
+
+/// Every sparse layer's selection bias (`gate.e_score_correction_bias`) of `trunks`, with the
+/// layer index its [`LayerRouting::layer`] carries (a trunk's layers numbered from its base).
+pub(crate) fn selection_biases(trunks: &[(&Trunk, usize)]) -> Vec<(usize, Tensor)> {
+    let mut out = Vec::new();
+    for (trunk, base) in trunks {
+        for (i, b) in trunk.layers().iter().enumerate() {
+            if let crate::block::FeedForward::Sparse(m) = b.feed_forward() {
+                if let Some(bias) = m.router().selection_bias() {
+                    out.push((base + i, bias.clone()));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Every parameter a model asked its `VarBuilder` for, under the model's own (Mixtral-style)

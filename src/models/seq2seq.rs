@@ -18,6 +18,9 @@ pub struct Seq2SeqOutput {
     pub z_loss: Tensor,
     /// Per-layer routing statistics (encoder layers first, decoder layers numbered after).
     pub routing: Vec<LayerRouting>,
+    /// The other balance losses (sequence-wise, importance / load; unscaled, `None` when
+    /// their coefficient is 0) and every sparse layer's router outputs.
+    pub balance: crate::losses::BalanceLosses,
 }
 
 /// An encoded source batch, reusable across decoding steps.
@@ -114,6 +117,16 @@ impl Seq2Seq {
         })
     }
 
+    /// Every sparse layer's trainable selection bias (`gate.e_score_correction_bias`, with
+    /// `selection_bias`) with its layer index as in [`LayerRouting::layer`]: what
+    /// [`crate::Trainer::track_selection_biases`] updates.
+    pub fn selection_biases(&self) -> Vec<(usize, Tensor)> {
+        super::selection_biases(&[
+            (&self.encoder, 0),
+            (&self.decoder, self.encoder.num_layers()),
+        ])
+    }
+
     /// Teacher-forced forward: encoder on `src`, decoder on `tgt_in`.
     ///
     /// # Shapes
@@ -156,7 +169,13 @@ impl Seq2Seq {
         } else {
             None
         };
-        let (lb, z) = pool_aux(&self.cfg, &aux_all, masks.as_deref(), logits.device())?;
+        let (lb, z, balance) = pool_aux(
+            &self.cfg,
+            &aux_all,
+            masks.as_deref(),
+            logits.device(),
+            logits.dim(0)?,
+        )?;
         let mut routing = enc.routing;
         routing.extend(dec.routing);
         Ok(Seq2SeqOutput {
@@ -164,6 +183,7 @@ impl Seq2Seq {
             load_balancing_loss: lb,
             z_loss: z,
             routing,
+            balance,
         })
     }
 

@@ -56,6 +56,9 @@ pub struct MoeOutput {
     /// The expert ids routed to, `(tokens, k)` u32 (before capacity drops): what
     /// [`SparseMoe::forward_replay`] can force later. `None` under expert choice.
     pub expert_ids: Option<Tensor>,
+    /// The other balance losses of this layer, unscaled (`None` when their coefficient is 0):
+    /// the sequence-wise loss treats a `(b, t, h)` input as `b` sequences, `(n, h)` as one.
+    pub balance: losses::BalanceLosses,
 }
 
 /// Whether the variable `name` belongs to a router (its gate projection `gate.weight` /
@@ -317,7 +320,12 @@ impl SparseMoe {
         if let Some(shared) = &self.shared {
             y = (y + shared.forward(x)?)?;
         }
-        let aux = losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
+        let mut aux =
+            losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
+        (aux.affinity, aux.cv) = (routed.affinity, routed.cv);
+        let batch = if dims.len() == 3 { dims[0] } else { 1 };
+        let balance =
+            losses::BalanceLosses::pooled(std::slice::from_ref(&aux), batch, self.cfg.num_experts)?;
         let (load_balancing_loss, z_loss) =
             losses::pooled_aux_losses(&[&aux], None, self.cfg.num_experts, x.device())?;
         Ok(MoeOutput {
@@ -329,6 +337,7 @@ impl SparseMoe {
             dropped: plan.dropped,
             aux,
             expert_ids,
+            balance,
         })
     }
 

@@ -3,7 +3,10 @@
 //! - Softmax top-k gating (Mixtral, Qwen2-MoE, OLMoE): `p = softmax(x W_g^T)`, keep the `k`
 //!   largest, optionally renormalise them to sum to one (`norm_topk_prob`).
 //! - Noisy top-k gating (Shazeer et al. 2017, eq. 3-5): `H = x W_g^T + ε · softplus(x W_noise^T)`,
-//!   `ε ~ N(0, 1)` in training only; keep the top-k of `H`, softmax over them.
+//!   `ε ~ N(0, 1)` in training only (`H = x W_g^T` in inference); the weights are
+//!   `softmax(KeepTopK(H, k))`, a softmax over the `k` kept values of `H`, whatever
+//!   `norm_topk_prob` says (times `routed_scaling_factor`). With `cv_loss_coef > 0` the router
+//!   also forms the importance and load losses (eq. 6-10, [`crate::losses::balance`]).
 //! - Multiplicative jitter (Fedus et al. 2021, Switch Transformer): in training the router input
 //!   is multiplied by `U(1 - ε, 1 + ε)`.
 //! - Dense softmax gating when `k == E`: every expert weighted by the softmax gate (Jordan &
@@ -15,7 +18,8 @@
 //!   `n_group` expert groups, scored by their best expert or the sum of their two best, then
 //!   top-k among the kept groups); the weights (renormalised when `norm_topk_prob`) times
 //!   `routed_scaling_factor`. The selection is integer-valued and has no gradient; the weights
-//!   are gathered from the unbiased scores, so gradients reach the gate.
+//!   are gathered from the unbiased scores, so gradients reach the gate. The bias is trained
+//!   by the trainer's auxiliary-loss-free update ([`crate::train::balance`]), not by gradients.
 //!
 //! All router math runs in f32 whatever the model dtype (f64 models keep f64). The softmax is built from primitive ops
 //! so that it has a backward pass (`candle_nn::ops::softmax_last_dim` has none), and the top-k is
@@ -44,6 +48,14 @@ pub struct RouterOutput {
     pub weights: Tensor,
     /// Chosen expert ids, `(tokens, k)`, u32, best first.
     pub experts: Tensor,
+    /// With noisy gating in training, the noisy logits `H` `(tokens, E)` the top-k was chosen
+    /// from (the weights are the softmax over the kept entries).
+    pub noisy_logits: Option<Tensor>,
+    /// Normalised affinities `s / Σ_j s_j` `(tokens, E)` (softmax probabilities, or sigmoid
+    /// scores over their sum), kept when `seq_aux_loss_coef > 0`.
+    pub affinity: Option<Tensor>,
+    /// Shazeer et al.'s `(importance, load)` CV² losses, scalars, when `cv_loss_coef > 0`.
+    pub cv: Option<(Tensor, Tensor)>,
 }
 
 /// The gating network of a sparse layer. It owns the seeded generator of its training noise
@@ -58,18 +70,24 @@ pub struct Router {
     norm_topk_prob: bool,
     jitter: f64,
     scoring: RouterScoring,
-    /// DeepSeek-V3's `e_score_correction_bias` `(E,)`: a buffer, never trained (detached).
+    /// DeepSeek-V3's `e_score_correction_bias` `(E,)`: detached here (no gradient); moved only
+    /// by the trainer's bias update (`TrainConfig::bias_update_rate`), never by AdamW.
     selection_bias: Option<Tensor>,
     n_group: usize,
     topk_group: usize,
     group_score: GroupScore,
     scaling: f64,
+    /// Keep the normalised affinities (sequence-wise balance loss on).
+    keep_affinity: bool,
+    /// Form the importance and load losses.
+    cv_losses: bool,
 }
 
 impl Router {
     /// Creates the router; weights `gate.weight` `(E, h)` (and `gate.bias` `(E,)` with
     /// `router_bias`) and, with noisy gating, `gate_noise.weight` `(E, h)`; with a selection
-    /// bias, the buffer `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch).
+    /// bias, `gate.e_score_correction_bias` `(E,)` (zeros when built from scratch; a variable
+    /// over a `VarMap`, which AdamW skips and the trainer's bias update moves).
     pub fn new(cfg: &MoeConfig, vb: VarBuilder) -> Result<Self> {
         if let Err(e) = cfg.validate() {
             bail!("{e}")
@@ -119,6 +137,8 @@ impl Router {
             topk_group: cfg.topk_group,
             group_score: cfg.group_score,
             scaling: cfg.routed_scaling_factor,
+            keep_affinity: cfg.seq_aux_loss_coef > 0.0,
+            cv_losses: cfg.cv_loss_coef > 0.0,
         })
     }
 
@@ -192,34 +212,85 @@ impl Router {
         }
         let logits = self.logits(&x)?; // (n, E)
         let probs = softmax_last_dim(&logits)?;
-        // Rank by the (noisy) logits, not the probabilities: they order the same, and the
-        // logits cannot tie where the softmax underflows to zero.
-        let (scores, order_by) = match (&self.noise, train) {
-            (Some(noise_proj), true) => {
-                let wn = noise_proj.weight().to_dtype(dt)?;
-                let std = softplus(&x.matmul(&wn.t()?)?)?; // (n, E)
+        let noise_std = match &self.noise {
+            Some(p) if train || self.cv_losses => {
+                let wn = p.weight().to_dtype(dt)?;
+                Some(softplus(&x.matmul(&wn.t()?)?)?) // (n, E)
+            }
+            _ => None,
+        };
+        let noisy_logits = match (&noise_std, train) {
+            (Some(std), true) => {
                 let eps = self
                     .noise(std.dims(), NoiseKind::Normal, x.device())?
                     .to_dtype(dt)?;
-                let h = (&logits + (std * eps)?)?;
-                (softmax_last_dim(&h)?, h)
+                Some((&logits + (std * eps)?)?)
             }
-            _ => match self.scoring {
-                RouterScoring::Softmax => (probs.clone(), self.selection_order(&probs, &logits)?),
-                RouterScoring::Sigmoid => {
-                    let s = candle_nn::ops::sigmoid(&logits)?; // (n, E)
-                    let order = self.selection_order(&s, &s)?;
-                    (s, order)
-                }
-            },
+            _ => None,
         };
-        let (weights, experts) = self.top_k(&scores, &order_by)?;
+        let sigmoid = match self.scoring {
+            RouterScoring::Sigmoid => Some(candle_nn::ops::sigmoid(&logits)?), // (n, E)
+            RouterScoring::Softmax => None,
+        };
+        let (weights, experts) = if self.noise.is_some() {
+            self.noisy_top_k(noisy_logits.as_ref().unwrap_or(&logits))?
+        } else {
+            match &sigmoid {
+                // Rank by the logits, not the probabilities: they order the same, and the
+                // logits cannot tie where the softmax underflows to zero.
+                None => self.top_k(&probs, &self.selection_order(&probs, &logits)?)?,
+                Some(s) => self.top_k(s, &self.selection_order(s, s)?)?,
+            }
+        };
+        let affinity = match (self.keep_affinity, &sigmoid) {
+            (false, _) => None,
+            (true, Some(s)) => Some(crate::losses::balance::normalized_affinity(s)?),
+            (true, None) => Some(probs.clone()),
+        };
+        let cv = if self.cv_losses {
+            let h = noisy_logits.as_ref().unwrap_or(&logits);
+            Some(crate::losses::balance::importance_load_losses(
+                &weights,
+                &experts,
+                &logits,
+                noise_std.as_ref().map(|s| (h, s)),
+                self.top_k,
+            )?)
+        } else {
+            None
+        };
         Ok(RouterOutput {
             logits,
             probs,
             weights,
             experts,
+            noisy_logits,
+            affinity,
+            cv,
         })
+    }
+
+    /// Shazeer et al.'s `softmax(KeepTopK(h, k))`: the top-k of `h` `(n, E)`, weights the
+    /// softmax over the kept values (every expert in id order when `k == E`).
+    fn noisy_top_k(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ids = if self.top_k == self.num_experts {
+            let n = h.dim(0)?;
+            Tensor::arange(0u32, self.num_experts as u32, h.device())?
+                .unsqueeze(0)?
+                .broadcast_as((n, self.num_experts))?
+                .contiguous()?
+        } else {
+            h.arg_sort_last_dim(false)?
+                .narrow(1, 0, self.top_k)?
+                .contiguous()?
+        };
+        let w = softmax_last_dim(&h.gather(&ids, 1)?)?;
+        let w = if self.scaling != 1.0 {
+            (w * self.scaling)?
+        } else {
+            w
+        };
+        Ok((w, ids))
     }
 
     /// Picks the top-k of `scores` `(n, E)` (ranked by `order_by`, the matching logits): weights `(n, k)` (renormalised if configured) and

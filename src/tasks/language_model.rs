@@ -54,12 +54,10 @@ pub fn batch(
 pub fn loss_parts(model: &CausalLm, inp: &Tensor, tgt: &Tensor, train: bool) -> Result<LossParts> {
     let out = model.forward_t(inp, None, train)?;
     let (b, t, v) = out.logits.dims3()?;
-    Ok(LossParts {
-        task: cross_entropy(&out.logits.reshape((b * t, v))?, tgt, None)?,
-        load_balancing: out.load_balancing_loss,
-        z_loss: out.z_loss,
-        routing: out.routing,
-    })
+    Ok(LossParts::from_output(
+        cross_entropy(&out.logits.reshape((b * t, v))?, tgt, None)?,
+        &out,
+    ))
 }
 
 /// Evaluation result over contiguous windows.

@@ -56,12 +56,10 @@ pub fn loss_parts(
     train: bool,
 ) -> Result<LossParts> {
     let out = model.forward_t(ids, None, Some(mask), train)?;
-    Ok(LossParts {
-        task: cross_entropy(&out.logits, labels, None)?,
-        load_balancing: out.load_balancing_loss,
-        z_loss: out.z_loss,
-        routing: out.routing,
-    })
+    Ok(LossParts::from_output(
+        cross_entropy(&out.logits, labels, None)?,
+        &out,
+    ))
 }
 
 /// Predicted labels for every example (batches of `b`, truncated to `max_len`; an empty

@@ -79,16 +79,14 @@ pub fn loss_parts(model: &Seq2Seq, b: &[Tensor; 5], pad: u32, train: bool) -> Re
     let [s, sm, ti, tm, to] = b;
     let out = model.forward_t(s, Some(sm), ti, Some(tm), train)?;
     let (n, t, v) = out.logits.dims3()?;
-    Ok(LossParts {
-        task: cross_entropy(
+    Ok(LossParts::from_output(
+        cross_entropy(
             &out.logits.reshape((n * t, v))?,
             &to.flatten_all()?,
             Some(pad),
         )?,
-        load_balancing: out.load_balancing_loss,
-        z_loss: out.z_loss,
-        routing: out.routing,
-    })
+        &out,
+    ))
 }
 
 /// sacreBLEU's `13a` tokenisation (the mteval-v13a rules).

@@ -49,12 +49,20 @@ pub struct TrainConfig {
     /// Override of the router z-loss coefficient; `None` (default): the model's
     /// `MoeConfig::router_z_loss_coef`.
     pub z_loss_coef: Option<f64>,
-    /// Rate γ of the auxiliary-loss-free balancing bias update (DeepSeek-V3): after each
-    /// optimizer step every router selection bias moves by `γ · sign(mean load − load_e)`
-    /// (0 = off).
+    /// Rate γ of the auxiliary-loss-free balancing bias update (DeepSeek-V3 §2.1.2): after
+    /// each applied optimizer step every tracked router selection bias
+    /// ([`Trainer::track_selection_biases`]) moves by `γ · sign(mean load − load_e)`, the
+    /// loads being the kept assignments of the step's micro-batches, then is mean-centred.
+    /// The biases are never touched by AdamW. 0 = off.
     pub bias_update_rate: f64,
+    /// Step from which γ drops to 0 (DeepSeek-V3 stops updating the bias for its last
+    /// phase); `None` (default): γ for the whole run.
+    pub bias_update_until: Option<usize>,
     /// Global-batch load balancing (Qiu et al. 2025): the expert frequencies `F_e` of the
-    /// load-balancing loss are counted over all micro-batches of an optimizer step.
+    /// load-balancing loss are counted over all micro-batches of an optimizer step
+    /// ([`Trainer::step_accumulated`]); each micro-batch's loss uses those with its own `P_e`
+    /// ([`crate::losses::balance::global_batch_load_balancing`]). Needs the router outputs in
+    /// [`super::LossParts::balance`] (as [`super::LossParts::from_output`] fills them).
     pub global_batch_balance: bool,
     /// Substrings of the variable names that get no weight decay (norms, biases, embeddings
     /// and the router by default); an empty list decays every variable.
@@ -86,6 +94,7 @@ impl Default for TrainConfig {
             aux_loss_coef: None,
             z_loss_coef: None,
             bias_update_rate: 0.0,
+            bias_update_until: None,
             global_batch_balance: false,
             no_decay: DEFAULT_NO_DECAY.iter().map(|s| s.to_string()).collect(),
             eval_every: 0,
@@ -106,7 +115,7 @@ impl TrainConfig {
     /// Rejects nonsense with [`Error::Config`] naming the field: `steps >= 1`; `lr` finite
     /// and `> 0`; `eps` finite and `> 0`; `beta1`,
     /// `beta2` in `[0, 1)`; `weight_decay` finite and `>= 0`; `grad_clip` `None` or finite and
-    /// `> 0`; `min_lr_ratio` in `[0, 1]`; `aux_loss_coef`, `z_loss_coef` finite and `>= 0`;
+    /// `> 0`; `min_lr_ratio` in `[0, 1]`; `aux_loss_coef`, `z_loss_coef`, `bias_update_rate` finite and `>= 0`;
     /// `max_nonfinite_in_row >= 1`. [`Trainer::new`] calls it. (`warmup_steps > steps` is
     /// allowed: the learning rate then never reaches its peak, as `..Default::default()` with a
     /// short run gives.)
@@ -134,6 +143,7 @@ impl TrainConfig {
             ("weight_decay", self.weight_decay),
             ("aux_loss_coef", self.aux_loss_coef.unwrap_or(0.0)),
             ("z_loss_coef", self.z_loss_coef.unwrap_or(0.0)),
+            ("bias_update_rate", self.bias_update_rate),
         ] {
             if !(c.is_finite() && c >= 0.0) {
                 return bad(field, "finite and >= 0", c.to_string());

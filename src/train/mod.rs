@@ -1,7 +1,9 @@
 //! Training: AdamW (Loshchilov & Hutter 2019) with checkpointable state, linear warmup + cosine
 //! decay, global gradient-norm clipping (Pascanu et al. 2013), the MoE total loss
-//! `task + aux_coef · load_balancing + z_coef · z_loss`, non-finite guards, a progress bar with
-//! loss and expert balance, periodic evaluation and checkpoints, and exact resume.
+//! `task + aux_coef · load_balancing + z_coef · z_loss + seq_coef · seq_aux +
+//! cv_coef · (importance + load)`, optional global-batch balancing and DeepSeek-V3's
+//! selection-bias update ([`balance`]), non-finite guards, a progress bar with loss and expert
+//! balance, periodic evaluation and checkpoints, and exact resume.
 //!
 //! The optimizer performs exactly candle-nn's `AdamW` update; it is re-implemented here because
 //! candle-nn keeps the moments private, so they could not be checkpointed for resume.
@@ -12,34 +14,23 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 use rand::SeedableRng;
 
+pub mod balance;
 pub mod checkpoint;
 mod config;
 pub mod init;
+mod loss;
 pub mod optim;
 pub mod schedule;
 mod state;
 
 pub use config::{TrainConfig, DEFAULT_NO_DECAY};
+pub use loss::LossParts;
 pub use optim::AdamW;
 pub use state::{StepStats, TrainerState};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
 use crate::io::safetensors::{parse_safetensors, read_file, to_safetensors_bytes};
-use crate::models::LayerRouting;
-
-/// The parts of one step's loss, as the model returned them.
-#[derive(Debug, Clone)]
-pub struct LossParts {
-    /// The task loss (cross entropy), scalar.
-    pub task: Tensor,
-    /// Load-balancing loss, scalar (unscaled).
-    pub load_balancing: Tensor,
-    /// Router z-loss, scalar (unscaled).
-    pub z_loss: Tensor,
-    /// Per-layer routing statistics.
-    pub routing: Vec<LayerRouting>,
-}
 
 /// The variables of `varmap` whose names satisfy `keep`, as a new `VarMap` sharing them (not
 /// copies): train it to freeze the others, e.g. `|n| !n.ends_with(".gate.weight")` keeps the
@@ -86,12 +77,8 @@ pub fn select_vars(varmap: &VarMap, keep: impl Fn(&str) -> bool) -> VarMap {
 /// trainer.run(
 ///     |_rng| {
 ///         let out = model.forward_t(&inp, None, true)?; // training mode
-///         Ok(LossParts {
-///             task: cross_entropy(&out.logits.reshape((14, 32))?, &tgt, None)?,
-///             load_balancing: out.load_balancing_loss,
-///             z_loss: out.z_loss,
-///             routing: out.routing,
-///         })
+///         let task = cross_entropy(&out.logits.reshape((14, 32))?, &tgt, None)?;
+///         Ok(LossParts::from_output(task, &out))
 ///     },
 ///     || Ok(0.0), // no validation set here
 ///     |_| Ok(()), // no checkpoints
@@ -112,13 +99,21 @@ pub struct Trainer {
     pub state: TrainerState,
     /// The model's `(router_aux_loss_coef, router_z_loss_coef)`.
     model_coefs: (f64, f64),
+    /// The model's `(seq_aux_loss_coef, cv_loss_coef)`.
+    balance_coefs: (f64, f64),
+    /// The variables the optimizer was built over (to find the selection biases in).
+    varmap: VarMapHandle,
+    /// The tracked selection biases, by layer index as in [`crate::LayerRouting::layer`].
+    biases: Vec<(usize, candle_core::Var)>,
 }
 
-fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
-    if routing.is_empty() {
-        return 1.0;
+/// A shared `VarMap` (which has no `Debug`).
+struct VarMapHandle(VarMap);
+
+impl std::fmt::Debug for VarMapHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VarMap")
     }
-    routing.iter().map(|r| r.imbalance()).sum::<f64>() / routing.len() as f64
 }
 
 impl Trainer {
@@ -134,8 +129,11 @@ impl Trainer {
     }
 
     /// A trainer for a model with MoE configuration `moe`: the aux-loss coefficients are the
-    /// model's (`router_aux_loss_coef`, `router_z_loss_coef`) unless `cfg` overrides them.
-    /// ([`Trainer::new`] uses `MoeConfig::default()`'s.)
+    /// model's (`router_aux_loss_coef`, `router_z_loss_coef`) unless `cfg` overrides them, and
+    /// the model's `seq_aux_loss_coef` and `cv_loss_coef`. ([`Trainer::new`] uses
+    /// `MoeConfig::default()`'s.) The total loss of a micro-batch is
+    /// `task + aux · load_balancing + z · z_loss + seq_aux_loss_coef · seq_aux +
+    /// cv_loss_coef · (importance + load)` (a balance loss the parts do not carry counts 0).
     pub fn for_model(
         varmap: &VarMap,
         cfg: TrainConfig,
@@ -156,7 +154,33 @@ impl Trainer {
             nonfinite_in_row: 0,
             state,
             model_coefs: (moe.router_aux_loss_coef, moe.router_z_loss_coef),
+            balance_coefs: (moe.seq_aux_loss_coef, moe.cv_loss_coef),
+            varmap: VarMapHandle(varmap.clone()),
+            biases: Vec::new(),
         })
+    }
+
+    /// Tracks the selection biases DeepSeek-V3's auxiliary-loss-free balancing updates
+    /// (`TrainConfig::bias_update_rate` > 0): `(layer, bias)` pairs as a model's
+    /// `selection_biases()` gives them ([`crate::CausalLm::selection_biases`]), the layer
+    /// index matching [`crate::LayerRouting::layer`]; each bias must be a variable of the trainer's
+    /// `VarMap` (matched by identity). Replaces any earlier list.
+    pub fn track_selection_biases(&mut self, biases: &[(usize, Tensor)]) -> Result<()> {
+        self.biases = balance::find_bias_vars(&self.varmap.0, biases)?;
+        Ok(())
+    }
+
+    /// The bias update rate γ in force at step `step` (0 from `bias_update_until` on).
+    pub fn bias_rate_at(&self, step: usize) -> f64 {
+        match self.cfg.bias_update_until {
+            Some(until) if step >= until => 0.0,
+            _ => self.cfg.bias_update_rate,
+        }
+    }
+
+    /// The `(seq_aux_loss_coef, cv_loss_coef)` the total loss uses (the model's).
+    pub fn balance_coefs(&self) -> (f64, f64) {
+        self.balance_coefs
     }
 
     /// The generator for the current step's batch: a function of (seed, step) only, so a
@@ -190,7 +214,13 @@ impl Trainer {
     /// equal size) this equals one batch `k` times the size. The load-balancing and z-losses
     /// are formed per micro-batch, as transformers forms them per forward call, and their mean
     /// is optimised: `F_e` and `P_e` come from each micro-batch's tokens, not from the whole
-    /// accumulated batch, so the balancing gradient differs from the big batch's.
+    /// accumulated batch, so the balancing gradient differs from the big batch's. With
+    /// `TrainConfig::global_batch_balance` (and router outputs in every part's `balance`),
+    /// `F_e` is counted over all the micro-batches first and each micro-batch's loss is
+    /// `E · Σ_e F_e^global · P_e^(micro)` instead (Qiu et al. 2025; see
+    /// [`crate::losses::balance::global_batch_load_balancing`]); `StepStats::load_balancing`
+    /// then records that loss. After an applied step, with `bias_update_rate` > 0, the
+    /// tracked selection biases are updated ([`balance`]).
     pub fn step_accumulated(&mut self, micro: &[LossParts]) -> Result<StepStats> {
         if micro.is_empty() {
             return Err(Error::Config(
@@ -208,7 +238,14 @@ impl Trainer {
             grad_norm: f64::NAN,
             imbalance: 0.0,
             skipped: false,
+            ..Default::default()
         };
+        let gamma = self.bias_rate_at(self.state.step);
+        if gamma > 0.0 && self.biases.is_empty() && micro.iter().any(|p| !p.routing.is_empty()) {
+            return Err(Error::Config(
+                "train: bias_update_rate > 0 but no selection bias is tracked: call Trainer::track_selection_biases(&model.selection_biases()) (the model needs MoeConfig::selection_bias)".into(),
+            ));
+        }
         let (grads, finite) = self.accumulate(micro, &mut stats)?;
         let loss = stats.loss;
         let mut grads = if finite { grads } else { None };
@@ -242,6 +279,9 @@ impl Trainer {
             }
         };
         if applied {
+            if gamma > 0.0 {
+                balance::update_biases(&self.biases, micro, gamma)?;
+            }
             self.nonfinite_in_row = 0;
             self.state.step += 1;
         } else {
@@ -259,69 +299,6 @@ impl Trainer {
         stats.step = self.state.step;
         self.state.history.push(stats.clone());
         Ok(stats)
-    }
-
-    /// Backward passes of the micro-batches, their gradients summed (each loss divided by their
-    /// number), and their mean losses in `stats`; `false` when a loss is not finite.
-    fn accumulate(
-        &self,
-        micro: &[LossParts],
-        stats: &mut StepStats,
-    ) -> Result<(Option<candle_core::backprop::GradStore>, bool)> {
-        let k = micro.len() as f64;
-        let (aux, zc) = self.aux_coefs();
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let mut grads: Option<candle_core::backprop::GradStore> = None;
-        let mut finite = true;
-        for parts in micro {
-            let total = ((&parts.task + (&parts.load_balancing * aux)?)? + (&parts.z_loss * zc)?)?;
-            let loss = scalar(&total)?;
-            stats.loss += loss / k;
-            stats.task += scalar(&parts.task)? / k;
-            stats.load_balancing += scalar(&parts.load_balancing)? / k;
-            stats.z_loss += scalar(&parts.z_loss)? / k;
-            stats.imbalance += mean_imbalance(&parts.routing) / k;
-            if !loss.is_finite() {
-                finite = false;
-                continue;
-            }
-            let mut g = (total / k)?.backward()?;
-            grads = Some(match grads {
-                None => g,
-                Some(mut acc) => {
-                    for v in self.opt.vars() {
-                        if let Some(gv) = g.remove(v) {
-                            let sum = match acc.remove(v) {
-                                Some(a) => (a + gv)?,
-                                None => gv,
-                            };
-                            acc.insert(v, sum);
-                        }
-                    }
-                    acc
-                }
-            });
-        }
-        Ok((grads, finite))
-    }
-
-    /// The global gradient norm: one reduction on the device, one scalar to the host.
-    fn grad_norm(&self, g: &candle_core::backprop::GradStore) -> Result<f64> {
-        let mut sq: Option<Tensor> = None;
-        for v in self.opt.vars() {
-            if let Some(gv) = g.get(v) {
-                let s = gv.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-                sq = Some(match sq {
-                    None => s,
-                    Some(a) => (a + s)?,
-                });
-            }
-        }
-        Ok(match sq {
-            Some(s) => s.to_scalar::<f64>()?.sqrt(),
-            None => 0.0,
-        })
     }
 
     /// Runs until `cfg.steps`: `batch_loss` computes one training batch's losses (training

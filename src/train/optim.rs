@@ -30,13 +30,14 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Optimises every variable of `varmap` (float vars only).
+    /// Optimises every variable of `varmap` (float vars only) but the router selection biases
+    /// (`…e_score_correction_bias`), which the trainer updates by its own rule.
     pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
         let mut vars = Vec::new();
         let mut decay = Vec::new();
         for (n, v) in sorted_vars(varmap) {
             let n = &n;
-            if !v.dtype().is_float() {
+            if !v.dtype().is_float() || super::balance::is_selection_bias(n) {
                 continue;
             }
             let m = Var::zeros(v.shape(), v.dtype(), v.device())?;

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What one step did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
     /// Step index (1-based after the update).
     pub step: usize,
@@ -31,6 +31,15 @@ pub struct StepStats {
     pub imbalance: f64,
     /// Whether the update was skipped (non-finite loss or gradient).
     pub skipped: bool,
+    /// DeepSeek-V3 sequence-wise balance loss (unscaled; 0 when not computed).
+    #[serde(default, with = "json_f64")]
+    pub seq_aux: f64,
+    /// Shazeer et al.'s importance loss `CV(Importance)²` (unscaled; 0 when not computed).
+    #[serde(default, with = "json_f64")]
+    pub importance: f64,
+    /// Shazeer et al.'s load loss `CV(Load)²` (unscaled; 0 when not computed).
+    #[serde(default, with = "json_f64")]
+    pub load: f64,
 }
 
 /// Lossless JSON for `f64`: finite values as numbers, non-finite ones as the strings `"NaN"`,

@@ -9,10 +9,16 @@
 //! - Cross entropy with an ignore index.
 //!
 //! Only `P` carries a gradient in the load-balancing loss (`F` is a count), as in transformers.
+//!
+//! The other balance losses (DeepSeek-V3's sequence-wise loss, Shazeer et al.'s importance and
+//! load losses, global-batch balancing) live in [`balance`].
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
 use crate::ops::{compute_dtype, logsumexp_keepdim, softmax_last_dim};
+
+pub mod balance;
+pub use balance::BalanceLosses;
 
 fn concat_rows(gate_logits: &[Tensor]) -> Result<Tensor> {
     if gate_logits.is_empty() {
@@ -158,6 +164,15 @@ pub struct RouterAux {
     pub top_k: usize,
     /// `Σ_rows logsumexp(logits)²`, scalar f32, differentiable.
     pub lse_sq_sum: Tensor,
+    /// Normalised affinity scores `s' = s / Σ_j s_j` `(rows, E)`, differentiable (the softmax
+    /// probabilities, or the sigmoid scores over their sum): what DeepSeek-V3's sequence-wise
+    /// balance loss averages. `None` when the layer did not keep them (the loss is off).
+    pub affinity: Option<Tensor>,
+    /// Shazeer et al.'s `(importance, load)` CV² losses of this layer, scalars, differentiable;
+    /// `None` when they are off (`cv_loss_coef == 0`).
+    pub cv: Option<(Tensor, Tensor)>,
+    /// The padding mask of the rows (1 = real token), set by the models; `None` = every row.
+    pub row_mask: Option<Vec<f32>>,
 }
 
 impl RouterAux {
@@ -169,6 +184,9 @@ impl RouterAux {
             top_k_ids,
             top_k,
             lse_sq_sum,
+            affinity: None,
+            cv: None,
+            row_mask: None,
         })
     }
 

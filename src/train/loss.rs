@@ -1,0 +1,150 @@
+//! The parts of a step's loss ([`LossParts`]) and the trainer's accumulation of their total
+//! loss and gradients over micro-batches.
+
+use candle_core::{DType, Tensor};
+
+use super::{balance, StepStats, Trainer};
+use crate::error::Result;
+use crate::losses::BalanceLosses;
+use crate::models::{LayerRouting, RoutedOutput};
+
+/// The parts of one step's loss, as the model returned them. Build it with
+/// [`LossParts::from_output`] (every part a model returns) or [`LossParts::new`].
+#[derive(Debug, Clone)]
+pub struct LossParts {
+    /// The task loss (cross entropy), scalar.
+    pub task: Tensor,
+    /// Load-balancing loss, scalar (unscaled).
+    pub load_balancing: Tensor,
+    /// Router z-loss, scalar (unscaled).
+    pub z_loss: Tensor,
+    /// Per-layer routing statistics.
+    pub routing: Vec<LayerRouting>,
+    /// The other balance losses (unscaled) and the router outputs global-batch balancing
+    /// recounts; `BalanceLosses::default()` when there are none.
+    pub balance: BalanceLosses,
+}
+
+impl LossParts {
+    /// The parts from a task loss and the load-balancing, z-loss and routing statistics, with
+    /// no other balance loss.
+    pub fn new(
+        task: Tensor,
+        load_balancing: Tensor,
+        z_loss: Tensor,
+        routing: Vec<LayerRouting>,
+    ) -> Self {
+        Self {
+            task,
+            load_balancing,
+            z_loss,
+            routing,
+            balance: BalanceLosses::default(),
+        }
+    }
+
+    /// The parts from a task loss and everything a model's output carries (the aux losses,
+    /// the routing statistics, the balance losses and router outputs).
+    pub fn from_output(task: Tensor, out: &impl RoutedOutput) -> Self {
+        Self {
+            task,
+            load_balancing: out.load_balancing_loss().clone(),
+            z_loss: out.z_loss().clone(),
+            routing: out.routing().to_vec(),
+            balance: out.balance().clone(),
+        }
+    }
+}
+
+fn mean_imbalance(routing: &[LayerRouting]) -> f64 {
+    if routing.is_empty() {
+        return 1.0;
+    }
+    routing.iter().map(|r| r.imbalance()).sum::<f64>() / routing.len() as f64
+}
+
+impl Trainer {
+    /// Backward passes of the micro-batches, their gradients summed (each loss divided by their
+    /// number), and their mean losses in `stats`; `false` when a loss is not finite.
+    pub(super) fn accumulate(
+        &self,
+        micro: &[LossParts],
+        stats: &mut StepStats,
+    ) -> Result<(Option<candle_core::backprop::GradStore>, bool)> {
+        let k = micro.len() as f64;
+        let (aux, zc) = self.aux_coefs();
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let (sc, cc) = self.balance_coefs;
+        let global = if self.cfg.global_batch_balance {
+            balance::global_load_balancing(micro)?
+        } else {
+            None
+        };
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut finite = true;
+        for (m, parts) in micro.iter().enumerate() {
+            let lb = global.as_ref().map_or(&parts.load_balancing, |g| &g[m]);
+            let mut total = ((&parts.task + (lb * aux)?)? + (&parts.z_loss * zc)?)?;
+            let b = &parts.balance;
+            if let Some(s) = &b.seq_aux {
+                stats.seq_aux += scalar(s)? / k;
+                total = (total + (s * sc)?)?;
+            }
+            for (t, slot) in [
+                (&b.importance, &mut stats.importance),
+                (&b.load, &mut stats.load),
+            ] {
+                if let Some(t) = t {
+                    *slot += scalar(t)? / k;
+                    total = (total + (t * cc)?)?;
+                }
+            }
+            let loss = scalar(&total)?;
+            stats.loss += loss / k;
+            stats.task += scalar(&parts.task)? / k;
+            stats.load_balancing += scalar(lb)? / k;
+            stats.z_loss += scalar(&parts.z_loss)? / k;
+            stats.imbalance += mean_imbalance(&parts.routing) / k;
+            if !loss.is_finite() {
+                finite = false;
+                continue;
+            }
+            let mut g = (total / k)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for v in self.opt.vars() {
+                        if let Some(gv) = g.remove(v) {
+                            let sum = match acc.remove(v) {
+                                Some(a) => (a + gv)?,
+                                None => gv,
+                            };
+                            acc.insert(v, sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        Ok((grads, finite))
+    }
+
+    /// The global gradient norm: one reduction on the device, one scalar to the host.
+    pub(super) fn grad_norm(&self, g: &candle_core::backprop::GradStore) -> Result<f64> {
+        let mut sq: Option<Tensor> = None;
+        for v in self.opt.vars() {
+            if let Some(gv) = g.get(v) {
+                let s = gv.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+                sq = Some(match sq {
+                    None => s,
+                    Some(a) => (a + s)?,
+                });
+            }
+        }
+        Ok(match sq {
+            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            None => 0.0,
+        })
+    }
+}
