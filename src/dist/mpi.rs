@@ -181,7 +181,8 @@ impl Communicator for MpiComm {
             let send_part = Partition::new(send, &sc[..], &sd[..]);
             let mut recv_part = PartitionMut::new(&mut recv[..], &rc[..], &rd[..]);
             mpi::request::scope(|scope| {
-                let req = world.immediate_all_to_all_varcount_into(scope, &send_part, &mut recv_part);
+                let req =
+                    world.immediate_all_to_all_varcount_into(scope, &send_part, &mut recv_part);
                 wait(req, world, "all_to_all_v (rows)", self.timeout)
             });
         }
@@ -192,7 +193,8 @@ impl Communicator for MpiComm {
         let world = &inner.world;
         let send = values.to_vec();
         mpi::request::scope(|scope| {
-            let req = world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
+            let req =
+                world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
             wait(req, world, "all_reduce_sum_f32", self.timeout)
         });
         Ok(())
@@ -202,7 +204,8 @@ impl Communicator for MpiComm {
         let world = &inner.world;
         let send = values.to_vec();
         mpi::request::scope(|scope| {
-            let req = world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
+            let req =
+                world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
             wait(req, world, "all_reduce_sum_u64", self.timeout)
         });
         Ok(())

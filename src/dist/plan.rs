@@ -75,7 +75,11 @@ impl GlobalTable {
     /// Kept assignments per expert over all ranks.
     pub fn kept_per_expert(&self) -> Vec<usize> {
         (0..self.experts)
-            .map(|e| (0..self.world).map(|s| self.kept[s * self.experts + e]).sum())
+            .map(|e| {
+                (0..self.world)
+                    .map(|s| self.kept[s * self.experts + e])
+                    .sum()
+            })
             .collect()
     }
 
