@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_moe::dist::{Communicator, ExpertParallelMoe, LocalComm, MpiComm};
+use candle_moe::dist::{all_reduce_grads, Communicator, ExpertParallelMoe, LocalComm, MpiComm};
 use candle_moe::moe::SparseMoe;
 use candle_moe::MoeConfig;
 use candle_nn::{VarBuilder, VarMap};
@@ -333,6 +333,26 @@ fn check(comm: &Arc<dyn Communicator>, cf: Option<f64>, dead: &[usize]) {
     let g = Tensor::from_vec(g, (e, h), &dev).unwrap();
     let d = max_abs_diff(&g, g_full.get(gate).unwrap());
     assert!(d < TOL, "{case}: router gradients differ by {d}");
+    // The data-parallel helper: the same sum, then the mean of identical sums.
+    let (mut g_dp, gate_t) = (loss.backward().unwrap(), gate.as_tensor().clone());
+    all_reduce_grads(
+        comm.as_ref(),
+        &mut g_dp,
+        std::slice::from_ref(&gate_t),
+        false,
+    )
+    .unwrap();
+    let d = max_abs_diff(g_dp.get(&gate_t).unwrap(), &g);
+    assert!(d < TOL, "{case}: all_reduce_grads (sum) differs by {d}");
+    all_reduce_grads(
+        comm.as_ref(),
+        &mut g_dp,
+        std::slice::from_ref(&gate_t),
+        true,
+    )
+    .unwrap();
+    let d = max_abs_diff(g_dp.get(&gate_t).unwrap(), &g);
+    assert!(d < TOL, "{case}: all_reduce_grads (average) differs by {d}");
     for i in ep.expert_range() {
         for p in ["w1", "w2", "w3"] {
             let v = &data[&format!("experts.{i}.{p}.weight")];

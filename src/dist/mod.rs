@@ -82,3 +82,42 @@ pub(crate) fn check_counts(op: &str, len: usize, counts: &[usize], size: usize) 
     }
     Ok(())
 }
+
+/// Data parallelism for the replicated parameters: sums (or, with `average`, averages) the
+/// gradients of `params` over the ranks, in place, with one all-reduce of all of them
+/// concatenated. A parameter without a gradient on this rank contributes zeros (and then
+/// receives the others' sum), so every rank sends the same sizes. Pass only replicated
+/// parameters (router, shared expert, attention, embeddings, norms), never a rank's own experts.
+pub fn all_reduce_grads(
+    comm: &dyn Communicator,
+    grads: &mut candle_core::backprop::GradStore,
+    params: &[candle_core::Tensor],
+    average: bool,
+) -> Result<()> {
+    let mut flat: Vec<f32> = Vec::new();
+    for p in params {
+        match grads.get(p) {
+            Some(g) => flat.extend(
+                g.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => flat.extend(std::iter::repeat_n(0f32, p.elem_count())),
+        }
+    }
+    comm.all_reduce_sum_f32(&mut flat)?;
+    let scale = if average {
+        1.0 / comm.size() as f32
+    } else {
+        1.0
+    };
+    let mut at = 0;
+    for p in params {
+        let n = p.elem_count();
+        let g: Vec<f32> = flat[at..at + n].iter().map(|v| v * scale).collect();
+        at += n;
+        let g = candle_core::Tensor::from_vec(g, p.shape(), p.device())?.to_dtype(p.dtype())?;
+        grads.insert(p, g);
+    }
+    Ok(())
+}
