@@ -96,6 +96,19 @@ fn launch_four_ranks_oversubscribed() {
 }
 
 #[test]
+fn launch_expert_parallel_training() {
+    if under_mpi() {
+        return;
+    }
+    let name = "mpi_worker_ep_training";
+    for np in [2, 4] {
+        let (ok, text, t) = mpirun(np, name, "60", Duration::from_secs(600));
+        assert!(ok, "mpirun -np {np} {name} failed after {t:?}:\n{text}");
+        assert_eq!(text.matches("ep training: rank ").count(), np, "{text}");
+    }
+}
+
+#[test]
 fn launch_data_parallel_two_ranks() {
     if under_mpi() {
         return;
@@ -478,6 +491,116 @@ fn mpi_worker_data_parallel() {
         assert!(last < first, "the loss did not fall: {first} -> {last}");
         eprintln!(
             "data parallel: rank {rank} of {w} passed (20 steps, loss {first:.4} -> {last:.4}, worst difference {worst:.2e})"
+        );
+    });
+}
+
+/// Experts sharded, the rest data-parallel: 20 AdamW steps of the expert-parallel layer (router
+/// gradients summed over the ranks, each rank's experts updated by their owner) against the
+/// single-process layer on the union of the tokens; capacity on, so drops move with training.
+#[test]
+fn mpi_worker_ep_training() {
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+    let comm = world();
+    on_every_rank(&comm, || {
+        let (w, rank) = (comm.size(), comm.rank());
+        let (h, e) = (12, 8);
+        let cfg = MoeConfig {
+            hidden_size: h,
+            intermediate_size: 10,
+            num_experts: e,
+            top_k: 2,
+            capacity_factor: Some(1.0),
+            ..MoeConfig::default()
+        };
+        let dev = Device::Cpu;
+        let weights = || {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let full = SparseMoe::new(&cfg, vb.clone()).unwrap();
+            randomize(&vm, &mut Rng::new(11), 0.3);
+            (vm, vb, full)
+        };
+        let (vm_all, _, full) = weights();
+        let (vm_ep, vb_ep, _) = weights();
+        let ep = ExpertParallelMoe::new(&cfg, vb_ep, comm.clone()).unwrap();
+        let vars = |vm: &VarMap, keep: &dyn Fn(&str) -> bool| -> Vec<Var> {
+            let data = vm.data().lock().unwrap();
+            let mut names: Vec<_> = data.keys().filter(|n| keep(n)).cloned().collect();
+            names.sort();
+            names.iter().map(|n| data[n].clone()).collect()
+        };
+        let adam = |v: Vec<Var>| {
+            let p = ParamsAdamW {
+                lr: 1e-2,
+                ..Default::default()
+            };
+            AdamW::new(v, p).unwrap()
+        };
+        let mut opt_all = adam(vars(&vm_all, &|_| true));
+        let range = ep.expert_range();
+        let mine = move |n: &str| match n.strip_prefix("experts.") {
+            Some(rest) => rest
+                .split('.')
+                .next()
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| range.contains(&i)),
+            None => true,
+        };
+        let mut opt_ep = adam(vars(&vm_ep, &mine));
+        let gate = vars(&vm_ep, &|n| n.starts_with("gate"));
+        let gate: Vec<Tensor> = gate.iter().map(|v| v.as_tensor().clone()).collect();
+
+        let sl = slices(w);
+        let total: usize = sl.iter().map(|s| s.1).sum();
+        let (off, n) = sl[rank];
+        let mut rng = Rng::new(21);
+        let x_all = rng.tensor(&[total, h], 1.0, DType::F32);
+        let target = rng.tensor(&[total, h], 0.5, DType::F32);
+        let (x_mine, t_mine) = (
+            x_all.narrow(0, off, n).unwrap(),
+            target.narrow(0, off, n).unwrap(),
+        );
+        // Σ over tokens of squared errors / all tokens, + 0.1 · load balancing: the ranks'
+        // task parts sum to the union's, and each rank's balancing loss has the global value.
+        let loss = |y: &Tensor, t: &Tensor, lb: &Tensor| {
+            let sq = (y - t).unwrap().sqr().unwrap().sum_all().unwrap();
+            ((sq / total as f64).unwrap() + (lb * 0.1).unwrap()).unwrap()
+        };
+        let (mut worst, mut first, mut last) = (0f64, 0f64, 0f64);
+        for step in 0..20 {
+            let o = full.forward_t(&x_all, false).unwrap();
+            let l_all = loss(&o.hidden_states, &target, &o.load_balancing_loss);
+            opt_all.backward_step(&l_all).unwrap();
+            let o = ep.forward_t(&x_mine, false).unwrap();
+            let l_mine = loss(&o.hidden_states, &t_mine, &o.load_balancing_loss);
+            let mut grads = l_mine.backward().unwrap();
+            all_reduce_grads(comm.as_ref(), &mut grads, &gate, false).unwrap();
+            opt_ep.step(&grads).unwrap();
+            // The global loss: the task parts summed, the balancing loss counted once.
+            let lb = (o.load_balancing_loss * 0.1)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let mut l = vec![l_mine.to_scalar::<f32>().unwrap() - lb];
+            comm.all_reduce_sum_f32(&mut l).unwrap();
+            let (ep_l, sp) = ((l[0] + lb) as f64, l_all.to_scalar::<f32>().unwrap() as f64);
+            let d = (ep_l - sp).abs();
+            worst = worst.max(d);
+            assert!(
+                d < 1e-4,
+                "rank {rank}/{w} step {step}: loss {ep_l} vs single-process {sp}"
+            );
+            if step == 0 {
+                first = sp;
+            }
+            last = sp;
+        }
+        assert!(last < first, "the loss did not fall: {first} -> {last}");
+        comm.barrier().unwrap();
+        eprintln!(
+            "ep training: rank {rank} of {w} passed (20 steps, loss {first:.4} -> {last:.4}, worst difference {worst:.2e})"
         );
     });
 }
