@@ -10,6 +10,7 @@ pub mod config;
 pub(crate) mod cpu;
 #[cfg(feature = "tasks")]
 pub mod data;
+pub mod dist;
 pub mod error;
 pub(crate) mod files;
 pub mod io;

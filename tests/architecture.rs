@@ -22,6 +22,7 @@ const ORDER: &[&str] = &[
     "attention",
     "block",
     "models",
+    "dist",
     "tokenizer",
     "io",
     "train",

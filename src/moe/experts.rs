@@ -173,6 +173,11 @@ impl Experts {
         Ok(Self { experts, hidden })
     }
 
+    /// A set of experts built elsewhere (the expert-parallel layer holds only its rank's shard).
+    pub(crate) fn from_experts(experts: Vec<Expert>, hidden: usize) -> Self {
+        Self { experts, hidden }
+    }
+
     /// The experts, by id.
     pub fn experts(&self) -> &[Expert] {
         &self.experts
