@@ -49,6 +49,9 @@ impl ExpertParallelMoe {
         if w == 0 || e % w != 0 {
             bail!("ExpertParallelMoe: {e} experts cannot be sharded evenly over {w} ranks")
         }
+        if cfg.seq_aux_loss_coef != 0.0 || cfg.cv_loss_coef != 0.0 {
+            bail!("ExpertParallelMoe: seq_aux_loss_coef and cv_loss_coef must be 0 (the sequence-wise and CV² losses are not formed across ranks yet)")
+        }
         if cfg.routing != RoutingKind::TokenChoice {
             bail!("ExpertParallelMoe: only token-choice routing is supported")
         }
@@ -210,6 +213,11 @@ impl ExpertParallelMoe {
             z_loss: z,
             expert_counts: global.kept_per_expert(),
             dropped: global.dropped(),
+            expert_ids: Some(routed.experts.clone()),
+            balance: crate::losses::BalanceLosses {
+                router_aux: vec![aux.clone()],
+                ..Default::default()
+            },
             aux,
         })
     }
