@@ -41,24 +41,67 @@ pub struct MoeOutput {
     pub dropped: usize,
     /// The router outputs the aux losses are formed from (models pool these over layers).
     pub aux: losses::RouterAux,
+    /// Router entropy, mean probability per expert and selection bias of this forward.
+    pub stats: RouterStats,
+}
+
+/// Summary statistics of one forward's router, fetched in the layer's one device-to-host
+/// transfer together with the chosen expert ids.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouterStats {
+    /// Mean over tokens of the entropy `−Σ_e p_e log p_e` (nats) of the softmax router
+    /// probabilities (whatever the scoring; `ln E` is uniform, 0 is one expert per token).
+    pub entropy: f64,
+    /// Mean softmax router probability per expert over the tokens (`P_e` of the
+    /// load-balancing loss), `E` values summing to 1.
+    pub mean_probs: Vec<f64>,
+    /// The router's selection bias (`Router::selection_bias`) when it has one, else empty.
+    pub selection_bias: Vec<f64>,
+}
+
+impl RouterStats {
+    /// `[entropy, mean P (E), bias (E or 0)]` as one f32 vector on the device (no gradient).
+    fn tensor(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Tensor> {
+        let probs = routed.probs.detach(); // (n, E)
+        let log_p = candle_nn::ops::log_softmax(&routed.logits.detach(), 1)?; // finite
+        let entropy = (probs.mul(&log_p)?.sum(1)?.mean_all()? * -1.0)?.reshape(1)?;
+        let mut parts = vec![entropy, probs.mean(0)?];
+        if let Some(b) = bias {
+            parts.push(b.detach().to_dtype(DType::F32)?.flatten_all()?);
+        }
+        Tensor::cat(&parts, 0)?.to_dtype(DType::F32)
+    }
+
+    /// Reads back what [`RouterStats::tensor`] laid out, for `e` experts.
+    fn from_host(v: &[f32], e: usize) -> Self {
+        let f = |s: &[f32]| s.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        Self {
+            entropy: v.first().map_or(f64::NAN, |&x| x as f64),
+            mean_probs: f(v.get(1..1 + e).unwrap_or(&[])),
+            selection_bias: f(v.get(1 + e..).unwrap_or(&[])),
+        }
+    }
 }
 
 /// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
 /// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
-/// Inf anywhere in the input shows up there), which is an error.
-fn host_ids(routed: &RouterOutput) -> Result<Vec<u32>> {
+/// Inf anywhere in the input shows up there), which is an error. `extra` (f32, 1-D) rides along
+/// and is returned after the ids (ids travel as f32: exact below 2^24 experts).
+fn host_ids(routed: &RouterOutput, extra: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
     let peak = routed.logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
     let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
     let bad = diff
         .ne(&diff.zeros_like()?)?
         .to_dtype(DType::U32)?
         .reshape(1)?;
-    let ids = routed.experts.flatten_all()?;
-    let mut host = Tensor::cat(&[&ids, &bad], 0)?.to_vec1::<u32>()?;
-    if host.pop() != Some(0) {
+    let ids = routed.experts.flatten_all()?.to_dtype(DType::F32)?;
+    let n = ids.dim(0)?;
+    let host = Tensor::cat(&[&ids, &bad.to_dtype(DType::F32)?, extra], 0)?.to_vec1::<f32>()?;
+    if host.get(n) != Some(&0.0) {
         bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
     }
-    Ok(host)
+    let ids = host[..n].iter().map(|&v| v as u32).collect();
+    Ok((ids, host[n + 1..].to_vec()))
 }
 
 /// How a sparse layer computes its experts.
@@ -192,7 +235,9 @@ impl SparseMoe {
         let (dims, n) = self.check_input(xs)?;
         let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
         let routed = self.router.forward_t(&x, train)?;
-        let ids = host_ids(&routed)?;
+        let stats = RouterStats::tensor(&routed, self.router.selection_bias())?;
+        let (ids, stats) = host_ids(&routed, &stats)?;
+        let stats = RouterStats::from_host(&stats, self.cfg.num_experts);
         let cap = self
             .cfg
             .capacity_factor
@@ -224,6 +269,7 @@ impl SparseMoe {
             expert_counts: plan.counts(),
             dropped: plan.dropped,
             aux,
+            stats,
         })
     }
 

@@ -21,7 +21,7 @@ mod state;
 
 pub use config::{TrainConfig, DEFAULT_NO_DECAY};
 pub use optim::AdamW;
-pub use state::{StepStats, TrainerState};
+pub use state::{LayerStepStats, StepStats, TrainerState};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
@@ -208,6 +208,7 @@ impl Trainer {
             grad_norm: f64::NAN,
             imbalance: 0.0,
             skipped: false,
+            layers: LayerStepStats::pool(micro.iter().map(|p| p.routing.as_slice())),
         };
         let (grads, finite) = self.accumulate(micro, &mut stats)?;
         let loss = stats.loss;
