@@ -329,7 +329,7 @@ pub fn plot_panels_x(
 }
 
 /// Draws the routing of every sparse layer over training into `path`: one panel per layer with
-/// each expert's share of the layer's routed assignments (summed over a 20-step window; the
+/// each expert's share of the layer's routed assignments (summed over the last 20 steps; the
 /// uniform share is `1/E`), and a last panel with each layer's mean router entropy. Returns
 /// whether it drew: a history without sparse layers draws nothing, a failure is only a warning.
 pub fn plot_routing(path: &Path, title: &str, history: &[candle_moe::train::StepStats]) -> bool {
@@ -370,7 +370,8 @@ fn plot_routing_panels(
             .max()
             .unwrap_or(0);
         let mut shares = vec![vec![]; experts];
-        for win in history.windows(w) {
+        for end in 1..=history.len() {
+            let win = &history[end.saturating_sub(w)..end];
             let step = win[win.len() - 1].step as f64;
             let ls: Vec<_> = win.iter().filter_map(of).collect();
             let total = ls.iter().map(|l| l.assignments).sum::<usize>().max(1) as f64;
@@ -388,7 +389,7 @@ fn plot_routing_panels(
             })
             .collect();
         titles.push(format!(
-            "layer {layer}: share of routed assignments per expert ({w}-step window; uniform {:.3})",
+            "layer {layer}: share of routed assignments per expert (last {w} steps; uniform {:.3})",
             1.0 / experts.max(1) as f64
         ));
         panels.push(series);
