@@ -48,6 +48,9 @@ pub struct BlockCtx<'a> {
     pub train: bool,
     /// Dropout on the attention and feed-forward outputs (training only).
     pub dropout: Option<&'a Dropout>,
+    /// Expert ids `(b·t, k)` to force in this block's sparse layer (routing replay,
+    /// [`SparseMoe::forward_replay`]); `None` routes normally. A dense block refuses them.
+    pub replay: Option<&'a Tensor>,
 }
 
 /// One transformer block.
@@ -175,9 +178,18 @@ impl TransformerBlock {
             self.post_attn_norm.forward(&x)?
         };
         let (f, moe) = match &self.ffn {
+            FeedForward::Dense(_) if ctx.replay.is_some() => {
+                bail!("routing replay: expert ids given for a dense block")
+            }
             FeedForward::Dense(e) => (e.forward(&ffn_in)?, None),
             FeedForward::Sparse(m) => {
-                let o = m.forward_t(&ffn_in, ctx.train)?;
+                let o = match ctx.replay {
+                    Some(ids) => m.forward_replay(&ffn_in, ids, ctx.train)?,
+                    // Expert choice skips padding (the key mask of a bidirectional stack
+                    // marks the tokens themselves).
+                    None if !ctx.causal => m.forward_masked(&ffn_in, ctx.key_mask, ctx.train)?,
+                    None => m.forward_t(&ffn_in, ctx.train)?,
+                };
                 (o.hidden_states.clone(), Some(o))
             }
         };
@@ -189,4 +201,36 @@ impl TransformerBlock {
         };
         Ok((out, moe))
     }
+}
+
+/// Checks that `record` holds ids for exactly the sparse blocks of `layers` (numbered from
+/// `layer_base`); the error names the first layer that differs.
+pub(crate) fn check_replay(
+    record: &crate::moe::replay::RoutingRecord,
+    layers: &[TransformerBlock],
+    layer_base: usize,
+) -> Result<()> {
+    for (i, b) in layers.iter().enumerate() {
+        let sparse = matches!(b.feed_forward(), FeedForward::Sparse(_));
+        if sparse && record.get(layer_base + i).is_none() {
+            bail!(
+                "routing replay: the record has no expert ids for sparse layer {}",
+                layer_base + i
+            )
+        }
+    }
+    for l in record.layers() {
+        let sparse = l
+            .layer
+            .checked_sub(layer_base)
+            .and_then(|i| layers.get(i))
+            .is_some_and(|b| matches!(b.feed_forward(), FeedForward::Sparse(_)));
+        if !sparse {
+            bail!(
+                "routing replay: the record has expert ids for layer {}, which is not a sparse layer of this model",
+                l.layer
+            )
+        }
+    }
+    Ok(())
 }

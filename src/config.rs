@@ -42,7 +42,9 @@ pub struct MoeConfig {
     /// Renormalise the top-k gate weights to sum to one (Mixtral: true; Qwen2-MoE/OLMoE: false).
     pub norm_topk_prob: bool,
     /// Expert capacity factor: each expert keeps at most `ceil(cf * tokens * k / E)` assignments
-    /// (in token order); `None` is dropless.
+    /// (in token order); `None` is dropless. Under expert choice it is the average number of
+    /// experts per token instead: each expert takes `ceil(cf * tokens / E)` tokens (`None`:
+    /// `cf = top_k`).
     pub capacity_factor: Option<f64>,
     /// Multiplicative jitter on the router input in training (Switch Transformer), 0 = off.
     pub router_jitter_noise: f64,

@@ -193,3 +193,63 @@ pub(crate) fn with_f32_slices<R>(
     }
     f(&slices)
 }
+
+/// Expert weights read in place: f32, or bf16 to convert before use.
+#[derive(Clone, Copy)]
+pub(crate) enum WeightSlice<'a> {
+    /// f32, used as is.
+    F32(&'a [f32]),
+    /// bf16, converted into a buffer by [`WeightSlice::as_f32`].
+    Bf16(&'a [half::bf16]),
+}
+
+impl<'a> WeightSlice<'a> {
+    /// The weights as f32: in place, or converted into `buf` (which is overwritten).
+    pub(crate) fn as_f32<'b>(&self, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match *self {
+            WeightSlice::F32(v) => v,
+            WeightSlice::Bf16(v) => {
+                buf.clear();
+                buf.extend(v.iter().map(|x| x.to_f32()));
+                buf
+            }
+        }
+    }
+}
+
+/// Runs `f` on the data of `ts` read in place (each a contiguous f32 or bf16 CPU tensor).
+pub(crate) fn with_weight_slices<R>(
+    ts: &[candle_core::Tensor],
+    f: impl FnOnce(&[WeightSlice<'_>]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (st, l) in &guards {
+        match (&**st, l.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
+                slices.push(WeightSlice::F32(&v[a..b]))
+            }
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)), Some((a, b))) => {
+                slices.push(WeightSlice::Bf16(&v[a..b]))
+            }
+            _ => bail!("expert weights must be contiguous f32 or bf16 CPU tensors"),
+        }
+    }
+    f(&slices)
+}
+
+thread_local! {
+    static WEIGHT_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the current thread's buffer for one converted weight matrix (kept between
+/// calls, like [`with_scratch`]'s; a nested call gets a fresh one).
+pub(crate) fn with_weight_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    WEIGHT_SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut Vec::new()),
+    })
+}

@@ -35,8 +35,14 @@ pub enum RoutingKind {
     /// Each token picks its top-k experts.
     #[default]
     TokenChoice,
-    /// Each expert picks its top-C tokens (Zhou et al. 2022); `C` from the capacity factor.
-    /// It looks at every token of the batch at once, so it is refused in causal decoding.
+    /// Each expert picks its top-C tokens (Zhou et al. 2022; [`crate::moe::expert_choice`]):
+    /// `C = ceil(tokens · c / E)` clamped to the token count, with `c = capacity_factor` when
+    /// set (the average number of experts per token) and `top_k` otherwise. Needs softmax
+    /// scoring without noisy gating, selection bias or expert groups; `norm_topk_prob` does not
+    /// apply (the gates are the softmax scores). It looks at every token of the batch at once,
+    /// future positions included, so causal stacks refuse it: [`crate::CausalLm`] and
+    /// [`crate::Seq2Seq`] (whose decoder shares the configuration) do, the
+    /// [`crate::SequenceClassifier`] allows it.
     ExpertChoice,
 }
 
@@ -125,9 +131,38 @@ impl MlaConfig {
     }
 }
 
+impl MoeConfig {
+    /// Refuses `routing = expert_choice` for a causal model (`model` names it in the error):
+    /// each expert choosing among all the tokens of a batch looks at future positions.
+    pub fn check_causal_routing(&self, model: &str) -> Result<()> {
+        if self.routing == RoutingKind::ExpertChoice {
+            return Err(Error::Config(format!(
+                "routing = expert_choice cannot be used in {model}: each expert picks its tokens \
+                 among the whole batch, future positions included, which breaks causality \
+                 (use token_choice, or expert choice in a bidirectional encoder such as \
+                 SequenceClassifier)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Checks the router-variant fields of `cfg`; the error names the field.
 pub(super) fn validate_routing(cfg: &MoeConfig) -> Result<()> {
     let bad = |m: String| Err(Error::Config(m));
+    if cfg.routing == RoutingKind::ExpertChoice {
+        let clash = [
+            (cfg.scoring != RouterScoring::Softmax, "scoring = sigmoid"),
+            (cfg.noisy_gating, "noisy_gating"),
+            (cfg.selection_bias, "selection_bias"),
+            (cfg.n_group > 1, "n_group > 1"),
+        ];
+        if let Some((_, what)) = clash.iter().find(|(on, _)| *on) {
+            return bad(format!(
+                "routing = expert_choice needs plain softmax scores; it cannot be combined with {what}"
+            ));
+        }
+    }
     let f = cfg.routed_scaling_factor;
     if !(f > 0.0 && f.is_finite()) {
         return bad(format!("routed_scaling_factor must be > 0, got {f}"));

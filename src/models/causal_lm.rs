@@ -6,6 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 use super::generate::{Sampler, SamplingConfig};
 use super::{pool_aux, DecodeCache, LayerRouting, Trunk};
 use crate::config::ModelConfig;
+use crate::moe::replay::RoutingRecord;
 
 /// What [`CausalLm::forward`] returns.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct CausalLmOutput {
     pub routing: Vec<LayerRouting>,
     /// Router logits of every sparse layer, `(b·t, E)` each.
     pub router_logits: Vec<Tensor>,
+    /// The expert ids every sparse layer chose, `(b·t, k)` each: replay them with
+    /// [`CausalLm::forward_replay`].
+    pub routing_record: RoutingRecord,
 }
 
 /// A decoder-only transformer LM whose feed-forwards are (some or all) sparse MoE layers.
@@ -72,6 +76,14 @@ impl CausalLm {
 
     /// [`Self::new`] for a configuration already validated (the loaders validate it once).
     pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        if (0..cfg.num_layers).any(|i| cfg.is_sparse_layer(i)) {
+            if let Err(e) = cfg
+                .moe
+                .check_causal_routing("a CausalLm (decoder-only, causal)")
+            {
+                bail!("{e}")
+            }
+        }
         let (vb, log) = super::recording(vb);
         let embed =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("model.embed_tokens"))?;
@@ -187,6 +199,34 @@ impl CausalLm {
         self.finish(out, attention_mask)
     }
 
+    /// [`Self::forward_t`] with the expert ids of `record` forced in every sparse layer
+    /// (routing replay, see [`crate::moe::replay`]): typically the `routing_record` of an
+    /// earlier forward of the same batch (e.g. the rollout, before the weights changed). The
+    /// gate weights come from the current routers, so gradients reach them. The record must
+    /// hold `(b·t, k)` ids for exactly the model's sparse layers.
+    ///
+    /// # Shapes
+    /// - `input_ids`, `attention_mask`: `(b, t)` -> `logits` `(b, t, vocab)`
+    pub fn forward_replay(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        record: &RoutingRecord,
+        train: bool,
+    ) -> Result<CausalLmOutput> {
+        let out = self.trunk.forward_replay(
+            input_ids,
+            None,
+            attention_mask,
+            None,
+            None,
+            train,
+            0,
+            Some(record),
+        )?;
+        self.finish(out, attention_mask)
+    }
+
     /// Incremental decoding: `input_ids` are the next positions after those in `cache`.
     ///
     /// # Shapes
@@ -259,6 +299,7 @@ impl CausalLm {
             z_loss: z,
             routing: out.routing,
             router_logits: out.router_logits,
+            routing_record: out.record,
         })
     }
 

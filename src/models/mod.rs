@@ -36,9 +36,11 @@ pub struct LayerRouting {
     pub tokens: usize,
     /// Experts per token.
     pub top_k: usize,
-    /// Kept assignments per expert (sums to `tokens · top_k - dropped`).
+    /// Kept assignments per expert (sums to `tokens · top_k - dropped`; under expert choice,
+    /// the `C` tokens each expert picked).
     pub expert_counts: Vec<usize>,
-    /// Assignments dropped by the capacity limit.
+    /// Assignments dropped by the capacity limit (under expert choice: tokens no expert
+    /// picked).
     pub dropped: usize,
     /// Router entropy, mean probability per expert and selection bias of the forward.
     pub router: crate::moe::RouterStats,
@@ -103,6 +105,8 @@ pub(crate) struct TrunkOut {
     pub router_logits: Vec<Tensor>,
     pub aux: Vec<crate::losses::RouterAux>,
     pub routing: Vec<LayerRouting>,
+    /// The expert ids of every token-choice sparse layer.
+    pub record: crate::moe::replay::RoutingRecord,
 }
 
 /// Embeddings, blocks and final norm, shared by the three models.
@@ -271,9 +275,28 @@ impl Trunk {
         type_ids: Option<&Tensor>,
         key_mask: Option<&Tensor>,
         memory: Option<(&Tensor, Option<&Tensor>)>,
+        cache: Option<&mut DecodeCache>,
+        train: bool,
+        layer_base: usize,
+    ) -> Result<TrunkOut> {
+        self.forward_replay(
+            ids, type_ids, key_mask, memory, cache, train, layer_base, None,
+        )
+    }
+
+    /// [`Self::forward`] with the expert ids of `replay` forced in the sparse layers (every
+    /// sparse layer of the stack must be recorded, and nothing else).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_replay(
+        &self,
+        ids: &Tensor,
+        type_ids: Option<&Tensor>,
+        key_mask: Option<&Tensor>,
+        memory: Option<(&Tensor, Option<&Tensor>)>,
         mut cache: Option<&mut DecodeCache>,
         train: bool,
         layer_base: usize,
+        replay: Option<&crate::moe::replay::RoutingRecord>,
     ) -> Result<TrunkOut> {
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let ids = check_ids(ids, &self.cfg, offset)?;
@@ -311,15 +334,27 @@ impl Trunk {
             memory,
             train,
             dropout: self.dropout.as_ref(),
+            replay: None,
         };
+        if let Some(r) = replay {
+            crate::block::check_replay(r, &self.layers, layer_base)?;
+        }
         let mut router_logits = Vec::new();
         let mut aux = Vec::new();
         let mut routing = Vec::new();
+        let mut record = crate::moe::replay::RoutingRecord::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let ctx = BlockCtx {
+                replay: replay.and_then(|r| r.get(layer_base + i)),
+                ..ctx
+            };
             let (y, moe) = layer.forward(&x, &ctx, lc)?;
             x = y;
             if let Some(m) = moe {
+                if let Some(e) = &m.expert_ids {
+                    record.push(layer_base + i, e.clone());
+                }
                 routing.push(LayerRouting {
                     layer: layer_base + i,
                     tokens: b * t,
@@ -340,6 +375,7 @@ impl Trunk {
             router_logits,
             aux,
             routing,
+            record,
         })
     }
 }

@@ -55,6 +55,13 @@ impl Seq2Seq {
 
     /// [`Self::new`] for a configuration already validated (the loaders validate it once).
     pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        // The decoder shares the encoder's configuration: expert choice is refused as soon as
+        // a decoder layer is sparse (an encoder-only sparse stack may use it).
+        if (0..cfg.num_decoder_layers).any(|i| cfg.is_sparse_layer(i)) {
+            if let Err(e) = cfg.moe.check_causal_routing("the Seq2Seq decoder (causal)") {
+                bail!("{e}")
+            }
+        }
         let shared: Embedding =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("shared"))?;
         let lm_head = if cfg.tie_word_embeddings {

@@ -14,13 +14,16 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 pub struct DispatchPlan {
     /// Token index of each kept assignment, sorted by expert (then token): length `n_kept`.
     pub token_idx: Vec<u32>,
-    /// Flat slot index `t * k + j` of each kept assignment, same order as `token_idx`.
+    /// Where each kept assignment's gate weight is in the flattened weight tensor, same order
+    /// as `token_idx`: the slot `t * k + j` of the `(tokens, k)` router weights under token
+    /// choice; the row of the `(E, C)` gate matrix under expert choice
+    /// ([`crate::moe::expert_choice`]), where a token may have any number of assignments.
     pub slot_idx: Vec<u32>,
     /// Segment offsets: expert `e` owns rows `offsets[e]..offsets[e + 1]`; length `E + 1`.
     pub offsets: Vec<usize>,
     /// Assignments routed to each expert before capacity drops.
     pub routed: Vec<usize>,
-    /// Assignments dropped by the capacity limit.
+    /// Assignments dropped by the capacity limit (expert choice: tokens no expert picked).
     pub dropped: usize,
 }
 

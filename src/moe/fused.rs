@@ -1,6 +1,11 @@
 //! CPU fast path for inference: all experts of a layer in one pass, in parallel across cores.
 //!
-//! For f32 on CPU with no gradient tracking, each expert's kept assignments form one task (cut
+//! The weights are f32 or bf16 (a frozen bf16 model keeps its experts in bf16: no f32 copy is
+//! kept); bf16 weights are converted to f32 one matrix at a time inside the task that uses them
+//! (a per-thread buffer of one expert matrix), and every product accumulates in f32. The
+//! activations are f32 (a bf16 layer converts its input and output around the op).
+//!
+//! For CPU with no gradient tracking, each expert's kept assignments form one task (cut
 //! into equal parts only when an expert holds more than a core's share of the rows); the tasks
 //! run on candle's CPU worker pool, each with single-threaded GEMMs that read the experts' own
 //! weight tensors in place (no second copy of the experts is kept). The products are computed with a column-major output
@@ -9,14 +14,15 @@
 //! every token's weighted expert outputs. The result equals the candle-ops path (checked against the per-token reference in
 //! tests).
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use super::dispatch::DispatchPlan;
 use super::experts::Experts;
 use crate::cpu;
 
 /// The weights the fused op reads, in place: per expert `w1` `(f, h)`, `w3` `(f, h)` and `w2`
-/// `(h, f)`, each a contiguous f32 CPU tensor (handles on the experts' own tensors, not copies).
+/// `(h, f)`, each a contiguous f32 or bf16 CPU tensor, all of one dtype (handles on the experts'
+/// own tensors, not copies).
 #[derive(Debug)]
 pub struct FusedExperts {
     h: usize,
@@ -27,14 +33,18 @@ pub struct FusedExperts {
 
 impl FusedExperts {
     /// Collects the weight handles; `None` when the experts are not bias-free SwiGLU in
-    /// contiguous f32 on the CPU.
+    /// contiguous f32 or bf16 (one dtype) on the CPU.
     pub fn new(experts: &Experts) -> Result<Option<Self>> {
         let ex = experts.experts();
         let Some(first) = ex.first() else {
             return Ok(None);
         };
         let (w1, _, _) = first.weights();
-        if !first.is_plain_swiglu() || first.has_bias() || w1.dtype() != candle_core::DType::F32 {
+        let dtype = w1.dtype();
+        if !first.is_plain_swiglu()
+            || first.has_bias()
+            || !matches!(dtype, DType::F32 | DType::BF16)
+        {
             return Ok(None);
         }
         let (f, h) = w1.dims2()?;
@@ -46,10 +56,7 @@ impl FusedExperts {
                 return Ok(None);
             }
             for w in [w1, w3, w2] {
-                if !w.is_contiguous()
-                    || w.dtype() != candle_core::DType::F32
-                    || !w.device().is_cpu()
-                {
+                if !w.is_contiguous() || w.dtype() != dtype || !w.device().is_cpu() {
                     return Ok(None);
                 }
                 ws.push(w.clone());
@@ -129,35 +136,40 @@ impl CustomOp1 for MoeCpuOp<'_> {
             slices.push(a);
             rest = b;
         }
-        cpu::with_f32_slices(&self.fused.ws, |ws| {
+        cpu::with_weight_slices(&self.fused.ws, |ws| {
             cpu::par_each(
                 tasks.iter().zip(slices).collect(),
                 |_, (t, out)| -> Result<()> {
                     cpu::with_scratch(|[xe, gt, act, yt]| {
-                        let m = t.len;
-                        xe.clear();
-                        for r in t.start..t.start + m {
-                            let tok = plan.token_idx[r] as usize;
-                            xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
-                        }
-                        // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
-                        gt.resize(2 * f * m, 0.0);
-                        let (gt1, gt3) = gt[..2 * f * m].split_at_mut(f * m);
-                        matmul_wt_t(xe, h, 1, ws[3 * t.e], gt1, m, h, f)?;
-                        matmul_wt_t(xe, h, 1, ws[3 * t.e + 1], gt3, m, h, f)?;
-                        let (g1, g3) = gt[..2 * f * m].split_at(f * m);
-                        act.clear();
-                        act.extend(g1.iter().zip(g3).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b)); // actᵀ (f × m)
-                                                                                                  // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
-                        yt.resize(h * m, 0.0);
-                        matmul_wt_t(act, 1, m, ws[3 * t.e + 2], &mut yt[..h * m], m, f, h)?;
-                        // Back to row-major (m × h), gate-weighted.
-                        cpu::transpose_into(&yt[..h * m], h, m, out)?;
-                        for (r, row) in out.chunks_mut(h).enumerate() {
-                            let w = self.gate[t.start + r];
-                            row.iter_mut().for_each(|v| *v *= w);
-                        }
-                        Ok(())
+                        cpu::with_weight_scratch(|wbuf| {
+                            let m = t.len;
+                            xe.clear();
+                            for r in t.start..t.start + m {
+                                let tok = plan.token_idx[r] as usize;
+                                xe.extend_from_slice(&x[tok * h..(tok + 1) * h]);
+                            }
+                            // gᵀ (2f × m): rows 0..f are w1·x, rows f..2f are w3·x.
+                            gt.resize(2 * f * m, 0.0);
+                            let (gt1, gt3) = gt[..2 * f * m].split_at_mut(f * m);
+                            matmul_wt_t(xe, h, 1, ws[3 * t.e].as_f32(wbuf), gt1, m, h, f)?;
+                            matmul_wt_t(xe, h, 1, ws[3 * t.e + 1].as_f32(wbuf), gt3, m, h, f)?;
+                            let (g1, g3) = gt[..2 * f * m].split_at(f * m);
+                            act.clear();
+                            act.extend(
+                                g1.iter().zip(g3).map(|(&a, &b)| a / (1.0 + (-a).exp()) * b),
+                            ); // actᵀ (f × m)
+                               // yᵀ (h × m) = (act · w2ᵀ)ᵀ, act read column-major from actᵀ.
+                            yt.resize(h * m, 0.0);
+                            let w2 = ws[3 * t.e + 2].as_f32(wbuf);
+                            matmul_wt_t(act, 1, m, w2, &mut yt[..h * m], m, f, h)?;
+                            // Back to row-major (m × h), gate-weighted.
+                            cpu::transpose_into(&yt[..h * m], h, m, out)?;
+                            for (r, row) in out.chunks_mut(h).enumerate() {
+                                let w = self.gate[t.start + r];
+                                row.iter_mut().for_each(|v| *v *= w);
+                            }
+                            Ok(())
+                        })
                     })
                 },
             )

@@ -3,6 +3,11 @@
 //! `y = Σ_{e ∈ top-k(x)} g_e(x) · E_e(x)` (Shazeer et al. 2017, eq. 1), with tokens permuted by
 //! expert, each expert run once on its contiguous segment, and one weighted combine back
 //! (see [`crate::moe::dispatch`]). The layer returns its aux losses as values ([`MoeOutput`]).
+//!
+//! With `routing = expert_choice` the experts pick their tokens instead
+//! ([`crate::moe::expert_choice`]); [`SparseMoe::forward_replay`] forces recorded expert ids
+//! ([`crate::moe::replay`]). [`is_router_param`] names the router variables, to train with the
+//! routers frozen.
 
 use std::sync::{Arc, OnceLock};
 
@@ -10,12 +15,14 @@ use candle_core::{bail, DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 pub mod dispatch;
+pub mod expert_choice;
 pub mod experts;
 pub(crate) mod fused;
 pub(crate) mod grouped;
+pub mod replay;
 pub mod router;
 
-use crate::config::MoeConfig;
+use crate::config::{MoeConfig, RoutingKind};
 use crate::losses;
 use dispatch::DispatchPlan;
 use dispatch::PlanTensors;
@@ -35,18 +42,25 @@ pub struct MoeOutput {
     pub load_balancing_loss: Tensor,
     /// Scalar f32: the ST-MoE router z-loss; unscaled.
     pub z_loss: Tensor,
-    /// Kept (token, slot) assignments per expert.
+    /// Kept (token, slot) assignments per expert; under expert choice, the tokens each expert
+    /// picked (`C` for every expert).
     pub expert_counts: Vec<usize>,
-    /// Assignments dropped by the capacity limit (0 when dropless).
+    /// Assignments dropped by the capacity limit (0 when dropless); under expert choice, the
+    /// tokens no expert picked (they get only the shared expert, or zero).
     pub dropped: usize,
     /// The router outputs the aux losses are formed from (models pool these over layers).
+    /// Under expert choice the load-balancing loss is formed as for token choice, from the
+    /// softmax scores and the top-k each token's scores would pick (expert choice itself is
+    /// balanced by construction, so it is a diagnostic there); the z-loss is the usual one.
     pub aux: losses::RouterAux,
+    /// The expert ids routed to, `(tokens, k)` u32 (before capacity drops): what
+    /// [`SparseMoe::forward_replay`] can force later. `None` under expert choice.
+    pub expert_ids: Option<Tensor>,
     /// Router entropy, mean probability per expert and selection bias of this forward.
     pub stats: RouterStats,
 }
 
-/// Summary statistics of one forward's router, fetched in the layer's one device-to-host
-/// transfer together with the chosen expert ids.
+/// Summary statistics of one forward's router (one small device-to-host transfer).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterStats {
     /// Mean over tokens of the entropy `−Σ_e p_e log p_e` (nats) of the softmax router
@@ -60,48 +74,68 @@ pub struct RouterStats {
 }
 
 impl RouterStats {
-    /// `[entropy, mean P (E), bias (E or 0)]` as one f32 vector on the device (no gradient).
-    fn tensor(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// The statistics of `routed` (and the router's selection bias `bias`), fetched to the
+    /// host as one f32 vector `[entropy, mean P (E), bias (E or 0)]`; no gradient.
+    fn fetch(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Self> {
         let probs = routed.probs.detach(); // (n, E)
+        let e = probs.dim(1)?;
         let log_p = candle_nn::ops::log_softmax(&routed.logits.detach(), 1)?; // finite
         let entropy = (probs.mul(&log_p)?.sum(1)?.mean_all()? * -1.0)?.reshape(1)?;
         let mut parts = vec![entropy, probs.mean(0)?];
         if let Some(b) = bias {
             parts.push(b.detach().to_dtype(DType::F32)?.flatten_all()?);
         }
-        Tensor::cat(&parts, 0)?.to_dtype(DType::F32)
-    }
-
-    /// Reads back what [`RouterStats::tensor`] laid out, for `e` experts.
-    fn from_host(v: &[f32], e: usize) -> Self {
+        let v = Tensor::cat(&parts, 0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let f = |s: &[f32]| s.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-        Self {
+        Ok(Self {
             entropy: v.first().map_or(f64::NAN, |&x| x as f64),
             mean_probs: f(v.get(1..1 + e).unwrap_or(&[])),
             selection_bias: f(v.get(1 + e..).unwrap_or(&[])),
-        }
+        })
     }
+}
+
+/// Whether the variable `name` belongs to a router (its gate projection `gate.weight` /
+/// `gate.bias`, the noise projection `gate_noise.weight`, the selection-bias buffer
+/// `gate.e_score_correction_bias`), under the crate's own parameter names
+/// (`model.layers.{i}.block_sparse_moe.gate.weight`, or `gate.weight` for a bare layer).
+/// The shared expert's `shared_expert_gate` is not a router. Train with the routers frozen by
+/// training `select_vars(&varmap, |n| !is_router_param(n))`
+/// ([`crate::train::select_vars`]).
+///
+/// ```
+/// use candle_moe::moe::is_router_param;
+/// assert!(is_router_param("model.layers.0.block_sparse_moe.gate.weight"));
+/// assert!(is_router_param("gate_noise.weight"));
+/// assert!(!is_router_param("model.layers.0.block_sparse_moe.experts.1.w1.weight"));
+/// assert!(!is_router_param("model.layers.0.block_sparse_moe.shared_expert_gate.weight"));
+/// ```
+pub fn is_router_param(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).any(|w| {
+        matches!(
+            (w[0], w[1]),
+            ("gate", "weight" | "bias" | "e_score_correction_bias") | ("gate_noise", "weight")
+        )
+    })
 }
 
 /// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
 /// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
-/// Inf anywhere in the input shows up there), which is an error. `extra` (f32, 1-D) rides along
-/// and is returned after the ids (ids travel as f32: exact below 2^24 experts).
-fn host_ids(routed: &RouterOutput, extra: &Tensor) -> Result<(Vec<u32>, Vec<f32>)> {
-    let peak = routed.logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
+/// Inf anywhere in the input shows up there), which is an error.
+pub(super) fn host_ids(logits: &Tensor, ids: &Tensor) -> Result<Vec<u32>> {
+    let peak = logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
     let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
     let bad = diff
         .ne(&diff.zeros_like()?)?
         .to_dtype(DType::U32)?
         .reshape(1)?;
-    let ids = routed.experts.flatten_all()?.to_dtype(DType::F32)?;
-    let n = ids.dim(0)?;
-    let host = Tensor::cat(&[&ids, &bad.to_dtype(DType::F32)?, extra], 0)?.to_vec1::<f32>()?;
-    if host.get(n) != Some(&0.0) {
+    let ids = ids.flatten_all()?;
+    let mut host = Tensor::cat(&[&ids, &bad], 0)?.to_vec1::<u32>()?;
+    if host.pop() != Some(0) {
         bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
     }
-    let ids = host[..n].iter().map(|&v| v as u32).collect();
-    Ok((ids, host[n + 1..].to_vec()))
+    Ok(host)
 }
 
 /// How a sparse layer computes its experts.
@@ -110,7 +144,7 @@ pub enum ExpertBackend {
     /// The fastest that applies (fused, then grouped, then the loop).
     #[default]
     Auto,
-    /// The fused CPU inference op (frozen f32 weights, no gradient).
+    /// The fused CPU inference op (frozen f32 or bf16 weights, f32 arithmetic, no gradient).
     Fused,
     /// The grouped CPU op with a backward pass (f32 SwiGLU experts).
     Grouped,
@@ -235,18 +269,10 @@ impl SparseMoe {
         let (dims, n) = self.check_input(xs)?;
         let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
         let routed = self.router.forward_t(&x, train)?;
-        let stats = RouterStats::tensor(&routed, self.router.selection_bias())?;
-        let (ids, stats) = host_ids(&routed, &stats)?;
-        let stats = RouterStats::from_host(&stats, self.cfg.num_experts);
-        let cap = self
-            .cfg
-            .capacity_factor
-            .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
-        let plan = dispatch::plan(&ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
-        let mut y = self.experts_forward(&x, &routed, &plan, train)?; // (n, h)
-        if let Some(shared) = &self.shared {
-            y = (y + shared.forward(&x)?)?;
+        if self.cfg.routing == RoutingKind::ExpertChoice {
+            return self.expert_choice(&x, routed, None, &dims, train);
         }
+        let ids = host_ids(&routed.logits, &routed.experts)?;
         let aux_ids = if train && self.cfg.noisy_gating {
             // The loss counts the clean top-k choices, as transformers does.
             routed
@@ -256,8 +282,79 @@ impl SparseMoe {
                 .flatten_all()?
                 .to_vec1::<u32>()?
         } else {
-            ids
+            ids.clone()
         };
+        self.token_choice(&x, routed, &ids, aux_ids, &dims, train)
+    }
+
+    /// Forward with the expert ids forced to `expert_ids` (routing replay, see
+    /// [`crate::moe::replay`]): the gate weights are the current router's scores at those ids
+    /// (renormalised as configured), differentiable; the returned `expert_ids` are the forced
+    /// ones. Token-choice routing only.
+    ///
+    /// # Shapes
+    /// - `xs`: `(b, t, h)` or `(n, h)`; `expert_ids`: `(b·t, k)` integer ids in `0..E`
+    pub fn forward_replay(
+        &self,
+        xs: &Tensor,
+        expert_ids: &Tensor,
+        train: bool,
+    ) -> Result<MoeOutput> {
+        if self.cfg.routing == RoutingKind::ExpertChoice {
+            bail!("SparseMoe::forward_replay: replay needs token-choice routing (`routing` is expert_choice)")
+        }
+        let (dims, n) = self.check_input(xs)?;
+        let (k, e) = (self.cfg.top_k, self.cfg.num_experts);
+        let forced = replay::check_ids(expert_ids, n, k, e, xs.device())?;
+        let x = xs.reshape((n, self.cfg.hidden_size))?; // (n, h)
+        let routed = self.router.forward_t(&x, train)?;
+        let routed = RouterOutput {
+            weights: replay::forced_weights(&self.cfg, &routed, &forced)?,
+            experts: forced,
+            ..routed
+        };
+        let ids = host_ids(&routed.logits, &routed.experts)?;
+        self.token_choice(&x, routed, &ids, ids.clone(), &dims, train)
+    }
+
+    /// The token-choice layer output for the routed ids `ids` (host copy of
+    /// `routed.experts`); the load-balancing loss counts `aux_ids`.
+    fn token_choice(
+        &self,
+        x: &Tensor,
+        routed: RouterOutput,
+        ids: &[u32],
+        aux_ids: Vec<u32>,
+        dims: &[usize],
+        train: bool,
+    ) -> Result<MoeOutput> {
+        let n = x.dim(0)?;
+        let cap = self
+            .cfg
+            .capacity_factor
+            .map(|cf| dispatch::capacity(cf, n, self.cfg.top_k, self.cfg.num_experts));
+        let plan = dispatch::plan(ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
+        let y = self.experts_forward(x, &routed.weights, &plan, train)?; // (n, h)
+        let expert_ids = Some(routed.experts.clone());
+        self.finish(x, y, routed, aux_ids, plan, dims, expert_ids)
+    }
+
+    /// Adds the shared expert and forms the aux losses and stats.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn finish(
+        &self,
+        x: &Tensor,
+        mut y: Tensor,
+        routed: RouterOutput,
+        aux_ids: Vec<u32>,
+        plan: DispatchPlan,
+        dims: &[usize],
+        expert_ids: Option<Tensor>,
+    ) -> Result<MoeOutput> {
+        if let Some(shared) = &self.shared {
+            y = (y + shared.forward(x)?)?;
+        }
+        let stats = RouterStats::fetch(&routed, self.router.selection_bias())?;
         let aux = losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
         let (load_balancing_loss, z_loss) =
             losses::pooled_aux_losses(&[&aux], None, self.cfg.num_experts, x.device())?;
@@ -269,6 +366,7 @@ impl SparseMoe {
             expert_counts: plan.counts(),
             dropped: plan.dropped,
             aux,
+            expert_ids,
             stats,
         })
     }
@@ -305,11 +403,12 @@ impl SparseMoe {
         Ok((dims, n))
     }
 
-    /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend.
-    fn experts_forward(
+    /// The routed experts' weighted outputs `(n, h)` for `plan`, by the chosen backend;
+    /// `weights` holds the gate weights the plan's `slot_idx` index (flattened).
+    pub(super) fn experts_forward(
         &self,
         x: &Tensor,
-        routed: &RouterOutput,
+        weights: &Tensor,
         plan: &DispatchPlan,
         train: bool,
     ) -> Result<Tensor> {
@@ -317,9 +416,12 @@ impl SparseMoe {
         let backend = self.backend_for(x, train)?;
         if let Backend::Fused(fused) = &backend {
             // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
-            let w = routed.weights.flatten_all()?.to_vec1::<f32>()?;
+            let w = weights.flatten_all()?.to_vec1::<f32>()?;
             let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
-            return fused::moe_cpu_forward(x, fused, plan, &gate); // (n, h)
+            // The op computes in f32 (bf16 weights are converted inside it, per matrix).
+            let x32 = x.to_dtype(DType::F32)?;
+            return fused::moe_cpu_forward(&x32, fused, plan, &gate)?.to_dtype(x.dtype());
+            // (n, h)
         }
         let idx = PlanTensors::new(plan, x.device())?;
         let gathered = dispatch::gather(x, &idx)?; // (n_kept, h)
@@ -333,7 +435,7 @@ impl SparseMoe {
                 .experts
                 .forward_segments_loop(&gathered, &plan.offsets)?,
         }; // (n_kept, h)
-        let w = dispatch::gather_weights(&routed.weights, &idx, x.dtype())?; // (n_kept, 1)
+        let w = dispatch::gather_weights(weights, &idx, x.dtype())?; // (n_kept, 1)
         dispatch::combine(&expert_out, &w, &idx, n) // (n, h)
     }
 
@@ -359,13 +461,13 @@ impl SparseMoe {
     }
 
     /// The one place the expert computation is chosen: the fused inference op when the layer
-    /// is frozen and nothing needs a gradient (f32 on CPU), else the grouped op (f32 on CPU,
+    /// is frozen and nothing needs a gradient (f32 or bf16 on CPU), else the grouped op (f32 on CPU,
     /// SwiGLU), else the per-expert loop (any dtype, device, expert kind).
     fn backend_for(&self, x: &Tensor, train: bool) -> Result<Backend> {
-        let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+        let cpu_fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::BF16);
         let want = self.backend;
         if matches!(want, ExpertBackend::Auto | ExpertBackend::Fused)
-            && cpu_f32
+            && cpu_fused
             && !train
             && !self.trainable
             && !x.track_op()
