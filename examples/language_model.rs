@@ -2,7 +2,8 @@
 //!
 //! `cargo run --release --example language_model` trains for the default budget, prints the
 //! validation perplexity against a unigram baseline, per-layer expert load and three samples,
-//! and writes the model directory plus `training.png` into `--out`.
+//! and writes the model directory plus `training.png` and (MoE) `routing.png`, the load per
+//! expert per layer over training, into `--out`.
 //! `--dense` trains the dense baseline with the same active parameters;
 //! `--generate "prompt"` samples from a saved model.
 
@@ -18,15 +19,16 @@ use candle_moe::tasks::language_model as lm;
 use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
 use candle_moe::{CausalLm, ModelConfig, SamplingConfig};
-use candle_nn::VarMap;
 use clap::Parser;
 use common::{main_wrapper, plot_panels, print_table, Checkpoints, Series};
+use rand::Rng;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train a small MoE language model on Shakespeare")]
+#[command(mut_arg("aux_loss_coef", |a| a.default_value("0.05")))]
 struct Args {
     /// Device, seed, output and data options shared by the examples.
     #[command(flatten)]
@@ -62,23 +64,14 @@ struct Args {
     /// Evaluate every this many steps.
     #[arg(long, default_value_t = 100)]
     eval_every: usize,
-    /// Coefficient of the load-balancing loss.
-    #[arg(long, default_value_t = 0.05)]
-    aux_loss_coef: f64,
-    /// Scale of the routers' initial weights (1 = the same init as other linear layers; smaller
-    /// starts from flatter routing, as Switch Transformer recommends).
-    #[arg(long, default_value_t = 1.0)]
-    router_init_scale: f64,
-    /// Coefficient of the router z-loss.
-    #[arg(long, default_value_t = 0.001)]
-    z_loss_coef: f64,
+    /// Load balancing, scoring, aux and z-loss coefficients, router init scale.
+    #[command(flatten)]
+    router: common::RouterArgs,
 }
 
 fn model_config(a: &Args, vocab: usize) -> ModelConfig {
     let mut c = a.shape.config(vocab, a.run.dense);
     c.max_position_embeddings = a.seq_len.max(256);
-    c.moe.router_aux_loss_coef = a.aux_loss_coef;
-    c.moe.router_z_loss_coef = a.z_loss_coef;
     c
 }
 
@@ -139,23 +132,6 @@ fn load_corpus(a: &Args) -> Result<Corpus> {
     })
 }
 
-/// Multiplies the routers' freshly initialised weights by `scale` (`--router-init-scale`).
-fn scale_router_init(vm: &VarMap, scale: f64) -> Result<()> {
-    if scale == 1.0 {
-        return Ok(());
-    }
-    let data = vm
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
-    for (name, var) in data.iter() {
-        if name.ends_with("block_sparse_moe.gate.weight") {
-            var.set(&(var.as_tensor() * scale)?)?;
-        }
-    }
-    Ok(())
-}
-
 fn print_model(a: &Args, cfg: &ModelConfig, n_params: usize) {
     let ffn = if a.run.dense {
         format!("a dense FFN of width {}", cfg.dense_intermediate_size)
@@ -177,6 +153,7 @@ fn print_model(a: &Args, cfg: &ModelConfig, n_params: usize) {
 fn run() -> Result<()> {
     let a = Args::parse();
     let dev = common::device(&a.run.device)?;
+    a.router.balance().map_err(anyhow::Error::msg)?;
     if let Some(prompt) = &a.generate {
         let dir = a
             .run
@@ -188,17 +165,16 @@ fn run() -> Result<()> {
     let out = a.run.create_out_dir("language_model")?;
     let data = load_corpus(&a)?;
     let vocab = data.tok.get_vocab_size(true);
-    let (model, vm, cfg) = a.run.model::<CausalLm>(&dev, || model_config(&a, vocab))?;
-    if a.run.resume.is_none() {
-        scale_router_init(&vm, a.router_init_scale)?;
-    }
+    let (model, vm, cfg) = a
+        .run
+        .model::<CausalLm>(&dev, &a.router, || Ok(model_config(&a, vocab)))?;
     let n_params: usize = candle_moe::io::safetensors::varmap_tensors(&vm)?
         .values()
         .map(|t| t.elem_count())
         .sum();
     let tcfg = TrainConfig {
         checkpoint_every: 500,
-        ..a.run.train_config(a.steps, a.lr, a.eval_every, &cfg)
+        ..a.run.train_config(a.steps, a.lr, a.eval_every, &a.router)?
     };
     let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
     if let Some(r) = &a.run.resume {
@@ -226,6 +202,12 @@ fn run() -> Result<()> {
     print_samples(&model, &data.tok, a.run.seed)?;
     let plot_path = out.join("training.png");
     plot(&trainer, a.run.dense, &plot_path);
+    let routing_path = out.join("routing.png");
+    let routed = common::plot_routing(
+        &routing_path,
+        "candle-moe: Shakespeare language model, expert load per layer",
+        &trainer.state.history,
+    );
     println!();
     print_table(
         &["metric", a.run.label()],
@@ -252,9 +234,14 @@ fn run() -> Result<()> {
         ],
     );
     println!(
-        "\nwrote {} (model directory) and {}",
+        "\nwrote {} (model directory) and {}{}",
         out.display(),
-        plot_path.display()
+        plot_path.display(),
+        if routed {
+            format!(", {}", routing_path.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
@@ -272,6 +259,8 @@ fn train(
     let start_step = trainer.state.step;
     trainer.run(
         |rng| {
+            // Dropout and router noise from the step's generator: exact on resume.
+            model.reseed(rng.random());
             Ok(lm::batch(&data.train_ids, a.batch, a.seq_len, rng, dev)
                 .and_then(|(x, y)| lm::loss_parts(model, &x, &y, true))?)
         },

@@ -3,6 +3,11 @@
 //! Mixtral block, measured side by side in one process. Medians of repeated runs after warm-up.
 //!
 //! `cargo run --release --example route_bench -- --experts 8 --top-k 2 --hidden 512 --ffn 1024 --tokens 512`
+//!
+//! `--scoring sigmoid`, `--balance aux-free` (selection bias) and `--group 4,2` (group-limited
+//! selection) configure the measured layer and add a column with its time over the plain
+//! softmax top-k layer's on the same weights, timed alternately (with `--backward`, also the
+//! training step with the balance losses of `--balance`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -98,6 +103,62 @@ struct Args {
     /// PNG plot of tokens/s against the swept tokens, experts or top-k.
     #[arg(long, default_value = "runs/route_bench.png")]
     plot: PathBuf,
+    /// Router scoring of the measured layer: softmax or sigmoid.
+    #[arg(long, default_value = "softmax")]
+    scoring: String,
+    /// Load balancing of the measured layer (comma-separated): aux-loss, aux-free (selection
+    /// bias), global-batch, sequence (sets the sequence-wise loss coefficient 1e-4). With
+    /// --backward the training step adds the layer's load-balancing loss under aux-loss or
+    /// global-batch.
+    #[arg(long, default_value = "aux-loss")]
+    balance: String,
+    /// Group-limited selection `N,TG`: N expert groups, tokens choose from the TG best.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+impl Args {
+    /// The measured layer's routing on top of `cfg`; whether it differs from the plain softmax
+    /// top-k layer; the load-balancing loss coefficient of the training step.
+    fn routing(&self, cfg: &mut MoeConfig) -> Result<(bool, f64)> {
+        let list = common::Balance::parse_list(&self.balance).map_err(anyhow::Error::msg)?;
+        cfg.scoring = match self.scoring.as_str() {
+            "softmax" => candle_moe::RouterScoring::Softmax,
+            "sigmoid" => candle_moe::RouterScoring::Sigmoid,
+            s => anyhow::bail!("--scoring: unknown scoring `{s}` (expected softmax or sigmoid)"),
+        };
+        cfg.selection_bias = list.contains(&common::Balance::AuxFree);
+        if list.contains(&common::Balance::Sequence) {
+            cfg.seq_aux_loss_coef = 1e-4;
+        }
+        if let Some(g) = &self.group {
+            let v: Vec<usize> = g
+                .split(',')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--group `{g}`: {e} (expected N,TG)"))?;
+            let [n, tg] = v[..] else {
+                anyhow::bail!("--group `{g}`: expected two numbers N,TG")
+            };
+            (cfg.n_group, cfg.topk_group) = (n, tg);
+        }
+        cfg.validate()?;
+        let aux = list.contains(&common::Balance::AuxLoss)
+            || list.contains(&common::Balance::GlobalBatch);
+        let plain = MoeConfig {
+            num_experts: cfg.num_experts,
+            top_k: cfg.top_k,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            ..Default::default()
+        };
+        let differs = cfg.scoring != plain.scoring
+            || cfg.selection_bias
+            || cfg.n_group > 1
+            || cfg.seq_aux_loss_coef != 0.0
+            || !aux;
+        Ok((differs, if aux { 0.01 } else { 0.0 }))
+    }
 }
 
 /// One measured point: experts, top-k, tokens, MoE tokens/s, dense tokens/s.
@@ -304,13 +365,15 @@ fn bench_shape(
     points: &mut Vec<Point>,
 ) -> Result<()> {
     let dev = dev.clone();
-    let cfg = MoeConfig {
+    let plain = MoeConfig {
         hidden_size: a.hidden,
         intermediate_size: a.ffn,
         num_experts: experts,
         top_k,
         ..Default::default()
     };
+    let mut cfg = plain.clone();
+    let (variant, lb_coef) = a.routing(&mut cfg)?;
     // Inference weights (not variables), as a loaded checkpoint has them.
     let vm = VarMap::new();
     let _ = SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
@@ -320,7 +383,9 @@ fn bench_shape(
             .into_iter()
             .map(|(k, v)| Ok((k, v.to_dtype(dtype)?.to_device(&dev)?.detach())))
             .collect::<Result<_>>()?;
-    let moe = SparseMoe::new(&cfg, VarBuilder::from_tensors(ts, dtype, &dev))?;
+    let moe = SparseMoe::new(&cfg, VarBuilder::from_tensors(ts.clone(), dtype, &dev))?;
+    // The plain softmax top-k layer on the same weights (the selection bias unused).
+    let base = SparseMoe::new(&plain, VarBuilder::from_tensors(ts, dtype, &dev))?;
     let dvm = VarMap::new();
     let _ = Expert::new(
         a.hidden,
@@ -378,7 +443,21 @@ fn bench_shape(
             mem_d as f64 / 1e6,
             mem_m as f64 / mem_d as f64
         ));
+        if variant {
+            let (_, _, v) = time_pair(
+                a.reps,
+                &dev,
+                || Ok(moe.forward(&xs).map(|_| ())?),
+                || Ok(base.forward(&xs).map(|_| ())?),
+            )?;
+            row.push(format!("{v:.2}x"));
+        }
         if a.backward {
+            if variant {
+                row.push(train_step_ratio(
+                    a, &cfg, &plain, lb_coef, &xs, dtype, &dev,
+                )?);
+            }
             let mvm = VarMap::new();
             let mt = SparseMoe::new(&cfg, VarBuilder::from_varmap(&mvm, dtype, &dev))?;
             let dvm2 = VarMap::new();
@@ -431,12 +510,46 @@ fn bench_shape(
             "MoE/dense range",
             "peak mem MoE/dense",
         ];
+        if variant {
+            header.push("MoE/plain router");
+        }
         if a.backward {
+            if variant {
+                header.push("train step/plain");
+            }
             header.push("fwd+bwd MoE/dense");
         }
         print_table(&header, &rows);
     }
     Ok(())
+}
+
+/// The training step (forward, loss with the layer's balance losses, backward) of the layer
+/// `cfg` over that of the plain layer with its load-balancing loss at 0.01, alternately timed.
+fn train_step_ratio(
+    a: &Args,
+    cfg: &MoeConfig,
+    plain: &MoeConfig,
+    lb_coef: f64,
+    xs: &Tensor,
+    dtype: DType,
+    dev: &Device,
+) -> Result<String> {
+    let vm = VarMap::new();
+    let layer = SparseMoe::new(cfg, VarBuilder::from_varmap(&vm, dtype, dev))?;
+    let bvm = VarMap::new();
+    let base = SparseMoe::new(plain, VarBuilder::from_varmap(&bvm, dtype, dev))?;
+    let step = |m: &SparseMoe, coef: f64| -> Result<()> {
+        let o = m.forward_t(xs, true)?;
+        let mut l = o.hidden_states.sqr()?.mean_all()?;
+        if coef > 0.0 {
+            l = (l + (o.load_balancing_loss * coef)?)?;
+        }
+        l.backward()?;
+        Ok(())
+    };
+    let (_, _, r) = time_pair(a.reps, dev, || step(&layer, lb_coef), || step(&base, 0.01))?;
+    Ok(format!("{r:.2}x"))
 }
 
 /// 1-layer Mixtral-shaped prefill: `CausalLm` against candle-transformers' `mixtral::Model`.

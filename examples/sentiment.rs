@@ -20,6 +20,7 @@ use candle_moe::{ModelConfig, SequenceClassifier};
 use candle_nn::VarMap;
 use clap::Parser;
 use common::{main_wrapper, print_table, Checkpoints};
+use rand::Rng;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -65,6 +66,13 @@ struct Args {
     /// With --init: sparse-upcycle every feed-forward into this many experts (0 = dense fine-tune).
     #[arg(long, default_value_t = 0)]
     upcycle_experts: usize,
+    /// Load balancing, scoring, aux and z-loss coefficients, router init scale.
+    #[command(flatten)]
+    router: common::RouterArgs,
+    /// Who chooses in the sparse layers: token-choice (each token its top-k experts) or
+    /// expert-choice (each expert its top-C tokens of the batch, Zhou et al. 2022).
+    #[arg(long, default_value = "token-choice")]
+    routing: String,
 }
 
 fn main() {
@@ -148,13 +156,14 @@ fn init_from(a: &Args, src: &str, dev: &Device) -> Result<(tokenizers::Tokenizer
     Ok((tok, built))
 }
 
-fn model_config(a: &Args, vocab: usize, pad: u32) -> ModelConfig {
+fn model_config(a: &Args, vocab: usize, pad: u32) -> Result<ModelConfig> {
     let mut c = a.shape.config(vocab, a.run.dense);
+    c.moe.routing = common::parse_routing(&a.routing).map_err(anyhow::Error::msg)?;
     c.max_position_embeddings = a.max_len.max(64);
     c.num_labels = 2;
     c.pad_token_id = Some(pad);
     c.hidden_dropout = a.dropout;
-    c
+    Ok(c)
 }
 
 /// The tokenizer, its padding id and the train, validation and test splits as token ids.
@@ -231,7 +240,7 @@ fn prepare(a: &Args, dev: &Device) -> Result<(Data, Built)> {
         None => {
             let vocab = tok.get_vocab_size(true);
             a.run
-                .model::<SequenceClassifier>(dev, || model_config(a, vocab, pad))?
+                .model::<SequenceClassifier>(dev, &a.router, || model_config(a, vocab, pad))?
         }
     };
     let data = Data {
@@ -279,6 +288,8 @@ fn split_xy(xs: &[(Vec<u32>, u32)]) -> (Vec<Vec<u32>>, Vec<u32>) {
 fn run() -> Result<()> {
     let a = Args::parse();
     let dev = common::device(&a.run.device)?;
+    a.router.balance().map_err(anyhow::Error::msg)?;
+    common::parse_routing(&a.routing).map_err(anyhow::Error::msg)?;
     if let Some(model_dir) = &a.model {
         return score_file(&a, model_dir, &dev);
     }
@@ -287,7 +298,7 @@ fn run() -> Result<()> {
     let pad = data.pad;
     let tcfg = TrainConfig {
         weight_decay: 0.05,
-        ..a.run.train_config(a.steps, a.lr, 100, &cfg)
+        ..a.run.train_config(a.steps, a.lr, 100, &a.router)?
     };
     let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
     let (valid_x, valid_y) = split_xy(&data.valid);
@@ -298,6 +309,8 @@ fn run() -> Result<()> {
     let mut best_weights: Option<(f64, Vec<(String, Tensor)>)> = None;
     trainer.run(
         |rng| {
+            // Dropout and router noise from the step's generator: exact on resume.
+            model.reseed(rng.random());
             let (x, m, y) = classify::batch(&data.train, a.batch, a.max_len, pad, rng, &dev)?;
             Ok(classify::loss_parts(&model, &x, &m, &y, true)?)
         },
@@ -328,6 +341,14 @@ fn run() -> Result<()> {
         }
     }
     ckpt.save(&trainer)?;
+    let routing_path = out.join("routing.png");
+    if common::plot_routing(
+        &routing_path,
+        "candle-moe: sentiment classifier, expert load per layer",
+        &trainer.state.history,
+    ) {
+        println!("wrote {}", routing_path.display());
+    }
     let (test_x, test_y) = split_xy(&data.test);
     let pred = classify::predict(&model, &test_x, 64, a.max_len, pad, &dev)?;
     let (acc, f1) = classify::accuracy_f1(&pred, &test_y);

@@ -17,6 +17,7 @@ use candle_moe::train::TrainConfig;
 use candle_moe::{ModelConfig, Seq2Seq};
 use clap::Parser;
 use common::{main_wrapper, print_table, Checkpoints};
+use rand::Rng;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -47,6 +48,9 @@ struct Args {
     /// Limit the number of test verses (0 = all).
     #[arg(long, default_value_t = 0)]
     test_limit: usize,
+    /// Load balancing, scoring, aux and z-loss coefficients, router init scale.
+    #[command(flatten)]
+    router: common::RouterArgs,
 }
 
 fn main() {
@@ -116,6 +120,7 @@ fn encode(
 fn run() -> Result<()> {
     let a = Args::parse();
     let dev = common::device(&a.run.device)?;
+    a.router.balance().map_err(anyhow::Error::msg)?;
     let out = a.run.create_out_dir("translation")?;
     let (train, valid, test) = bible::split(bible::load(&a.run.corpus("bible_en_es.tsv.gz"))?);
     anyhow::ensure!(
@@ -126,10 +131,10 @@ fn run() -> Result<()> {
     let vocab = tok.get_vocab_size(true);
     let (model, vm, cfg) = a
         .run
-        .model::<Seq2Seq>(&dev, || model_config(&a, vocab, sp.pad))?;
+        .model::<Seq2Seq>(&dev, &a.router, || Ok(model_config(&a, vocab, sp.pad)))?;
     let tcfg = TrainConfig {
         checkpoint_every: 500,
-        ..a.run.train_config(a.steps, a.lr, 250, &cfg)
+        ..a.run.train_config(a.steps, a.lr, 250, &a.router)?
     };
     let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
     let ckpt = Checkpoints::new(&out, &model, &cfg, &vm, &tok)?;
@@ -138,6 +143,8 @@ fn run() -> Result<()> {
     let mut tgt_tokens = 0usize;
     trainer.run(
         |rng| {
+            // Dropout and router noise from the step's generator: exact on resume.
+            model.reseed(rng.random());
             let b = s2s::batch(&train_ids, a.batch, a.max_len, sp, rng, &dev)?;
             tgt_tokens += b[3].sum_all()?.to_scalar::<u32>()? as usize;
             Ok(s2s::loss_parts(&model, &b, sp.pad, true)?)
@@ -154,6 +161,14 @@ fn run() -> Result<()> {
     let train_secs = t0.elapsed().as_secs_f64();
     ckpt.save(&trainer)?;
 
+    let routing_path = out.join("routing.png");
+    if common::plot_routing(
+        &routing_path,
+        "candle-moe: English -> Spanish translation, expert load per layer",
+        &trainer.state.history,
+    ) {
+        println!("wrote {}", routing_path.display());
+    }
     let bleu = test_bleu(&a, &model, &tok, sp, &test, &dev)?;
     println!();
     print_table(

@@ -558,6 +558,21 @@ fn example_clis_fail_with_one_line_and_no_panic() {
             "--init and --resume cannot be combined",
         ),
         (
+            "language_model",
+            vec!["--balance".into(), "aux-free,foo".into()],
+            "--balance: unknown method `foo`",
+        ),
+        (
+            "translation",
+            vec!["--scoring".into(), "tanh".into()],
+            "--scoring: unknown scoring `tanh`",
+        ),
+        (
+            "sentiment",
+            vec!["--routing".into(), "sideways".into()],
+            "--routing: unknown routing `sideways`",
+        ),
+        (
             "translation",
             vec![
                 "--data".into(),

@@ -930,6 +930,7 @@ fn non_finite_floats_round_trip_through_the_state_file() {
         grad_norm: f64::NAN,
         imbalance: f64::MAX,
         skipped: true,
+        layers: vec![],
         ..Default::default()
     };
     tr.state.history.push(weird.clone());

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 
 mod args;
 #[allow(unused_imports)] // not every example uses both
-pub use args::{MoeShape, RunArgs};
+pub use args::{parse_routing, Balance, MoeShape, RouterArgs, RunArgs};
 use tokenizers::Tokenizer;
 
 impl RunArgs {
@@ -65,42 +65,48 @@ impl RunArgs {
     }
 
     /// The model and config of `--resume`, or a fresh model of config `fresh()` with its
-    /// weights reseeded from `--seed`.
+    /// weights reseeded from `--seed` and its routers' weights scaled by
+    /// `--router-init-scale`.
     pub fn model<M: ExampleModel>(
         &self,
         dev: &Device,
-        fresh: impl FnOnce() -> ModelConfig,
+        router: &RouterArgs,
+        fresh: impl FnOnce() -> Result<ModelConfig>,
     ) -> Result<(M, VarMap, ModelConfig)> {
         if let Some(r) = &self.resume {
             let (m, vm) = M::load_dir(r, dev)?;
             let cfg = m.model_config().clone();
             return Ok((m, vm, cfg));
         }
-        let cfg = fresh();
+        let mut cfg = fresh()?;
+        router.apply_model(&mut cfg).map_err(anyhow::Error::msg)?;
         let vm = VarMap::new();
         let m = M::build(&cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
         candle_moe::train::init::reseed_varmap(&vm, self.seed)?;
+        scale_router_init(&vm, router.router_init_scale)?;
         Ok((m, vm, cfg))
     }
 
     /// The examples' schedule: `steps` at peak `lr` after a 5% warm-up, evaluation every
-    /// `eval_every` steps, `--seed` (the auxiliary-loss coefficients are the model's, read by
-    /// [`RunArgs::trainer`]).
+    /// `eval_every` steps, `--seed`, and the trainer's side of `--balance` (the auxiliary-loss
+    /// coefficients are the model's, read by [`RunArgs::trainer`]).
     pub fn train_config(
         &self,
         steps: usize,
         lr: f64,
         eval_every: usize,
-        _cfg: &ModelConfig,
-    ) -> TrainConfig {
-        TrainConfig {
+        router: &RouterArgs,
+    ) -> Result<TrainConfig> {
+        let mut t = TrainConfig {
             steps,
             lr,
             warmup_steps: (steps / 20).max(1),
             eval_every,
             seed: self.seed,
             ..Default::default()
-        }
+        };
+        router.apply_train(&mut t).map_err(anyhow::Error::msg)?;
+        Ok(t)
     }
 
     /// A trainer over `vm` with the model's auxiliary-loss coefficients, and the optimizer and
@@ -112,6 +118,23 @@ impl RunArgs {
         }
         Ok(trainer)
     }
+}
+
+/// Multiplies the routers' freshly initialised weights by `scale` (`--router-init-scale`).
+pub fn scale_router_init(vm: &VarMap, scale: f64) -> Result<()> {
+    if scale == 1.0 {
+        return Ok(());
+    }
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?;
+    for (name, var) in data.iter() {
+        if name.ends_with("block_sparse_moe.gate.weight") {
+            var.set(&(var.as_tensor() * scale)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// A model the NLP examples train: built fresh or loaded from a model directory.
@@ -303,6 +326,88 @@ pub fn plot_panels_x(
     }
     root.present()?;
     Ok(())
+}
+
+/// Draws the routing of every sparse layer over training into `path`: one panel per layer with
+/// each expert's share of the layer's routed assignments (summed over the last 20 steps; the
+/// uniform share is `1/E`), and a last panel with each layer's mean router entropy. Returns
+/// whether it drew: a history without sparse layers draws nothing, a failure is only a warning.
+pub fn plot_routing(path: &Path, title: &str, history: &[candle_moe::train::StepStats]) -> bool {
+    if history.iter().all(|s| s.layers.is_empty()) {
+        return false;
+    }
+    match plot_routing_panels(path, title, history) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("warning: could not draw {}: {e}", path.display());
+            false
+        }
+    }
+}
+
+fn plot_routing_panels(
+    path: &Path,
+    title: &str,
+    history: &[candle_moe::train::StepStats],
+) -> Result<()> {
+    let w = 20usize.min(history.len()).max(1);
+    let mut layers: Vec<usize> = history
+        .iter()
+        .flat_map(|s| s.layers.iter().map(|l| l.layer))
+        .collect();
+    layers.sort_unstable();
+    layers.dedup();
+    let mut titles = vec![];
+    let mut panels = vec![];
+    let mut entropy = vec![];
+    for &layer in &layers {
+        let of =
+            |s: &candle_moe::train::StepStats| s.layers.iter().find(|l| l.layer == layer).cloned();
+        let experts = history
+            .iter()
+            .filter_map(of)
+            .map(|l| l.expert_counts.len())
+            .max()
+            .unwrap_or(0);
+        let mut shares = vec![vec![]; experts];
+        for end in 1..=history.len() {
+            let win = &history[end.saturating_sub(w)..end];
+            let step = win[win.len() - 1].step as f64;
+            let ls: Vec<_> = win.iter().filter_map(of).collect();
+            let total = ls.iter().map(|l| l.assignments).sum::<usize>().max(1) as f64;
+            for (e, series) in shares.iter_mut().enumerate() {
+                let c: usize = ls.iter().filter_map(|l| l.expert_counts.get(e)).sum();
+                series.push((step, c as f64 / total));
+            }
+        }
+        let series: Vec<Series> = shares
+            .into_iter()
+            .enumerate()
+            .map(|(e, points)| Series {
+                name: format!("expert {e}"),
+                points,
+            })
+            .collect();
+        titles.push(format!(
+            "layer {layer}: share of routed assignments per expert (last {w} steps; uniform {:.3})",
+            1.0 / experts.max(1) as f64
+        ));
+        panels.push(series);
+        entropy.push(Series {
+            name: format!("layer {layer}"),
+            points: history
+                .iter()
+                .filter_map(|s| of(s).map(|l| (s.step as f64, l.entropy)))
+                .collect(),
+        });
+    }
+    let mut all: Vec<(&str, &str, Vec<Series>)> = titles
+        .iter()
+        .zip(panels)
+        .map(|(t, s)| (t.as_str(), "share", s))
+        .collect();
+    all.push(("mean router entropy per layer", "nats", entropy));
+    plot_panels(path, title, &all)
 }
 
 /// Prints a table with a header row.

@@ -1,7 +1,8 @@
 //! The NLP examples' command lines: the input is split into arguments (at NUL and newline
 //! bytes) and parsed with the examples' shared flags (`examples/common/args.rs`: `RunArgs`,
-//! `MoeShape`) plus the training flags every NLP example has (`--steps`, `--batch`,
-//! `--seq-len`, `--vocab`, `--lr`, ...), exactly as clap parses them there. A command line that
+//! `MoeShape`, `RouterArgs`, sentiment's `--routing`) plus the training flags every NLP example
+//! has (`--steps`, `--batch`, `--seq-len`, `--vocab`, `--lr`, ...), exactly as clap parses them
+//! there. A command line that
 //! parses is turned into the model and training configuration the examples build and
 //! validated; when both are valid and small, the model is built and run on a few tokens.
 //! Errors (clap's or the crate's) are fine; panics are bugs.
@@ -33,10 +34,10 @@ struct Cli {
     vocab: usize,
     #[arg(long, default_value_t = 3e-3)]
     lr: f64,
-    #[arg(long, default_value_t = 0.05)]
-    aux_loss_coef: f64,
-    #[arg(long, default_value_t = 0.001)]
-    z_loss_coef: f64,
+    #[command(flatten)]
+    router: args::RouterArgs,
+    #[arg(long, default_value = "token-choice")]
+    routing: String,
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -49,14 +50,19 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut cfg = cli.shape.config(cli.vocab, cli.run.dense);
     cfg.max_position_embeddings = cli.seq_len.max(256);
-    cfg.moe.router_aux_loss_coef = cli.aux_loss_coef;
-    cfg.moe.router_z_loss_coef = cli.z_loss_coef;
-    let train = TrainConfig {
+    let Ok(routing) = args::parse_routing(&cli.routing) else {
+        return;
+    };
+    cfg.moe.routing = routing;
+    let mut train = TrainConfig {
         steps: cli.steps,
         lr: cli.lr,
         seed: cli.run.seed,
         ..Default::default()
     };
+    if cli.router.apply_model(&mut cfg).is_err() || cli.router.apply_train(&mut train).is_err() {
+        return;
+    }
     if cfg.validate().is_err() || train.validate().is_err() {
         return;
     }

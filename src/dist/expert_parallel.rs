@@ -203,6 +203,8 @@ impl ExpertParallelMoe {
             y = (y + shared.forward(&x)?)?;
         }
 
+        // Router statistics over this rank's tokens (the counts above are global).
+        let stats = crate::moe::RouterStats::fetch(&routed, self.router.selection_bias())?;
         let aux = RouterAux::new(&routed.logits, routed.probs, aux_ids, k)?;
         let counts = &table[w * e + w..];
         let (lb, z) = self.global_aux_losses(&aux, counts, global.tokens.iter().sum())?;
@@ -214,6 +216,7 @@ impl ExpertParallelMoe {
             expert_counts: global.kept_per_expert(),
             dropped: global.dropped(),
             expert_ids: Some(routed.experts.clone()),
+            stats,
             balance: crate::losses::BalanceLosses {
                 router_aux: vec![aux.clone()],
                 ..Default::default()

@@ -28,7 +28,7 @@ pub use classifier::{ClassifierOutput, SequenceClassifier};
 pub use seq2seq::{Encoded, Seq2Seq, Seq2SeqOutput};
 
 /// Routing statistics of one sparse layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerRouting {
     /// Block index (in its stack; decoder layers of a seq2seq are numbered after the encoder's).
     pub layer: usize,
@@ -42,9 +42,16 @@ pub struct LayerRouting {
     /// Assignments dropped by the capacity limit (under expert choice: tokens no expert
     /// picked).
     pub dropped: usize,
+    /// Router entropy, mean probability per expert and selection bias of the forward.
+    pub router: crate::moe::RouterStats,
 }
 
 impl LayerRouting {
+    /// Routed (token, expert) assignments: the kept ones plus the dropped ones.
+    pub fn assignments(&self) -> usize {
+        self.expert_counts.iter().sum::<usize>() + self.dropped
+    }
+
     /// Largest expert load over the mean load (1 = perfectly balanced, `E` = every assignment
     /// on one expert).
     pub fn imbalance(&self) -> f64 {
@@ -354,6 +361,7 @@ impl Trunk {
                     top_k: self.cfg.moe.top_k,
                     expert_counts: m.expert_counts,
                     dropped: m.dropped,
+                    router: m.stats,
                 });
                 router_logits.push(m.router_logits);
                 aux.push(m.aux);

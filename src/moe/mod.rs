@@ -21,6 +21,7 @@ pub(crate) mod fused;
 pub(crate) mod grouped;
 pub mod replay;
 pub mod router;
+mod stats;
 
 use crate::config::{MoeConfig, RoutingKind};
 use crate::losses;
@@ -29,6 +30,7 @@ use dispatch::PlanTensors;
 use experts::{Experts, SharedExpert};
 use fused::FusedExperts;
 use router::{Router, RouterOutput};
+pub use stats::RouterStats;
 
 /// What a sparse layer returns.
 #[derive(Debug, Clone)]
@@ -59,6 +61,8 @@ pub struct MoeOutput {
     /// The other balance losses of this layer, unscaled (`None` when their coefficient is 0):
     /// the sequence-wise loss treats a `(b, t, h)` input as `b` sequences, `(n, h)` as one.
     pub balance: losses::BalanceLosses,
+    /// Router entropy, mean probability per expert and selection bias of this forward.
+    pub stats: RouterStats,
 }
 
 /// Whether the variable `name` belongs to a router (its gate projection `gate.weight` /
@@ -320,6 +324,7 @@ impl SparseMoe {
         if let Some(shared) = &self.shared {
             y = (y + shared.forward(x)?)?;
         }
+        let stats = RouterStats::fetch(&routed, self.router.selection_bias())?;
         let mut aux =
             losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
         (aux.affinity, aux.cv) = (routed.affinity, routed.cv);
@@ -338,6 +343,7 @@ impl SparseMoe {
             aux,
             expert_ids,
             balance,
+            stats,
         })
     }
 

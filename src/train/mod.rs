@@ -26,7 +26,7 @@ mod state;
 pub use config::{TrainConfig, DEFAULT_NO_DECAY};
 pub use loss::LossParts;
 pub use optim::AdamW;
-pub use state::{StepStats, TrainerState};
+pub use state::{LayerStepStats, StepStats, TrainerState};
 
 use crate::error::{Error, Result};
 use crate::io::atomic::write_atomic;
@@ -238,6 +238,7 @@ impl Trainer {
             grad_norm: f64::NAN,
             imbalance: 0.0,
             skipped: false,
+            layers: LayerStepStats::pool(micro.iter().map(|p| p.routing.as_slice())),
             ..Default::default()
         };
         let gamma = self.bias_rate_at(self.state.step);

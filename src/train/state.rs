@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::models::LayerRouting;
+
 /// What one step did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
@@ -40,6 +42,103 @@ pub struct StepStats {
     /// Shazeer et al.'s load loss `CV(Load)²` (unscaled; 0 when not computed).
     #[serde(default, with = "json_f64")]
     pub load: f64,
+    /// Routing of each sparse layer in this step, its micro-batches pooled (empty in files
+    /// written before it was recorded).
+    #[serde(default)]
+    pub layers: Vec<LayerStepStats>,
+}
+
+/// What one sparse layer's router did in one step, over all its micro-batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerStepStats {
+    /// The layer ([`LayerRouting::layer`]).
+    pub layer: usize,
+    /// Tokens routed (summed over micro-batches).
+    pub tokens: usize,
+    /// Routed (token, expert) assignments, kept and dropped (summed; `tokens · k` for top-k).
+    pub assignments: usize,
+    /// Kept assignments per expert (summed).
+    pub expert_counts: Vec<usize>,
+    /// Assignments dropped by the capacity limit (summed).
+    pub dropped: usize,
+    /// Mean over tokens of the router entropy `−Σ_e p_e log p_e` (nats; micro-batches weighted
+    /// by their tokens).
+    #[serde(with = "json_f64")]
+    pub entropy: f64,
+    /// Mean softmax router probability per expert over the tokens (weighted as `entropy`).
+    #[serde(with = "json_f64::vec")]
+    pub mean_probs: Vec<f64>,
+    /// The selection bias the step routed with (its last micro-batch's, before the step's
+    /// update); empty when the router has none.
+    #[serde(with = "json_f64::vec", default)]
+    pub selection_bias: Vec<f64>,
+}
+
+impl LayerStepStats {
+    /// Pools the per-layer routing of one step's micro-batches, layers matched by
+    /// [`LayerRouting::layer`] (in order of first appearance).
+    pub fn pool<'a>(micro: impl IntoIterator<Item = &'a [LayerRouting]>) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::new();
+        for routing in micro {
+            for r in routing {
+                let i = match out.iter().position(|s| s.layer == r.layer) {
+                    Some(i) => i,
+                    None => {
+                        out.push(Self {
+                            layer: r.layer,
+                            tokens: 0,
+                            assignments: 0,
+                            expert_counts: vec![],
+                            dropped: 0,
+                            entropy: 0.0,
+                            mean_probs: vec![],
+                            selection_bias: vec![],
+                        });
+                        out.len() - 1
+                    }
+                };
+                out[i].add(r);
+            }
+        }
+        for s in &mut out {
+            let t = s.tokens.max(1) as f64;
+            s.entropy /= t;
+            s.mean_probs.iter_mut().for_each(|p| *p /= t);
+        }
+        out
+    }
+
+    /// Adds one micro-batch's routing (entropy and probabilities weighted by its tokens).
+    fn add(&mut self, r: &LayerRouting) {
+        let w = r.tokens as f64;
+        self.tokens += r.tokens;
+        self.assignments += r.assignments();
+        self.dropped += r.dropped;
+        self.entropy += r.router.entropy * w;
+        if self.expert_counts.len() < r.expert_counts.len() {
+            self.expert_counts.resize(r.expert_counts.len(), 0);
+        }
+        for (a, c) in self.expert_counts.iter_mut().zip(&r.expert_counts) {
+            *a += c;
+        }
+        if self.mean_probs.len() < r.router.mean_probs.len() {
+            self.mean_probs.resize(r.router.mean_probs.len(), 0.0);
+        }
+        for (a, p) in self.mean_probs.iter_mut().zip(&r.router.mean_probs) {
+            *a += p * w;
+        }
+        self.selection_bias = r.router.selection_bias.clone();
+    }
+
+    /// Each expert's share of the layer's routed assignments (kept counts over
+    /// [`Self::assignments`]; all zero when nothing was routed).
+    pub fn load_shares(&self) -> Vec<f64> {
+        let total = self.assignments.max(1) as f64;
+        self.expert_counts
+            .iter()
+            .map(|&c| c as f64 / total)
+            .collect()
+    }
 }
 
 /// Lossless JSON for `f64`: finite values as numbers, non-finite ones as the strings `"NaN"`,
@@ -86,6 +185,22 @@ mod json_f64 {
     /// A float that (de)serialises by these rules, for use inside containers.
     #[derive(serde::Serialize, Deserialize)]
     struct F(#[serde(with = "self")] f64);
+
+    /// `Vec<f64>` with the floats by these rules.
+    pub mod vec {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &[f64], s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(v.iter().map(|&x| super::F(x)))
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+            Ok(Vec::<super::F>::deserialize(d)?
+                .into_iter()
+                .map(|f| f.0)
+                .collect())
+        }
+    }
 
     /// `Vec<(usize, f64)>` with the floats by these rules.
     pub mod pairs {
