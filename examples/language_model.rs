@@ -176,7 +176,7 @@ fn run() -> Result<()> {
         checkpoint_every: 500,
         ..a.run.train_config(a.steps, a.lr, a.eval_every, &a.router)?
     };
-    let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
+    let mut trainer = a.run.trainer(&vm, tcfg, &cfg, &model.selection_biases())?;
     if let Some(r) = &a.run.resume {
         println!(
             "resumed from {} at step {}",

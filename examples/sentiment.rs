@@ -300,7 +300,7 @@ fn run() -> Result<()> {
         weight_decay: 0.05,
         ..a.run.train_config(a.steps, a.lr, 100, &a.router)?
     };
-    let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
+    let mut trainer = a.run.trainer(&vm, tcfg, &cfg, &model.selection_biases())?;
     let (valid_x, valid_y) = split_xy(&data.valid);
     let t0 = Instant::now();
     let mut best = (0.0f64, 0usize);

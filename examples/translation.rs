@@ -136,7 +136,7 @@ fn run() -> Result<()> {
         checkpoint_every: 500,
         ..a.run.train_config(a.steps, a.lr, 250, &a.router)?
     };
-    let mut trainer = a.run.trainer(&vm, tcfg, &cfg)?;
+    let mut trainer = a.run.trainer(&vm, tcfg, &cfg, &model.selection_biases())?;
     let ckpt = Checkpoints::new(&out, &model, &cfg, &vm, &tok)?;
     let t0 = Instant::now();
     let start = trainer.state.step;

@@ -109,10 +109,18 @@ impl RunArgs {
         Ok(t)
     }
 
-    /// A trainer over `vm` with the model's auxiliary-loss coefficients, and the optimizer and
-    /// trainer state of `--resume` if given (checked against the checkpoint's manifest).
-    pub fn trainer(&self, vm: &VarMap, cfg: TrainConfig, model: &ModelConfig) -> Result<Trainer> {
+    /// A trainer over `vm` with the model's auxiliary-loss coefficients, tracking the model's
+    /// selection biases (`--balance aux-free` updates them), and the optimizer and trainer
+    /// state of `--resume` if given (checked against the checkpoint's manifest).
+    pub fn trainer(
+        &self,
+        vm: &VarMap,
+        cfg: TrainConfig,
+        model: &ModelConfig,
+        biases: &[(usize, candle_core::Tensor)],
+    ) -> Result<Trainer> {
         let mut trainer = Trainer::for_model(vm, cfg, &model.moe)?;
+        trainer.track_selection_biases(biases)?;
         if let Some(r) = &self.resume {
             candle_moe::train::checkpoint::resume(&mut trainer, r)?;
         }
