@@ -301,8 +301,9 @@ fn print_evaluation(ev: &lm::Eval, unigram_nll: f64) {
         let mean = s.iter().sum::<f64>() / s.len().max(1) as f64;
         // An expert that gets under 1% of its fair share counts as unused.
         let unused = s.iter().filter(|&&x| x < 0.01 * mean).count();
+        let starved = s.iter().filter(|&&x| x < 0.25 * mean).count();
         println!(
-            "  layer {l}: [{}]  max/mean {:.2}, unused experts {unused}",
+            "  layer {l}: [{}]  max/mean {:.2}, unused experts {unused}, under 25% of a fair share {starved}",
             cells.join(", "),
             max / mean.max(1e-12)
         );
