@@ -98,3 +98,48 @@ pub fn stream_seed(seed: u64, coords: &[u64]) -> u64 {
     }
     coords.iter().fold(mix(seed), |h, &c| mix(h ^ mix(c)))
 }
+
+thread_local! {
+    static HOST_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many device-to-host reads (tensor data copied to host memory: a transfer and a
+/// synchronisation on a GPU) the crate's forward passes, losses and training steps have made on
+/// the calling thread so far. Take the difference around a call to count its reads, e.g. one per
+/// sparse layer forward and one for the gradient norm of a training step.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_moe::{MoeConfig, SparseMoe};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let cfg = MoeConfig { hidden_size: 8, intermediate_size: 16, num_experts: 4, top_k: 2, ..Default::default() };
+/// let vm = VarMap::new();
+/// let moe = SparseMoe::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let xs = Tensor::ones((5, 8), DType::F32, &Device::Cpu)?;
+/// let before = candle_moe::ops::host_reads();
+/// moe.forward_t(&xs, true)?;
+/// assert_eq!(candle_moe::ops::host_reads() - before, 1); // the expert ids (and statistics)
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn host_reads() -> usize {
+    HOST_READS.with(|c| c.get())
+}
+
+/// Device-to-host reads that count in [`host_reads`].
+pub(crate) trait HostRead {
+    /// `to_vec1`, counted.
+    fn host_vec1<T: candle_core::WithDType>(&self) -> Result<Vec<T>>;
+    /// `to_scalar`, counted.
+    fn host_scalar<T: candle_core::WithDType>(&self) -> Result<T>;
+}
+
+impl HostRead for Tensor {
+    fn host_vec1<T: candle_core::WithDType>(&self) -> Result<Vec<T>> {
+        HOST_READS.with(|c| c.set(c.get() + 1));
+        self.to_vec1::<T>()
+    }
+    fn host_scalar<T: candle_core::WithDType>(&self) -> Result<T> {
+        HOST_READS.with(|c| c.set(c.get() + 1));
+        self.to_scalar::<T>()
+    }
+}

@@ -14,6 +14,8 @@
 //! the cache is not trimmed to the window).
 
 use candle_core::{DType, Module, Result, Tensor};
+
+use crate::ops::HostRead;
 use candle_nn::VarBuilder;
 
 use crate::config::ModelConfig;
@@ -276,7 +278,7 @@ impl Attention {
             // Inference without padding: scale, causal / window mask, sinks and softmax in one
             // pass over the scores, skipping the masked keys (no bias tensor, no extra passes).
             let sinks = match &self.sinks {
-                Some(s) => s.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                Some(s) => s.to_dtype(DType::F32)?.host_vec1::<f32>()?,
                 None => vec![],
             };
             raw.apply_op1_no_bwd(&ScaledCausalSoftmax {

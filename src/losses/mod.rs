@@ -15,6 +15,8 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
+use crate::ops::HostRead;
+
 use crate::ops::{compute_dtype, logsumexp_keepdim, softmax_last_dim};
 
 pub mod balance;
@@ -121,9 +123,9 @@ pub fn load_balancing_from_parts(
     num_experts: usize,
 ) -> Result<Tensor> {
     let (rows, k) = ids.dims2()?;
-    let ids_host = ids.flatten_all()?.to_vec1::<u32>()?;
+    let ids_host = ids.flatten_all()?.host_vec1::<u32>()?;
     let mask_host = match row_mask {
-        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        Some(m) => Some(m.to_dtype(DType::F32)?.host_vec1::<f32>()?),
         None => None,
     };
     let mut counts = vec![0f64; num_experts];
@@ -226,7 +228,10 @@ pub fn pooled_aux_losses(
             Some(m) => match &host_mask {
                 Some((id, v)) if *id == m[l].id() => Some(v.clone()),
                 _ => {
-                    let v = m[l].flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    let v = m[l]
+                        .flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .host_vec1::<f32>()?;
                     host_mask = Some((m[l].id(), v.clone()));
                     Some(v)
                 }
@@ -327,11 +332,11 @@ pub fn cross_entropy(
         DType::U8 | DType::U32 => targets.to_dtype(DType::U32)?,
         DType::I16 | DType::I32 | DType::I64 => {
             let wide = targets.to_dtype(DType::I64)?;
-            let min = wide.min_all()?.to_scalar::<i64>()?;
+            let min = wide.min_all()?.host_scalar::<i64>()?;
             if min < 0 {
                 bail!("cross_entropy: target id {min} is negative")
             }
-            if wide.max_all()?.to_scalar::<i64>()? > u32::MAX as i64 {
+            if wide.max_all()?.host_scalar::<i64>()? > u32::MAX as i64 {
                 bail!("cross_entropy: target ids do not fit in u32")
             }
             wide.to_dtype(DType::U32)?
@@ -340,14 +345,14 @@ pub fn cross_entropy(
     };
     // With an ignore index the targets go to the host anyway (for the mask).
     let host = match ignore_index {
-        Some(_) => Some(targets.to_vec1::<u32>()?),
+        Some(_) => Some(targets.host_vec1::<u32>()?),
         None => None,
     };
     let out_of_range = match (ignore_index, &host) {
         (Some(ig), Some(t)) => t.iter().copied().find(|&x| x != ig && x as usize >= c),
         // Only the max is needed when nothing is exempt.
         _ => {
-            let max_t = targets.max_all()?.to_scalar::<u32>()?;
+            let max_t = targets.max_all()?.host_scalar::<u32>()?;
             ((max_t as usize) >= c).then_some(max_t)
         }
     };

@@ -16,6 +16,8 @@ mod seeds;
 pub mod seq2seq;
 
 use candle_core::{bail, DType, Module, Result, Tensor};
+
+use crate::ops::HostRead;
 use candle_nn::{Embedding, VarBuilder};
 
 use crate::attention::Rope;
@@ -150,7 +152,7 @@ pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Resul
     match ids.dtype() {
         DType::U8 | DType::U32 => {
             let ids = ids.to_dtype(DType::U32)?;
-            let max = ids.max_all()?.to_scalar::<u32>()?;
+            let max = ids.max_all()?.host_scalar::<u32>()?;
             if max as usize >= vocab {
                 bail!("token id {max} is out of range for vocab_size {vocab}")
             }
@@ -159,11 +161,11 @@ pub(crate) fn check_ids(ids: &Tensor, cfg: &ModelConfig, offset: usize) -> Resul
         DType::I16 | DType::I32 | DType::I64 => {
             // Widening to i64 is lossless for every signed dtype.
             let wide = ids.to_dtype(DType::I64)?;
-            let min = wide.min_all()?.to_scalar::<i64>()?;
+            let min = wide.min_all()?.host_scalar::<i64>()?;
             if min < 0 {
                 bail!("token id {min} is negative: ids must be in 0..{vocab}")
             }
-            let max = wide.max_all()?.to_scalar::<i64>()?;
+            let max = wide.max_all()?.host_scalar::<i64>()?;
             if max as u64 >= vocab as u64 {
                 bail!("token id {max} is out of range for vocab_size {vocab}")
             }
@@ -397,7 +399,7 @@ pub(crate) fn pool_aux(
         for (a, m) in layers.iter_mut().zip(masks) {
             let v = match &host {
                 Some((id, v)) if *id == m.id() => v.clone(),
-                _ => m.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                _ => m.flatten_all()?.to_dtype(DType::F32)?.host_vec1::<f32>()?,
             };
             host = Some((m.id(), v.clone()));
             a.row_mask = Some(v);

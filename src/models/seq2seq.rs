@@ -2,6 +2,8 @@
 //! with greedy decoding and beam search over a KV cache.
 
 use candle_core::{bail, DType, Device, Module, Result, Tensor};
+
+use crate::ops::HostRead;
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use super::{pool_aux, DecodeCache, LayerRouting, Trunk};
@@ -242,7 +244,7 @@ impl Seq2Seq {
         for _ in 0..max_len {
             let inp = Tensor::from_vec(next.clone(), (b, 1), dev)?;
             let logits = self.decode_step(&enc, &inp, &mut cache)?; // (b, 1, vocab)
-            let best = logits.squeeze(1)?.argmax(1)?.to_vec1::<u32>()?;
+            let best = logits.squeeze(1)?.argmax(1)?.host_vec1::<u32>()?;
             for i in 0..b {
                 if !done[i] {
                     if best[i] == eos {

@@ -28,9 +28,11 @@
 
 use candle_core::{bail, DType, Result, Tensor};
 
+use crate::ops::HostRead;
+
 use super::dispatch::DispatchPlan;
 use super::router::RouterOutput;
-use super::{host_ids, MoeOutput, SparseMoe};
+use super::{host_routing, MoeOutput, SparseMoe};
 use crate::config::RoutingKind;
 
 impl SparseMoe {
@@ -75,7 +77,7 @@ impl SparseMoe {
                         m.dim(0)?
                     )
                 }
-                let host = m.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let host = m.to_dtype(DType::F32)?.host_vec1::<f32>()?;
                 let real: Vec<bool> = host.iter().map(|v| *v > 0.0).collect();
                 // Scores are in [0, 1]: padding ranks at -1, below every real token.
                 let keep = Tensor::from_vec(
@@ -100,11 +102,11 @@ impl SparseMoe {
         let (picked, gates) = pick(&routed.probs, &order_by, cap, scaling)?; // (E, C) each
                                                                              // One transfer: the picks, then the token-choice top-k the load-balancing loss counts.
         let both = Tensor::cat(&[picked.flatten_all()?, routed.experts.flatten_all()?], 0)?;
-        let mut host = host_ids(&routed.logits, &both)?;
+        let (mut host, stats) = host_routing(&routed, &both, self.router.selection_bias())?;
         let aux_ids = host.split_off(e * cap);
         let plan = plan(host, e, n, real.as_deref());
         let y = self.experts_forward(x, &gates, &plan, train)?; // (n, h)
-        self.finish(x, y, routed, aux_ids, plan, dims, None)
+        self.finish(x, y, routed, (aux_ids, stats), plan, dims, None)
     }
 }
 

@@ -12,6 +12,8 @@
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{bail, DType, Module, Result, Tensor};
+
+use crate::ops::HostRead;
 use candle_nn::VarBuilder;
 
 pub mod dispatch;
@@ -90,22 +92,38 @@ pub fn is_router_param(name: &str) -> bool {
     })
 }
 
-/// The chosen expert ids `(n·k)` on the host, in the layer's one device-to-host transfer; a
-/// flag appended to the same transfer says whether any router logit is NaN or infinite (NaN or
-/// Inf anywhere in the input shows up there), which is an error.
-pub(super) fn host_ids(logits: &Tensor, ids: &Tensor) -> Result<Vec<u32>> {
-    let peak = logits.abs()?.max_all()?; // scalar; NaN or Inf when any logit is
-    let diff = (peak * 0.0)?; // 0 when finite, NaN otherwise
-    let bad = diff
-        .ne(&diff.zeros_like()?)?
-        .to_dtype(DType::U32)?
+/// The layer's one device-to-host transfer: the integer ids `ids` (expert ids, or under
+/// expert choice the picked tokens), the router statistics ([`RouterStats`]) and a flag that
+/// says whether any router logit is NaN or infinite (NaN or Inf anywhere in the input shows up
+/// there), which is an error. The ids travel as f32, exact below 2^24 (more experts or tokens
+/// than that take a second transfer).
+pub(super) fn host_routing(
+    routed: &RouterOutput,
+    ids: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Vec<u32>, RouterStats)> {
+    let e = routed.probs.dim(1)?;
+    let stats = RouterStats::device_vector(routed, bias)?;
+    // 0 when every logit is finite, NaN otherwise.
+    let flag = (routed.logits.abs()?.max_all()? * 0.0)?
+        .to_dtype(DType::F32)?
         .reshape(1)?;
     let ids = ids.flatten_all()?;
-    let mut host = Tensor::cat(&[&ids, &bad], 0)?.to_vec1::<u32>()?;
-    if host.pop() != Some(0) {
+    let exact = (1usize << 24) > e.max(routed.probs.dim(0)?);
+    let (ids_host, rest) = if exact {
+        let all = Tensor::cat(&[&ids.to_dtype(DType::F32)?, &stats, &flag], 0)?;
+        let mut v = all.host_vec1::<f32>()?;
+        let rest = v.split_off(ids.elem_count());
+        (v.iter().map(|&x| x as u32).collect(), rest)
+    } else {
+        let v = ids.to_dtype(DType::U32)?.host_vec1::<u32>()?;
+        (v, Tensor::cat(&[&stats, &flag], 0)?.host_vec1::<f32>()?)
+    };
+    if rest.last().is_none_or(|f| *f != 0.0) {
         bail!("SparseMoe: the input contains non-finite values (NaN or Inf): router logits are not finite")
     }
-    Ok(host)
+    let stats = RouterStats::from_host(&rest[..rest.len() - 1], e);
+    Ok((ids_host, stats))
 }
 
 /// How a sparse layer computes its experts.
@@ -242,19 +260,24 @@ impl SparseMoe {
         if self.cfg.routing == RoutingKind::ExpertChoice {
             return self.expert_choice(&x, routed, None, &dims, train);
         }
-        let ids = host_ids(&routed.logits, &routed.experts)?;
-        let aux_ids = if train && self.cfg.noisy_gating {
-            // The loss counts the clean top-k choices, as transformers does.
-            routed
+        let bias = self.router.selection_bias();
+        let (ids, aux_ids, stats) = if train && self.cfg.noisy_gating {
+            // The loss counts the clean top-k choices, as transformers does: in the same
+            // transfer, after the routed ids.
+            let clean = routed
                 .logits
                 .arg_sort_last_dim(false)?
                 .narrow(1, 0, self.cfg.top_k)?
-                .flatten_all()?
-                .to_vec1::<u32>()?
+                .flatten_all()?;
+            let both = Tensor::cat(&[&routed.experts.flatten_all()?, &clean], 0)?;
+            let (mut ids, stats) = host_routing(&routed, &both, bias)?;
+            let aux_ids = ids.split_off(n * self.cfg.top_k);
+            (ids, aux_ids, stats)
         } else {
-            ids.clone()
+            let (ids, stats) = host_routing(&routed, &routed.experts, bias)?;
+            (ids.clone(), ids, stats)
         };
-        self.token_choice(&x, routed, &ids, aux_ids, &dims, train)
+        self.token_choice(&x, routed, &ids, aux_ids, stats, &dims, train)
     }
 
     /// Forward with the expert ids forced to `expert_ids` (routing replay, see
@@ -283,8 +306,8 @@ impl SparseMoe {
             experts: forced,
             ..routed
         };
-        let ids = host_ids(&routed.logits, &routed.experts)?;
-        self.token_choice(&x, routed, &ids, ids.clone(), &dims, train)
+        let (ids, stats) = host_routing(&routed, &routed.experts, self.router.selection_bias())?;
+        self.token_choice(&x, routed, &ids, ids.clone(), stats, &dims, train)
     }
 
     /// The token-choice layer output for the routed ids `ids` (host copy of
@@ -295,6 +318,7 @@ impl SparseMoe {
         routed: RouterOutput,
         ids: &[u32],
         aux_ids: Vec<u32>,
+        stats: RouterStats,
         dims: &[usize],
         train: bool,
     ) -> Result<MoeOutput> {
@@ -306,7 +330,7 @@ impl SparseMoe {
         let plan = dispatch::plan(ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
         let y = self.experts_forward(x, &routed.weights, &plan, train)?; // (n, h)
         let expert_ids = Some(routed.experts.clone());
-        self.finish(x, y, routed, aux_ids, plan, dims, expert_ids)
+        self.finish(x, y, routed, (aux_ids, stats), plan, dims, expert_ids)
     }
 
     /// Adds the shared expert and forms the aux losses and stats.
@@ -316,7 +340,7 @@ impl SparseMoe {
         x: &Tensor,
         mut y: Tensor,
         routed: RouterOutput,
-        aux_ids: Vec<u32>,
+        (aux_ids, stats): (Vec<u32>, RouterStats),
         plan: DispatchPlan,
         dims: &[usize],
         expert_ids: Option<Tensor>,
@@ -324,7 +348,6 @@ impl SparseMoe {
         if let Some(shared) = &self.shared {
             y = (y + shared.forward(x)?)?;
         }
-        let stats = RouterStats::fetch(&routed, self.router.selection_bias())?;
         let mut aux =
             losses::RouterAux::new(&routed.logits, routed.probs, aux_ids, self.cfg.top_k)?;
         (aux.affinity, aux.cv) = (routed.affinity, routed.cv);
@@ -392,7 +415,7 @@ impl SparseMoe {
         let backend = self.backend_for(x, train)?;
         if let Backend::Fused(fused) = &backend {
             // Frozen f32 weights on CPU, no gradient needed: all experts in one parallel pass.
-            let w = weights.flatten_all()?.to_vec1::<f32>()?;
+            let w = weights.flatten_all()?.host_vec1::<f32>()?;
             let gate: Vec<f32> = plan.slot_idx.iter().map(|&s| w[s as usize]).collect();
             // The op computes in f32 (bf16 weights are converted inside it, per matrix).
             let x32 = x.to_dtype(DType::F32)?;

@@ -16,6 +16,8 @@
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use crate::ops::HostRead;
+
 use super::router::RouterOutput;
 use crate::config::{MoeConfig, RouterScoring};
 
@@ -99,7 +101,10 @@ pub(crate) fn check_ids(
             ids.dtype()
         )
     }
-    let host = ids.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    let host = ids
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .host_vec1::<i64>()?;
     for (t, row) in host.chunks(k.max(1)).enumerate() {
         for (j, &e) in row.iter().enumerate() {
             if e < 0 || e as u64 >= num_experts as u64 {

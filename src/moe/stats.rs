@@ -3,9 +3,12 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::ops::HostRead;
+
 use super::router::RouterOutput;
 
-/// Summary statistics of one forward's router (one small device-to-host transfer).
+/// Summary statistics of one forward's router (read back with the layer's expert ids, in the
+/// same device-to-host transfer).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RouterStats {
     /// Mean over tokens of the entropy `−Σ_e p_e log p_e` (nats) of the softmax router
@@ -19,11 +22,11 @@ pub struct RouterStats {
 }
 
 impl RouterStats {
-    /// The statistics of `routed` (and the router's selection bias `bias`), fetched to the
-    /// host as one f32 vector `[entropy, mean P (E), bias (E or 0)]`; no gradient.
-    pub(crate) fn fetch(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Self> {
+    /// The statistics of `routed` (and the router's selection bias `bias`) as one f32 vector on
+    /// the device, `[entropy, mean P (E), bias (E or 0)]`, no gradient: what
+    /// [`Self::from_host`] reads back (the layer appends it to its one transfer of expert ids).
+    pub(crate) fn device_vector(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Tensor> {
         let probs = routed.probs.detach(); // (n, E)
-        let e = probs.dim(1)?;
         let log_p = candle_nn::ops::log_softmax(&routed.logits.detach(), 1)?; // finite
         let entropy = (probs.mul(&log_p)?.sum(1)?.mean_all()? * -1.0)?.reshape(1)?;
         // The router computes in f32 (f64 models in f64): one f32 vector for the transfer.
@@ -34,12 +37,22 @@ impl RouterStats {
         if let Some(b) = bias {
             parts.push(b.detach().to_dtype(DType::F32)?.flatten_all()?);
         }
-        let v = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+        Tensor::cat(&parts, 0)
+    }
+
+    /// The statistics from the host copy of [`Self::device_vector`] for `e` experts.
+    pub(crate) fn from_host(v: &[f32], e: usize) -> Self {
         let f = |s: &[f32]| s.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-        Ok(Self {
+        Self {
             entropy: v.first().map_or(f64::NAN, |&x| x as f64),
             mean_probs: f(v.get(1..1 + e).unwrap_or(&[])),
             selection_bias: f(v.get(1 + e..).unwrap_or(&[])),
-        })
+        }
+    }
+
+    /// The statistics of `routed` in a transfer of their own (layers that make no other).
+    pub(crate) fn fetch(routed: &RouterOutput, bias: Option<&Tensor>) -> Result<Self> {
+        let v = Self::device_vector(routed, bias)?.host_vec1::<f32>()?;
+        Ok(Self::from_host(&v, routed.probs.dim(1)?))
     }
 }

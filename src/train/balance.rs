@@ -9,6 +9,8 @@
 //! [`crate::CausalLm::selection_biases`]), keyed by [`crate::LayerRouting::layer`].
 
 use candle_core::{Tensor, Var};
+
+use crate::ops::HostRead;
 use candle_nn::VarMap;
 
 use super::LossParts;
@@ -103,7 +105,7 @@ pub(crate) fn update_biases(
         let old = var
             .as_tensor()
             .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?;
+            .host_vec1::<f64>()?;
         let new = updated_bias(&old, &load, gamma);
         let t = Tensor::from_vec(new, e, var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::ops::HostRead;
+
 use super::{balance, StepStats, Trainer};
 use crate::error::Result;
 use crate::losses::BalanceLosses;
@@ -73,8 +75,6 @@ impl Trainer {
     ) -> Result<(Option<candle_core::backprop::GradStore>, bool)> {
         let k = micro.len() as f64;
         let (aux, zc) = self.aux_coefs();
-        let scalar =
-            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let (sc, cc) = self.balance_coefs;
         let global = if self.cfg.global_batch_balance {
             balance::global_load_balancing(micro)?
@@ -87,24 +87,36 @@ impl Trainer {
             let lb = global.as_ref().map_or(&parts.load_balancing, |g| &g[m]);
             let mut total = ((&parts.task + (lb * aux)?)? + (&parts.z_loss * zc)?)?;
             let b = &parts.balance;
+            // Every logged value in one device-to-host read: [total, task, lb, z, seq?, imp?, load?].
+            let mut logged = vec![&parts.task, lb, &parts.z_loss];
             if let Some(s) = &b.seq_aux {
-                stats.seq_aux += scalar(s)? / k;
                 total = (total + (s * sc)?)?;
+                logged.push(s);
             }
-            for (t, slot) in [
-                (&b.importance, &mut stats.importance),
-                (&b.load, &mut stats.load),
-            ] {
-                if let Some(t) = t {
-                    *slot += scalar(t)? / k;
-                    total = (total + (t * cc)?)?;
-                }
+            for t in [&b.importance, &b.load].into_iter().flatten() {
+                total = (total + (t * cc)?)?;
+                logged.push(t);
             }
-            let loss = scalar(&total)?;
+            let mut parts_f64 = vec![total.to_dtype(DType::F64)?.reshape(1)?];
+            for t in &logged {
+                parts_f64.push(t.to_dtype(DType::F64)?.reshape(1)?);
+            }
+            let v = Tensor::cat(&parts_f64, 0)?.host_vec1::<f64>()?;
+            let loss = v[0];
             stats.loss += loss / k;
-            stats.task += scalar(&parts.task)? / k;
-            stats.load_balancing += scalar(lb)? / k;
-            stats.z_loss += scalar(&parts.z_loss)? / k;
+            stats.task += v[1] / k;
+            stats.load_balancing += v[2] / k;
+            stats.z_loss += v[3] / k;
+            let mut rest = v[4..].iter();
+            if b.seq_aux.is_some() {
+                stats.seq_aux += rest.next().copied().unwrap_or(f64::NAN) / k;
+            }
+            if b.importance.is_some() {
+                stats.importance += rest.next().copied().unwrap_or(f64::NAN) / k;
+            }
+            if b.load.is_some() {
+                stats.load += rest.next().copied().unwrap_or(f64::NAN) / k;
+            }
             stats.imbalance += mean_imbalance(&parts.routing) / k;
             if !loss.is_finite() {
                 finite = false;
@@ -143,7 +155,7 @@ impl Trainer {
             }
         }
         Ok(match sq {
-            Some(s) => s.to_scalar::<f64>()?.sqrt(),
+            Some(s) => s.host_scalar::<f64>()?.sqrt(),
             None => 0.0,
         })
     }

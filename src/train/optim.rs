@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
+
+use crate::ops::HostRead;
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 
@@ -116,7 +118,7 @@ impl AdamW {
             }
         }
         if let Some(p) = probe {
-            if !p.to_scalar::<f32>()?.is_finite() {
+            if !p.host_scalar::<f32>()?.is_finite() {
                 return Ok(false);
             }
         }
