@@ -277,7 +277,7 @@ impl SparseMoe {
             let (ids, stats) = host_routing(&routed, &routed.experts, bias)?;
             (ids.clone(), ids, stats)
         };
-        self.token_choice(&x, routed, &ids, aux_ids, stats, &dims, train)
+        self.token_choice(&x, routed, &ids, (aux_ids, stats), &dims, train)
     }
 
     /// Forward with the expert ids forced to `expert_ids` (routing replay, see
@@ -307,18 +307,18 @@ impl SparseMoe {
             ..routed
         };
         let (ids, stats) = host_routing(&routed, &routed.experts, self.router.selection_bias())?;
-        self.token_choice(&x, routed, &ids, ids.clone(), stats, &dims, train)
+        self.token_choice(&x, routed, &ids, (ids.clone(), stats), &dims, train)
     }
 
     /// The token-choice layer output for the routed ids `ids` (host copy of
-    /// `routed.experts`); the load-balancing loss counts `aux_ids`.
+    /// `routed.experts`); `counted`: the ids the load-balancing loss counts and the router
+    /// statistics.
     fn token_choice(
         &self,
         x: &Tensor,
         routed: RouterOutput,
         ids: &[u32],
-        aux_ids: Vec<u32>,
-        stats: RouterStats,
+        counted: (Vec<u32>, RouterStats),
         dims: &[usize],
         train: bool,
     ) -> Result<MoeOutput> {
@@ -330,7 +330,7 @@ impl SparseMoe {
         let plan = dispatch::plan(ids, self.cfg.top_k, self.cfg.num_experts, cap)?;
         let y = self.experts_forward(x, &routed.weights, &plan, train)?; // (n, h)
         let expert_ids = Some(routed.experts.clone());
-        self.finish(x, y, routed, (aux_ids, stats), plan, dims, expert_ids)
+        self.finish(x, y, routed, counted, plan, dims, expert_ids)
     }
 
     /// Adds the shared expert and forms the aux losses and stats.
