@@ -181,17 +181,16 @@ pub(crate) fn with_f32_slices<R>(
     ts: &[candle_core::Tensor],
     f: impl FnOnce(&[&[f32]]) -> Result<R>,
 ) -> Result<R> {
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (st, l) in &guards {
-        match (&**st, l.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => {
-                slices.push(&v[a..b])
+    with_weight_slices(ts, |ws| {
+        let mut slices = Vec::with_capacity(ws.len());
+        for w in ws {
+            match *w {
+                WeightSlice::F32(v) => slices.push(v),
+                WeightSlice::Bf16(_) => bail!("expert weights must be contiguous f32 CPU tensors"),
             }
-            _ => bail!("expert weights must be contiguous f32 CPU tensors"),
         }
-    }
-    f(&slices)
+        f(&slices)
+    })
 }
 
 /// Expert weights read in place: f32, or bf16 to convert before use.
