@@ -117,3 +117,65 @@ fn resume_is_bit_exact_with_dropout_noise_and_jitter() {
         "without reseeding, the resumed run should differ"
     );
 }
+
+/// A checkpoint set with one file from an older step (a crash between writes, a hand copy) is
+/// detected: `verify` names the file and `resume` refuses it, for the model weights and for each
+/// file of the trainer's state.
+#[test]
+fn a_file_from_an_older_checkpoint_is_detected() {
+    let (model, vm, mut trainer) = fresh();
+    let (old, new) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let save = |dir: &std::path::Path, trainer: &Trainer| {
+        let files = model_files(&cfg(), &varmap_tensors(&vm).unwrap(), None, dir).unwrap();
+        checkpoint::save(dir, files, trainer).unwrap();
+    };
+    train(&model, &mut trainer, 1, true);
+    save(old.path(), &trainer);
+    train(&model, &mut trainer, 2, true);
+    save(new.path(), &trainer);
+    assert_eq!(checkpoint::verify(new.path()).unwrap().unwrap().step, 2);
+    let names: Vec<String> = checkpoint::verify(new.path())
+        .unwrap()
+        .unwrap()
+        .files
+        .keys()
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with("trainer_state.json"))
+        .cloned()
+        .collect();
+    assert!(names.len() >= 3, "{names:?}");
+    for name in names {
+        let mixed = tempfile::tempdir().unwrap();
+        for entry in walk(new.path()) {
+            let rel = entry.strip_prefix(new.path()).unwrap();
+            let dst = mixed.path().join(rel);
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            let src = if rel.to_str() == Some(name.as_str()) {
+                old.path().join(rel)
+            } else {
+                entry.clone()
+            };
+            std::fs::copy(src, dst).unwrap();
+        }
+        let err = checkpoint::verify(mixed.path()).unwrap_err().to_string();
+        assert!(err.contains(&name), "{name}: {err}");
+        let mut t = Trainer::for_model(&vm, train_cfg(), &cfg().moe).unwrap();
+        assert!(checkpoint::resume(&mut t, mixed.path()).is_err(), "{name}");
+        assert_eq!(
+            t.state.step, 0,
+            "{name}: a refused resume changed the trainer"
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
