@@ -3,7 +3,7 @@
 //! [`Communicator`] is the handful of collectives expert parallelism needs (rank, size,
 //! all-to-all-v of f32 rows, all-reduce sums, barrier). [`LocalComm`] is the single-process
 //! backend (one rank: every collective is the identity); with the cargo feature `mpi`,
-//! [`MpiComm`] runs them over MPI (rsmpi over the system's Open MPI). The expert-parallel layer
+//! `MpiComm` runs them over MPI (rsmpi over the system's Open MPI). The expert-parallel layer
 //! ([`ExpertParallelMoe`]) shards a sparse layer's experts over the ranks and moves token rows
 //! with two differentiable all-to-alls ([`all_to_all`]); see `docs/expert_parallel.md`.
 
