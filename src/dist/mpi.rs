@@ -150,6 +150,26 @@ fn displs(counts: &[Count]) -> Vec<Count> {
         .collect()
 }
 
+impl MpiComm {
+    /// Element-wise sum of `values` over the ranks, in place (`what` names the call in a
+    /// timeout message).
+    fn all_reduce_sum<T: mpi::datatype::Equivalence + Clone>(
+        &self,
+        values: &mut [T],
+        what: &str,
+    ) -> Result<()> {
+        let inner = self.lock()?;
+        let world = &inner.world;
+        let send = values.to_vec();
+        mpi::request::scope(|scope| {
+            let req =
+                world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
+            wait(req, world, what, self.timeout)
+        });
+        Ok(())
+    }
+}
+
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.rank
@@ -189,26 +209,10 @@ impl Communicator for MpiComm {
         Ok((recv, rc.iter().map(|&c| c as usize).collect()))
     }
     fn all_reduce_sum_f32(&self, values: &mut [f32]) -> Result<()> {
-        let inner = self.lock()?;
-        let world = &inner.world;
-        let send = values.to_vec();
-        mpi::request::scope(|scope| {
-            let req =
-                world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
-            wait(req, world, "all_reduce_sum_f32", self.timeout)
-        });
-        Ok(())
+        self.all_reduce_sum(values, "all_reduce_sum_f32")
     }
     fn all_reduce_sum_u64(&self, values: &mut [u64]) -> Result<()> {
-        let inner = self.lock()?;
-        let world = &inner.world;
-        let send = values.to_vec();
-        mpi::request::scope(|scope| {
-            let req =
-                world.immediate_all_reduce_into(scope, &send[..], values, SystemOperation::sum());
-            wait(req, world, "all_reduce_sum_u64", self.timeout)
-        });
-        Ok(())
+        self.all_reduce_sum(values, "all_reduce_sum_u64")
     }
     fn barrier(&self) -> Result<()> {
         let inner = self.lock()?;
