@@ -9,32 +9,18 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
 use candle_moe::moe::ExpertBackend;
 use candle_moe::{CausalLm, LoadOptions, MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use common::moe_ref::reference;
-use common::{randomize, Rng};
+use common::Rng;
 
 const H: usize = 32;
 
 /// A frozen bf16 layer and the f64 varmap holding the same (rounded) weights.
 fn frozen_bf16(cfg: &MoeConfig, seed: u64) -> (VarMap, SparseMoe) {
-    let vm64 = VarMap::new();
-    SparseMoe::new(
-        cfg,
-        VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu),
-    )
-    .unwrap();
-    randomize(&vm64, &mut Rng::new(seed), 0.3);
-    let mut tensors = HashMap::new();
-    for (name, v) in vm64.data().lock().unwrap().iter() {
-        let r = v.as_tensor().to_dtype(DType::BF16).unwrap();
-        v.set(&r.to_dtype(DType::F64).unwrap()).unwrap();
-        tensors.insert(name.clone(), r);
-    }
+    let (vm64, tensors) = common::rounded_moe_weights(cfg, seed, 0.3, DType::BF16);
     let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
     (vm64, SparseMoe::new(cfg, vb).unwrap())
 }

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_moe::{MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
 use common::moe_ref::reference;
-use common::{randomize, Rng};
+use common::Rng;
 
 const H: usize = 16;
 
@@ -55,20 +55,12 @@ fn configs() -> Vec<MoeConfig> {
 
 /// The f64 CPU varmap (weights rounded to `dt`) and the layer in `dt` on `dev`.
 fn layer_on(cfg: &MoeConfig, seed: u64, dt: DType, dev: &Device) -> (VarMap, VarMap, SparseMoe) {
-    let vm64 = VarMap::new();
-    SparseMoe::new(
-        cfg,
-        VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu),
-    )
-    .unwrap();
-    randomize(&vm64, &mut Rng::new(seed), 0.5);
+    let (vm64, rounded) = common::rounded_moe_weights(cfg, seed, 0.5, dt);
     let vm = VarMap::new();
     let moe = SparseMoe::new(cfg, VarBuilder::from_varmap(&vm, dt, dev)).unwrap();
-    for (name, v64) in vm64.data().lock().unwrap().iter() {
-        let rounded = v64.as_tensor().to_dtype(dt).unwrap();
-        v64.set(&rounded.to_dtype(DType::F64).unwrap()).unwrap();
-        vm.data().lock().unwrap()[name]
-            .set(&rounded.to_device(dev).unwrap())
+    for (name, r) in rounded {
+        vm.data().lock().unwrap()[&name]
+            .set(&r.to_device(dev).unwrap())
             .unwrap();
     }
     (vm64, vm, moe)

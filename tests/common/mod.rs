@@ -54,6 +54,31 @@ pub fn randomize(varmap: &VarMap, rng: &mut Rng, std: f64) {
     }
 }
 
+/// A sparse layer's weights drawn at random (N(0, std²), seeded) and rounded to `dt`: the f64
+/// varmap holding the rounded values (what the per-token reference reads) and the rounded
+/// tensors by name (to build the same layer in `dt`).
+pub fn rounded_moe_weights(
+    cfg: &candle_moe::MoeConfig,
+    seed: u64,
+    std: f64,
+    dt: DType,
+) -> (VarMap, std::collections::HashMap<String, Tensor>) {
+    let vm64 = VarMap::new();
+    candle_moe::SparseMoe::new(
+        cfg,
+        candle_nn::VarBuilder::from_varmap(&vm64, DType::F64, &Device::Cpu),
+    )
+    .unwrap();
+    randomize(&vm64, &mut Rng::new(seed), std);
+    let mut rounded = std::collections::HashMap::new();
+    for (name, v) in vm64.data().lock().unwrap().iter() {
+        let r = v.as_tensor().to_dtype(dt).unwrap();
+        v.set(&r.to_dtype(DType::F64).unwrap()).unwrap();
+        rounded.insert(name.clone(), r);
+    }
+    (vm64, rounded)
+}
+
 /// The value of a named var as a host matrix of f64.
 pub fn mat(varmap: &VarMap, name: &str) -> Vec<Vec<f64>> {
     let data = varmap.data().lock().unwrap();
