@@ -270,20 +270,26 @@ impl Router {
         })
     }
 
+    /// The chosen expert ids `(n, k)`: the `k` largest of `order_by` `(n, E)`, best first; with
+    /// dense gating (`k == E`) every expert in id order (no sort needed).
+    fn chosen_ids(&self, order_by: &Tensor) -> Result<Tensor> {
+        if self.top_k == self.num_experts {
+            let n = order_by.dim(0)?;
+            return Tensor::arange(0u32, self.num_experts as u32, order_by.device())?
+                .unsqueeze(0)?
+                .broadcast_as((n, self.num_experts))?
+                .contiguous();
+        }
+        order_by
+            .arg_sort_last_dim(false)? // (n, E) descending
+            .narrow(1, 0, self.top_k)?
+            .contiguous()
+    }
+
     /// Shazeer et al.'s `softmax(KeepTopK(h, k))`: the top-k of `h` `(n, E)`, weights the
     /// softmax over the kept values (every expert in id order when `k == E`).
     fn noisy_top_k(&self, h: &Tensor) -> Result<(Tensor, Tensor)> {
-        let ids = if self.top_k == self.num_experts {
-            let n = h.dim(0)?;
-            Tensor::arange(0u32, self.num_experts as u32, h.device())?
-                .unsqueeze(0)?
-                .broadcast_as((n, self.num_experts))?
-                .contiguous()?
-        } else {
-            h.arg_sort_last_dim(false)?
-                .narrow(1, 0, self.top_k)?
-                .contiguous()?
-        };
+        let ids = self.chosen_ids(h)?;
         let w = softmax_last_dim(&h.gather(&ids, 1)?)?;
         let w = if self.scaling != 1.0 {
             (w * self.scaling)?
@@ -296,18 +302,11 @@ impl Router {
     /// Picks the top-k of `scores` `(n, E)` (ranked by `order_by`, the matching logits): weights `(n, k)` (renormalised if configured) and
     /// expert ids `(n, k)`.
     fn top_k(&self, scores: &Tensor, order_by: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (weights, experts) = if self.top_k == self.num_experts {
-            // Dense gating: every expert, in id order (no sort needed).
-            let n = scores.dim(0)?;
-            let ids = Tensor::arange(0u32, self.num_experts as u32, scores.device())?
-                .unsqueeze(0)?
-                .broadcast_as((n, self.num_experts))?
-                .contiguous()?;
-            (scores.clone(), ids)
+        let experts = self.chosen_ids(order_by)?;
+        let weights = if self.top_k == self.num_experts {
+            scores.clone() // every expert, in id order
         } else {
-            let order = order_by.arg_sort_last_dim(false)?; // (n, E) descending
-            let ids = order.narrow(1, 0, self.top_k)?.contiguous()?; // (n, k)
-            (scores.gather(&ids, 1)?, ids)
+            scores.gather(&experts, 1)?
         };
         let sigmoid = self.scoring == RouterScoring::Sigmoid;
         let weights = if self.norm_topk_prob && (self.top_k < self.num_experts || sigmoid) {
