@@ -172,6 +172,7 @@ fn state_with_layer_stats_round_trips_and_old_files_load() {
         skipped_total: 0,
         history: vec![stats],
         evals: vec![],
+        ..Default::default()
     };
     let json = serde_json::to_string(&state).unwrap();
     let back: TrainerState = serde_json::from_str(&json).unwrap();

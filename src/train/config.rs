@@ -64,6 +64,15 @@ pub struct TrainConfig {
     /// ([`crate::losses::balance::global_batch_load_balancing`]). Needs the router outputs in
     /// [`super::LossParts::balance`] (as [`super::LossParts::from_output`] fills them).
     pub global_batch_balance: bool,
+    /// Dynamic loss scaling for f16 training (as PyTorch's `GradScaler`): the initial scale
+    /// (e.g. 65536). The total loss is multiplied by the scale before the backward pass and
+    /// the gradients divided by it in f32; a step whose gradients overflow is skipped and the
+    /// scale halved (such skips do not count toward `max_nonfinite_in_row` while the scale is
+    /// above 1); after `loss_scale_window` applied steps in a row the scale doubles. `None`
+    /// (default): no scaling, which is what f32, f64 and bf16 (f32's exponent range) need.
+    pub loss_scale: Option<f64>,
+    /// Applied steps in a row after which the loss scale doubles (PyTorch's default 2000).
+    pub loss_scale_window: usize,
     /// Substrings of the variable names that get no weight decay (norms, biases, embeddings
     /// and the router by default); an empty list decays every variable.
     pub no_decay: Vec<String>,
@@ -96,6 +105,8 @@ impl Default for TrainConfig {
             bias_update_rate: 0.0,
             bias_update_until: None,
             global_batch_balance: false,
+            loss_scale: None,
+            loss_scale_window: 2000,
             no_decay: DEFAULT_NO_DECAY.iter().map(|s| s.to_string()).collect(),
             eval_every: 0,
             checkpoint_every: 0,
@@ -156,6 +167,18 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad("min_lr_ratio", "in [0, 1]", self.min_lr_ratio.to_string());
+        }
+        if let Some(s) = self.loss_scale {
+            if !(s.is_finite() && s >= 1.0) {
+                return bad(
+                    "loss_scale",
+                    "None or finite and >= 1",
+                    format!("Some({s})"),
+                );
+            }
+        }
+        if self.loss_scale_window == 0 {
+            return bad("loss_scale_window", "at least 1", "0".into());
         }
         if self.max_nonfinite_in_row == 0 {
             return bad("max_nonfinite_in_row", "at least 1", "0".into());

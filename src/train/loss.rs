@@ -122,7 +122,12 @@ impl Trainer {
                 finite = false;
                 continue;
             }
-            let mut g = (total / k)?.backward()?;
+            // The loss in f32 (at least) before any scaling: an f16 loss times a loss scale
+            // would overflow; the gradient re-enters the half-precision graph through the cast.
+            let total = total.to_dtype(crate::ops::compute_dtype(total.dtype()))?;
+            let scale = self.state.loss_scale.unwrap_or(1.0);
+            let mut g = (total / (k / scale))?.backward()?;
+            self.master_grads(&mut g, scale)?;
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {
@@ -140,6 +145,27 @@ impl Trainer {
             });
         }
         Ok((grads, finite))
+    }
+
+    /// Widens the gradients of half-precision variables to f32 (the dtype of their masters,
+    /// so accumulation, the norm, clipping and AdamW run in f32) and divides every gradient by
+    /// the loss scale (when it is not 1).
+    fn master_grads(&self, g: &mut candle_core::backprop::GradStore, scale: f64) -> Result<()> {
+        if scale == 1.0 && !self.opt.has_masters() {
+            return Ok(());
+        }
+        for v in self.opt.vars() {
+            if let Some(gv) = g.remove(v) {
+                let gv = if super::optim::is_half(gv.dtype()) {
+                    gv.to_dtype(DType::F32)?
+                } else {
+                    gv
+                };
+                let gv = if scale == 1.0 { gv } else { (gv / scale)? };
+                g.insert(v, gv);
+            }
+        }
+        Ok(())
     }
 
     /// The global gradient norm: one reduction on the device, one scalar to the host.

@@ -10,7 +10,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 use rand::SeedableRng;
 
@@ -147,6 +147,8 @@ impl Trainer {
             skipped_total: 0,
             history: vec![],
             evals: vec![],
+            loss_scale: cfg.loss_scale,
+            loss_scale_good_steps: 0,
         };
         Ok(Self {
             cfg,
@@ -279,6 +281,8 @@ impl Trainer {
                 ok
             }
         };
+        let scale_overflow = !applied && self.state.loss_scale.is_some_and(|s| s > 1.0);
+        self.update_loss_scale(applied);
         if applied {
             if gamma > 0.0 {
                 balance::update_biases(&self.biases, micro, gamma)?;
@@ -287,8 +291,12 @@ impl Trainer {
             self.state.step += 1;
         } else {
             stats.skipped = true;
-            self.nonfinite_in_row += 1;
             self.state.skipped_total += 1;
+            // An f16 overflow under loss scaling is expected now and then: the scale was halved
+            // and the next step retries; it counts toward the abort only once the scale is 1.
+            if !scale_overflow {
+                self.nonfinite_in_row += 1;
+            }
             if self.nonfinite_in_row >= self.cfg.max_nonfinite_in_row {
                 self.state.history.push(stats.clone());
                 return Err(Error::Training(format!(
@@ -300,6 +308,24 @@ impl Trainer {
         stats.step = self.state.step;
         self.state.history.push(stats.clone());
         Ok(stats)
+    }
+
+    /// Dynamic loss scaling after a step: halve on a skipped step, double after
+    /// `loss_scale_window` applied steps in a row.
+    fn update_loss_scale(&mut self, applied: bool) {
+        let Some(scale) = self.state.loss_scale else {
+            return;
+        };
+        if !applied {
+            self.state.loss_scale = Some((scale / 2.0).max(1.0));
+            self.state.loss_scale_good_steps = 0;
+        } else {
+            self.state.loss_scale_good_steps += 1;
+            if self.state.loss_scale_good_steps >= self.cfg.loss_scale_window {
+                self.state.loss_scale = Some(scale * 2.0);
+                self.state.loss_scale_good_steps = 0;
+            }
+        }
     }
 
     /// Runs until `cfg.steps`: `batch_loss` computes one training batch's losses (training
@@ -421,13 +447,7 @@ impl Trainer {
             .next()
             .map(|v| v.device().clone())
             .unwrap_or(candle_core::Device::Cpu);
-        let dtype = self
-            .opt
-            .vars()
-            .next()
-            .map(|v| v.dtype())
-            .unwrap_or(DType::F32);
-        let t = parse_safetensors(&read_file(&p)?, &p, dtype, &dev)?;
+        let t = parse_safetensors(&read_file(&p)?, &p, self.opt.state_dtype(), &dev)?;
         // Checks every moment first; only then sets them (infallibly, shapes and dtypes match).
         self.opt.load_state(&t, state.step, &p)?;
         self.nonfinite_in_row = 0;

@@ -2,6 +2,11 @@
 //!
 //! The update is exactly candle-nn's `AdamW`; it is re-implemented because candle-nn keeps the
 //! moments private, so they could not be checkpointed for resume.
+//!
+//! Mixed precision: a variable in bf16 or f16 gets an f32 master copy and f32 moments (as
+//! PyTorch's AMP with an f32 optimizer, or apex O2). The update runs in f32 on the master from
+//! the gradient widened to f32, and the variable is set to the master rounded to its dtype, so
+//! updates smaller than the half-precision spacing of a weight accumulate instead of vanishing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,7 +14,7 @@ use std::path::Path;
 use candle_core::backprop::GradStore;
 
 use crate::ops::HostRead;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 
 use super::TrainConfig;
@@ -20,6 +25,8 @@ use crate::ops::sorted_vars;
 #[derive(Debug)]
 pub struct AdamW {
     vars: Vec<(String, Var, Var, Var)>,
+    /// The f32 master copy of each half-precision variable (same order), `None` otherwise.
+    masters: Vec<Option<Var>>,
     /// Whether each variable (same order) gets weight decay.
     decay: Vec<bool>,
     step_t: usize,
@@ -37,18 +44,27 @@ impl AdamW {
     pub fn new(varmap: &VarMap, cfg: &TrainConfig) -> Result<Self> {
         let mut vars = Vec::new();
         let mut decay = Vec::new();
+        let mut masters = Vec::new();
         for (n, v) in sorted_vars(varmap) {
             let n = &n;
             if !v.dtype().is_float() || super::balance::is_selection_bias(n) {
                 continue;
             }
-            let m = Var::zeros(v.shape(), v.dtype(), v.device())?;
-            let s = Var::zeros(v.shape(), v.dtype(), v.device())?;
+            let (master, state_dtype) = if is_half(v.dtype()) {
+                let m = Var::from_tensor(&v.as_tensor().to_dtype(DType::F32)?)?;
+                (Some(m), DType::F32)
+            } else {
+                (None, v.dtype())
+            };
+            let m = Var::zeros(v.shape(), state_dtype, v.device())?;
+            let s = Var::zeros(v.shape(), state_dtype, v.device())?;
             decay.push(cfg.decays(n));
+            masters.push(master);
             vars.push((n.clone(), v, m, s));
         }
         Ok(Self {
             vars,
+            masters,
             decay,
             step_t: 0,
             lr: cfg.lr,
@@ -62,6 +78,26 @@ impl AdamW {
     /// The optimised variables, sorted by name.
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
         self.vars.iter().map(|v| &v.1)
+    }
+
+    /// Whether any variable is in half precision (and so has an f32 master copy).
+    pub fn has_masters(&self) -> bool {
+        self.masters.iter().any(Option::is_some)
+    }
+
+    /// The dtype of the moments (and masters): f32 for half-precision variables, else the
+    /// variables' own (f64 for an f64 model).
+    pub fn state_dtype(&self) -> DType {
+        self.vars.first().map(|v| v.2.dtype()).unwrap_or(DType::F32)
+    }
+
+    /// The f32 master copy of variable `var` (a half-precision variable of this optimizer).
+    pub fn master(&self, var: &Var) -> Option<&Var> {
+        self.vars
+            .iter()
+            .zip(&self.masters)
+            .find(|(v, _)| v.1.id() == var.id())
+            .and_then(|(_, m)| m.as_ref())
     }
 
     /// Steps taken.
@@ -98,9 +134,14 @@ impl AdamW {
         let mut updates = Vec::new();
         // `x * 0` is 0 for finite x and NaN for ±inf or NaN, and its sum cannot overflow.
         let mut probe: Option<Tensor> = None;
-        for ((_, theta, m, v), &decays) in self.vars.iter().zip(&self.decay) {
+        for (((_, var, m, v), &decays), master) in
+            self.vars.iter().zip(&self.decay).zip(&self.masters)
+        {
             let lr_lambda = if decays { lr_lambda } else { 0.0 };
-            if let Some(g) = grads.get(theta) {
+            // The update runs on the f32 master of a half-precision variable.
+            let theta = master.as_ref().unwrap_or(var);
+            if let Some(g) = grads.get(var) {
+                let g = &g.to_dtype(theta.dtype())?;
                 let next_m = ((m.as_tensor() * b1)? + (g * (1.0 - b1))?)?;
                 let next_v = ((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
                 let m_hat = (&next_m * scale_m)?;
@@ -114,7 +155,7 @@ impl AdamW {
                     Some(p) => (p + bad)?,
                     None => bad,
                 });
-                updates.push((theta, m, v, next_theta, next_m, next_v));
+                updates.push((var, master, m, v, next_theta, next_m, next_v));
             }
         }
         if let Some(p) = probe {
@@ -122,21 +163,31 @@ impl AdamW {
                 return Ok(false);
             }
         }
-        for (theta, m, v, next_theta, next_m, next_v) in updates {
+        for (var, master, m, v, next_theta, next_m, next_v) in updates {
             m.set(&next_m)?;
             v.set(&next_v)?;
-            theta.set(&next_theta)?;
+            match master {
+                Some(master) => {
+                    var.set(&next_theta.to_dtype(var.dtype())?)?;
+                    master.set(&next_theta)?;
+                }
+                None => var.set(&next_theta)?,
+            }
         }
         self.step_t = step_t;
         Ok(true)
     }
 
-    /// The moments as named tensors (`{name}.m`, `{name}.v`).
+    /// The moments as named tensors (`{name}.m`, `{name}.v`) and the f32 masters of
+    /// half-precision variables (`{name}.master`).
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
-        for (n, _, m, v) in &self.vars {
+        for ((n, _, m, v), master) in self.vars.iter().zip(&self.masters) {
             out.insert(format!("{n}.m"), m.as_tensor().clone());
             out.insert(format!("{n}.v"), v.as_tensor().clone());
+            if let Some(master) = master {
+                out.insert(format!("{n}.master"), master.as_tensor().clone());
+            }
         }
         out
     }
@@ -158,15 +209,24 @@ impl AdamW {
     }
 
     /// Checks that `t` holds every moment with the right shape and returns them converted to
-    /// each variable's dtype and device, paired with their variables; changes nothing.
+    /// each variable's dtype and device, paired with their variables; changes nothing. The
+    /// master of a half-precision variable is restored from `{name}.master` when `t` has it
+    /// (a checkpoint of a half-precision run), else taken from the variable's current value.
     pub(crate) fn check_state(
         &self,
         t: &HashMap<String, Tensor>,
         path: &Path,
     ) -> Result<Vec<(&Var, Tensor)>> {
-        let mut staged = Vec::with_capacity(2 * self.vars.len());
-        for (n, _, m, v) in &self.vars {
-            for (suffix, var) in [("m", m), ("v", v)] {
+        let mut staged = Vec::with_capacity(3 * self.vars.len());
+        for ((n, param, m, v), master) in self.vars.iter().zip(&self.masters) {
+            let mut slots = vec![("m", m, true), ("v", v, true)];
+            if let Some(master) = master {
+                slots.push(("master", master, t.contains_key(&format!("{n}.master"))));
+                if !slots[2].2 {
+                    staged.push((master, param.as_tensor().to_dtype(DType::F32)?));
+                }
+            }
+            for (suffix, var, _) in slots.into_iter().filter(|s| s.2) {
                 let key = format!("{n}.{suffix}");
                 let x = t.get(&key).ok_or_else(|| {
                     Error::tensor(
@@ -197,4 +257,9 @@ impl AdamW {
         }
         Ok(staged)
     }
+}
+
+/// Whether `dtype` is a half-precision float (bf16 or f16), which gets an f32 master copy.
+pub fn is_half(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }

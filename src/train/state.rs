@@ -220,7 +220,7 @@ mod json_f64 {
 }
 
 /// Saved between runs to resume exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps taken.
     pub step: usize,
@@ -233,4 +233,10 @@ pub struct TrainerState {
     /// Evaluations so far: (step, value).
     #[serde(with = "json_f64::pairs")]
     pub evals: Vec<(usize, f64)>,
+    /// The current dynamic loss scale (`TrainConfig::loss_scale`); `None` without scaling.
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// Applied steps since the loss scale last changed.
+    #[serde(default)]
+    pub loss_scale_good_steps: usize,
 }
