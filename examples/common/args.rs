@@ -27,6 +27,20 @@ pub struct RunArgs {
     /// Corpus file (default: the one the repo ships in data/).
     #[arg(long)]
     pub data: Option<std::path::PathBuf>,
+    /// Weights and compute in f32, bf16 or f16; bf16 and f16 train with f32 master weights and
+    /// moments in the optimizer, f16 also with dynamic loss scaling (initial scale 65536).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: candle_core::DType,
+}
+
+/// `f32`, `bf16` or `f16` (`--dtype`).
+pub fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
+    match s {
+        "f32" => Ok(candle_core::DType::F32),
+        "bf16" => Ok(candle_core::DType::BF16),
+        "f16" => Ok(candle_core::DType::F16),
+        other => Err(format!("--dtype must be f32, bf16 or f16, got `{other}`")),
+    }
 }
 
 /// The model size flags of the NLP examples (an example changes a default with

@@ -74,14 +74,14 @@ impl RunArgs {
         fresh: impl FnOnce() -> Result<ModelConfig>,
     ) -> Result<(M, VarMap, ModelConfig)> {
         if let Some(r) = &self.resume {
-            let (m, vm) = M::load_dir(r, dev)?;
+            let (m, vm) = M::load_dir(r, self.dtype, dev)?;
             let cfg = m.model_config().clone();
             return Ok((m, vm, cfg));
         }
         let mut cfg = fresh()?;
         router.apply_model(&mut cfg).map_err(anyhow::Error::msg)?;
         let vm = VarMap::new();
-        let m = M::build(&cfg, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+        let m = M::build(&cfg, VarBuilder::from_varmap(&vm, self.dtype, dev))?;
         candle_moe::train::init::reseed_varmap(&vm, self.seed)?;
         scale_router_init(&vm, router.router_init_scale)?;
         Ok((m, vm, cfg))
@@ -103,6 +103,7 @@ impl RunArgs {
             warmup_steps: (steps / 20).max(1),
             eval_every,
             seed: self.seed,
+            loss_scale: (self.dtype == DType::F16).then_some(65536.0),
             ..Default::default()
         };
         router.apply_train(&mut t).map_err(anyhow::Error::msg)?;
@@ -149,8 +150,8 @@ pub fn scale_router_init(vm: &VarMap, scale: f64) -> Result<()> {
 pub trait ExampleModel: Sized {
     /// A fresh model over `vb`.
     fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self>;
-    /// The model in a model directory, f32 on `dev`.
-    fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)>;
+    /// The model in a model directory, in `dtype` on `dev`.
+    fn load_dir(dir: &Path, dtype: DType, dev: &Device) -> Result<(Self, VarMap)>;
     /// The model's configuration.
     fn model_config(&self) -> &ModelConfig;
     /// The files of its model directory: the Hugging Face layout for a language model that
@@ -173,8 +174,8 @@ macro_rules! example_model {
             fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
                 Ok(<$ty>::new(cfg, vb)?)
             }
-            fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)> {
-                Ok(<$ty>::load(dir, DType::F32, dev)?)
+            fn load_dir(dir: &Path, dtype: DType, dev: &Device) -> Result<(Self, VarMap)> {
+                Ok(<$ty>::load(dir, dtype, dev)?)
             }
             fn model_config(&self) -> &ModelConfig {
                 self.config()
@@ -188,8 +189,8 @@ impl ExampleModel for CausalLm {
     fn build(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         Ok(CausalLm::new(cfg, vb)?)
     }
-    fn load_dir(dir: &Path, dev: &Device) -> Result<(Self, VarMap)> {
-        Ok(CausalLm::load(dir, DType::F32, dev)?)
+    fn load_dir(dir: &Path, dtype: DType, dev: &Device) -> Result<(Self, VarMap)> {
+        Ok(CausalLm::load(dir, dtype, dev)?)
     }
     fn model_config(&self) -> &ModelConfig {
         self.config()
