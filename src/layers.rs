@@ -80,10 +80,17 @@ impl Module for Norm {
 
 /// Inverted dropout (Srivastava et al. 2014) with its own seeded generator, so that training
 /// runs are reproducible from their seed (candle's `ops::dropout` draws from the thread RNG).
+///
+/// On CPU the mask comes from the layer's own generator. On a GPU it is drawn on the device
+/// (`Tensor::rand_like`, no host-made mask to upload): the device generator is seeded with the
+/// layer's seed before its first draw after [`Dropout::set_seed`], so a run that reseeds its
+/// layers every step (as the examples do) draws the same masks when resumed.
 #[derive(Debug)]
 pub struct Dropout {
     p: f64,
     rng: Mutex<StdRng>,
+    /// The seed to give the device generator before the next device-side draw.
+    device_seed: Mutex<Option<u64>>,
 }
 
 impl Dropout {
@@ -95,6 +102,7 @@ impl Dropout {
         Ok(Self {
             p,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
+            device_seed: Mutex::new(Some(seed)),
         })
     }
 
@@ -106,6 +114,7 @@ impl Dropout {
     /// Restarts the mask generator from `seed`.
     pub fn set_seed(&self, seed: u64) {
         *lock(&self.rng) = StdRng::seed_from_u64(seed);
+        *lock(&self.device_seed) = Some(seed);
     }
 
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` when
@@ -119,6 +128,14 @@ impl Dropout {
         }
         let keep = (1.0 / (1.0 - self.p)) as f32;
         let p = self.p as f32;
+        if !xs.device().is_cpu() {
+            if let Some(seed) = lock(&self.device_seed).take() {
+                xs.device().set_seed(seed)?;
+            }
+            let u = Tensor::rand(0f32, 1f32, xs.shape(), xs.device())?;
+            let mask = (u.ge(p as f64)?.to_dtype(DType::F32)? * keep as f64)?;
+            return xs * mask.to_dtype(xs.dtype())?;
+        }
         let mask: Vec<f32> = {
             let mut g = lock(&self.rng);
             (0..xs.elem_count())

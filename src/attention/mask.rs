@@ -15,7 +15,9 @@ use crate::ops::softmax_last_dim;
 /// A large negative logit for masked keys (as an additive bias).
 const NEG: f32 = -1e9;
 
-/// Whether query row `i` (absolute position `offset + i`) may see key `j`.
+/// Whether query row `i` (absolute position `offset + i`) may see key `j` (the oracle of the
+/// tensor-made masks in the tests).
+#[cfg(test)]
 fn visible(i: usize, j: usize, offset: usize, causal: bool, window: Option<usize>) -> bool {
     let pos = offset + i;
     (!causal || j <= pos) && window.is_none_or(|w| j + w > pos)
@@ -59,18 +61,31 @@ pub fn window_bias(
     let any_masked =
         t_q > 0 && ((causal && t_k > offset + 1) || window.is_some_and(|w| offset + t_q > w));
     if any_masked {
-        let v: Vec<f32> = (0..t_q)
-            .flat_map(|i| {
-                (0..t_k).map(move |j| {
-                    if visible(i, j, offset, causal, window) {
-                        0.0
-                    } else {
-                        NEG
-                    }
-                })
-            })
-            .collect();
-        bias = Some(Tensor::from_vec(v, (1, 1, t_q, t_k), dev)?);
+        // Made on the device from two position ranges (no host-made T×T mask to upload):
+        // query positions as a column, key positions as a row, compared by broadcasting.
+        let pos = |lo: usize, n: usize| -> Result<Tensor> {
+            Tensor::arange(lo as u32, (lo + n) as u32, dev)?.to_dtype(DType::F32)
+        };
+        let q = pos(offset, t_q)?.reshape((t_q, 1))?;
+        let k = pos(0, t_k)?.reshape((1, t_k))?;
+        let mut vis: Option<Tensor> = None;
+        if causal {
+            vis = Some(k.broadcast_le(&q)?.to_dtype(DType::F32)?);
+        }
+        if let Some(w) = window {
+            let inside = (k + w as f64)?.broadcast_gt(&q)?.to_dtype(DType::F32)?;
+            vis = Some(match vis {
+                Some(v) => (v * inside)?,
+                None => inside,
+            });
+        }
+        if let Some(v) = vis {
+            // visible 1 -> 0, masked 0 -> NEG
+            let v = v
+                .broadcast_as((t_q, t_k))?
+                .affine(-(NEG as f64), NEG as f64)?;
+            bias = Some(v.reshape((1, 1, t_q, t_k))?);
+        }
     }
     if let Some(m) = key_mask {
         if m.dims() != [b, t_k] {
@@ -197,5 +212,46 @@ impl candle_core::CustomOp1 for ScaledCausalSoftmax {
             Ok(())
         })?;
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device-made bias equals the per-element rule for causal, windowed and offset cases.
+    #[test]
+    fn window_bias_matches_the_visibility_rule() -> Result<()> {
+        let dev = Device::Cpu;
+        for (t_q, t_k, offset, causal, window) in [
+            (5, 5, 0, true, None),
+            (3, 8, 5, true, None),
+            (6, 6, 0, true, Some(3)),
+            (2, 9, 7, true, Some(4)),
+            (4, 4, 0, false, Some(2)),
+            (1, 7, 6, true, Some(7)),
+        ] {
+            let got = window_bias(1, t_q, t_k, offset, causal, window, None, &dev)?;
+            let want: Vec<f32> = (0..t_q)
+                .flat_map(|i| {
+                    (0..t_k).map(move |j| {
+                        if visible(i, j, offset, causal, window) {
+                            0.0
+                        } else {
+                            NEG
+                        }
+                    })
+                })
+                .collect();
+            let all_visible = want.iter().all(|&v| v == 0.0);
+            match got {
+                None => assert!(all_visible, "{t_q} {t_k} {offset} {causal} {window:?}"),
+                Some(b) => {
+                    assert_eq!(b.dims(), [1, 1, t_q, t_k]);
+                    assert_eq!(b.flatten_all()?.to_vec1::<f32>()?, want);
+                }
+            }
+        }
+        Ok(())
     }
 }
