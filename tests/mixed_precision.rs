@@ -285,3 +285,34 @@ fn masters_and_scale_survive_a_checkpoint() {
     assert!(differs, "the masters carry more than the bf16 weights");
     assert_eq!(t2.state.loss_scale, t.state.loss_scale);
 }
+
+#[test]
+fn a_checkpoint_loaded_trainable_in_bf16_fine_tunes_with_masters() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/mixtral");
+    let opts = candle_moe::LoadOptions {
+        trainable: true,
+        dtype: DType::BF16,
+        ..Default::default()
+    };
+    let m = CausalLm::from_pretrained(dir.to_str().unwrap(), &opts).unwrap();
+    let vm = m.varmap().expect("trainable").clone();
+    assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::BF16));
+    let mut t = Trainer::for_model(&vm, train_cfg(3), &m.config().moe).unwrap();
+    assert!(t.optimizer().has_masters());
+    let vocab = m.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..2 * 9).map(|i| (i * 5 + 1) % vocab).collect();
+    let ids = Tensor::from_vec(ids, (2, 9), &Device::Cpu).unwrap();
+    let (inp, tgt) = (
+        ids.narrow(1, 0, 8).unwrap(),
+        ids.narrow(1, 1, 8).unwrap().flatten_all().unwrap(),
+    );
+    let mut losses = vec![];
+    for _ in 0..3 {
+        let out = m.forward_t(&inp, None, true).unwrap();
+        let logits = out.logits.reshape((16, vocab as usize)).unwrap();
+        let parts = LossParts::from_output(cross_entropy(&logits, &tgt, None).unwrap(), &out);
+        losses.push(t.step(&parts).unwrap().task);
+    }
+    assert!(losses[2] < losses[0], "{losses:?}");
+    assert!(vm.all_vars().iter().all(|v| v.dtype() == DType::BF16));
+}
