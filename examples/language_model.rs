@@ -23,6 +23,7 @@ use clap::Parser;
 use common::{main_wrapper, plot_panels, print_table, Checkpoints, Series};
 use rand::Rng;
 
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -25,15 +25,21 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Parser;
 use common::{main_wrapper, plot_panels_x, print_table, Series};
 
-/// mimalloc with a byte counter, to measure the peak memory of one forward.
+/// mimalloc (the system allocator with `--features system-alloc`) with a byte counter, to
+/// measure the peak memory of one forward.
 struct Counting;
+
+#[cfg(not(feature = "system-alloc"))]
+use mimalloc::MiMalloc as Inner;
+#[cfg(feature = "system-alloc")]
+use std::alloc::System as Inner;
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: forwards to mimalloc with the caller's layout.
-        let p = unsafe { mimalloc::MiMalloc.alloc(l) };
+        // SAFETY: forwards to the inner allocator with the caller's layout.
+        let p = unsafe { Inner.alloc(l) };
         if !p.is_null() {
             let now = CURRENT.fetch_add(l.size(), Ordering::Relaxed) + l.size();
             PEAK.fetch_max(now, Ordering::Relaxed);
@@ -43,11 +49,11 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
         // SAFETY: `p` came from `alloc` above with this layout.
-        unsafe { mimalloc::MiMalloc.dealloc(p, l) }
+        unsafe { Inner.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        // SAFETY: forwards to mimalloc; `p` came from this allocator with layout `l`.
-        let q = unsafe { mimalloc::MiMalloc.realloc(p, l, new) };
+        // SAFETY: forwards to the inner allocator; `p` came from it with layout `l`.
+        let q = unsafe { Inner.realloc(p, l, new) };
         if !q.is_null() {
             CURRENT.fetch_sub(l.size(), Ordering::Relaxed);
             let now = CURRENT.fetch_add(new, Ordering::Relaxed) + new;
@@ -494,8 +500,19 @@ fn bench_shape(
     }
     if !a.json {
         println!(
-            "shape d={} f={} E={} k={} dtype={} device={} (medians of {} runs)",
-            a.hidden, a.ffn, experts, top_k, a.dtype, a.device, a.reps
+            "shape d={} f={} E={} k={} dtype={} device={} allocator={} (medians of {} runs)",
+            a.hidden,
+            a.ffn,
+            experts,
+            top_k,
+            a.dtype,
+            a.device,
+            if cfg!(feature = "system-alloc") {
+                "system"
+            } else {
+                "mimalloc"
+            },
+            a.reps
         );
         let mut header = vec![
             "T",

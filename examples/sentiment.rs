@@ -22,6 +22,7 @@ use clap::Parser;
 use common::{main_wrapper, print_table, Checkpoints};
 use rand::Rng;
 
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
