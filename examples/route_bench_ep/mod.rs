@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_moe::dist::{Communicator, ExpertParallelMoe, MpiComm, TimedComm};
 use candle_moe::{MoeConfig, SparseMoe};
 use candle_nn::{VarBuilder, VarMap};
@@ -175,6 +175,16 @@ fn shape(a: &Args, comm: &Arc<TimedComm>, link: Link, e: usize, k: usize) -> Res
             .collect();
         let x_all = Tensor::from_vec(union, (w * t, h), &dev)?;
         let x = x_all.narrow(0, rank * t, t)?.contiguous()?;
+        // With --backward the inputs need their gradient, as a layer inside a model does: the
+        // backward then runs both reverse all-to-alls (four exchanges per step).
+        let (x_all, x) = if a.backward {
+            (
+                Var::from_tensor(&x_all)?.as_tensor().clone(),
+                Var::from_tensor(&x)?.as_tensor().clone(),
+            )
+        } else {
+            (x_all, x)
+        };
         let ep_step = || -> Result<()> {
             let o = ep.forward_t(&x, a.backward)?;
             if a.backward {
@@ -264,6 +274,14 @@ fn shape(a: &Args, comm: &Arc<TimedComm>, link: Link, e: usize, k: usize) -> Res
         .0;
         let single_t = median(singles).0;
         let a2a_mean = (0..w).map(|r| med(r, |s| s.a2a)).sum::<f64>() / w as f64;
+        // The last rank to arrive at a collective waits least: per round, the smallest
+        // all-to-all time over the ranks is the exchange itself without the skew between ranks.
+        let a2a_last = median(
+            (0..a.reps)
+                .map(|i| steps.iter().map(|s| s[i].a2a).fold(f64::INFINITY, f64::min))
+                .collect(),
+        )
+        .0;
         let ar_mean = (0..w).map(|r| med(r, |s| s.ar)).sum::<f64>() / w as f64;
         // Compute: the layer time outside the collectives, on the rank where it is largest.
         let compute = (0..w)
@@ -284,7 +302,12 @@ fn shape(a: &Args, comm: &Arc<TimedComm>, link: Link, e: usize, k: usize) -> Res
             format!("{:.2}", single_t * 1e3),
             format!("{:.2}x", single_t / slowest),
             format!("{:.2} / {:.2}", compute * 1e3, single_t / w as f64 * 1e3),
-            format!("{:.2} / {:.2}", a2a_mean * 1e3, a2a_model * 1e3),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                a2a_mean * 1e3,
+                a2a_last * 1e3,
+                a2a_model * 1e3
+            ),
             format!("{:.2} / {:.2}", ar_mean * 1e3, ar_model * 1e3),
             format!("{:.2} / {:.2}", slowest * 1e3, total_model * 1e3),
             format!("{diff:.1e}"),
@@ -325,7 +348,7 @@ fn shape(a: &Args, comm: &Arc<TimedComm>, link: Link, e: usize, k: usize) -> Res
                 "single ms",
                 "single/EP",
                 "compute ms meas/model",
-                "a2a ms meas/model",
+                "a2a ms mean / last rank / model",
                 "all-reduce ms meas/model",
                 "step ms meas/model",
                 "max |Δ| vs single",
