@@ -206,7 +206,7 @@ fn grouped(f: impl FnOnce() -> Result<()>) -> Result<()> {
     group_start().map_err(|e| nccl_err("ncclGroupStart", e))?;
     let r = f();
     let end = group_end().map_err(|e| nccl_err("ncclGroupEnd", e));
-    r.and(end)
+    r.and(end.map(|_| ()))
 }
 
 impl Communicator for NcclComm {
