@@ -96,6 +96,11 @@ impl NcclComm {
             Err(_) => Duration::from_secs(DEFAULT_TIMEOUT_S),
         };
         let stream = dev.cuda_stream();
+        // `ncclCommInitRank` takes the device from the calling thread's current context.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("binding the CUDA context", e))?;
         let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
         let comm = Comm::from_rank(stream.clone(), rank, size, id)
             .map_err(|e| nccl_err(&format!("ncclCommInitRank (rank {rank} of {size})"), e))?;
@@ -113,10 +118,17 @@ impl NcclComm {
         self.timeout
     }
 
+    /// The communicator, locked, with its device's context current on this thread (a
+    /// collective may run on another thread than the one that created the communicator).
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Comm>> {
-        self.comm
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("NcclComm: a thread panicked inside NCCL".into()))
+        let comm = self.comm.lock().map_err(|_| {
+            candle_core::Error::Msg("NcclComm: a thread panicked inside NCCL".into())
+        })?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("binding the CUDA context", e))?;
+        Ok(comm)
     }
 
     /// A device buffer holding `values` (at least one element: CUDA allocations are non-empty).
