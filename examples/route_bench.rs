@@ -126,7 +126,9 @@ struct Args {
     #[arg(long)]
     group: Option<String>,
     /// Expert parallelism under `mpirun -np W` (needs the cargo feature `mpi`): `--tokens` per
-    /// rank, forward (with `--backward`, forward + backward); rank 0 prints the tables.
+    /// rank, forward (with `--backward`, forward + backward); rank 0 prints the tables. Uses
+    /// `--experts`, `--top-k`, `--hidden`, `--ffn`, `--tokens`, `--reps`, `--backward`; always
+    /// CPU, f32 and the plain softmax top-k router.
     #[arg(long)]
     expert_parallel: bool,
 }
