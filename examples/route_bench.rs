@@ -8,9 +8,19 @@
 //! selection) configure the measured layer and add a column with its time over the plain
 //! softmax top-k layer's on the same weights, timed alternately (with `--backward`, also the
 //! training step with the balance losses of `--balance`).
+//!
+//! `--expert-parallel` (cargo feature `mpi`) runs the expert-parallel layer under `mpirun`
+//! instead: per-rank and global tokens/s, the share of the layer's time in the all-to-alls and
+//! all-reduces, the single-process layer on the union of the tokens, and the cost model's
+//! prediction (`examples/route_bench_ep/mod.rs`, `docs/expert_parallel.md`):
+//!
+//! `mpirun --allow-run-as-root -np 2 -x RAYON_NUM_THREADS=1 target/release/examples/route_bench --expert-parallel --tokens 128,512,2048`
 
 #[path = "common/mod.rs"]
 mod common;
+#[cfg(feature = "mpi")]
+#[path = "route_bench_ep/mod.rs"]
+mod ep;
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::path::PathBuf;
@@ -121,6 +131,12 @@ struct Args {
     /// Group-limited selection `N,TG`: N expert groups, tokens choose from the TG best.
     #[arg(long)]
     group: Option<String>,
+    /// Expert parallelism under `mpirun -np W` (needs the cargo feature `mpi`): `--tokens` per
+    /// rank, forward (with `--backward`, forward + backward); rank 0 prints the tables. Uses
+    /// `--experts`, `--top-k`, `--hidden`, `--ffn`, `--tokens`, `--reps`, `--backward`; always
+    /// CPU, f32 and the plain softmax top-k router.
+    #[arg(long)]
+    expert_parallel: bool,
 }
 
 impl Args {
@@ -272,6 +288,12 @@ fn main() {
 
 fn run() -> Result<()> {
     let a = Args::parse();
+    if a.expert_parallel {
+        #[cfg(feature = "mpi")]
+        return ep::run(&a);
+        #[cfg(not(feature = "mpi"))]
+        anyhow::bail!("--expert-parallel needs the cargo feature `mpi`: build with `cargo build --release --features mpi --example route_bench` and run it under `mpirun -np 2`");
+    }
     let dev = common::device(&a.device)?;
     let dtype = match a.dtype.as_str() {
         "f32" => DType::F32,

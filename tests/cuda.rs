@@ -1,6 +1,6 @@
 //! The layer and the language model on a CUDA device against the CPU: built only with
 //! `--features cuda`, run by `scripts/gpu_check.sh` on a machine with an NVIDIA GPU (CI compiles
-//! it with `cargo check --features cuda --all-targets` and does not run it: it has no GPU). On a
+//! it with `cargo check --features cuda,nccl --all-targets` and does not run it: it has no GPU). On a
 //! machine without one these tests fail at `Device::new_cuda(0)`, on purpose: a CUDA test that
 //! passes without a GPU would assert nothing.
 //!

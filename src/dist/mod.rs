@@ -3,7 +3,9 @@
 //! [`Communicator`] is the handful of collectives expert parallelism needs (rank, size,
 //! all-to-all-v of f32 rows, all-reduce sums, barrier). [`LocalComm`] is the single-process
 //! backend (one rank: every collective is the identity); with the cargo feature `mpi`,
-//! `MpiComm` runs them over MPI (rsmpi over the system's Open MPI). The expert-parallel layer
+//! `MpiComm` runs them over MPI (rsmpi over the system's Open MPI); with the feature `nccl`,
+//! `NcclComm` runs them over NCCL on CUDA devices. [`TimedComm`] wraps any communicator and
+//! times its collectives ([`CommTimes`]). The expert-parallel layer
 //! ([`ExpertParallelMoe`]) shards a sparse layer's experts over the ranks and moves token rows
 //! with two differentiable all-to-alls ([`all_to_all`]); see `docs/expert_parallel.md`.
 
@@ -15,12 +17,18 @@ pub mod all_to_all;
 pub mod expert_parallel;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod plan;
+mod timed;
 
 pub use all_to_all::all_to_all_rows;
 pub use expert_parallel::ExpertParallelMoe;
 #[cfg(feature = "mpi")]
 pub use mpi::MpiComm;
+#[cfg(feature = "nccl")]
+pub use nccl::{NcclComm, NCCL_ID_BYTES};
+pub use timed::{CommTimes, OpTimes, TimedComm};
 
 /// The collectives of a group of `size()` ranks. Every rank must call the same collectives in
 /// the same order (as with MPI); a backend reports a peer that never arrives as an error or
