@@ -294,7 +294,9 @@ fn mpi_worker_lm() {
             std::fs::remove_dir_all(&dir).ok();
         }
         comm.barrier().unwrap();
-        eprintln!("ep lm: rank {} of {} passed", comm.rank(), comm.size());
+        // One write, so that the ranks' lines do not interleave.
+        let line = format!("ep lm: rank {} of {} passed\n", comm.rank(), comm.size());
+        eprint!("{line}");
     }));
     if r.is_err() && under_mpi() {
         eprintln!("rank {} failed; aborting the job", comm.rank());
