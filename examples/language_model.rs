@@ -181,12 +181,12 @@ fn world(a: &Args) -> Result<Option<Arc<dyn Communicator>>> {
         let comm: Arc<dyn Communicator> = Arc::new(candle_moe::dist::MpiComm::init()?);
         let w = comm.size();
         anyhow::ensure!(
-            a.batch % w == 0,
+            a.batch.is_multiple_of(w),
             "--expert-parallel: the batch of {} sequences does not split evenly over {w} ranks",
             a.batch
         );
         anyhow::ensure!(
-            a.shape.experts % w == 0,
+            a.shape.experts.is_multiple_of(w),
             "--expert-parallel: {} experts do not split evenly over {w} ranks",
             a.shape.experts
         );
@@ -355,7 +355,10 @@ fn train(
                 (x, y)
             } else {
                 let t = a.seq_len;
-                (x.narrow(0, rank * per, per)?, y.narrow(0, rank * per * t, per * t)?)
+                (
+                    x.narrow(0, rank * per, per)?,
+                    y.narrow(0, rank * per * t, per * t)?,
+                )
             };
             Ok(lm::loss_parts(model, &x, &y, true)?)
         },
@@ -370,15 +373,7 @@ fn train(
                     None => return Ok(f64::NAN),
                 },
             };
-            Ok(lm::evaluate(
-                &frozen,
-                &data.valid_ids,
-                a.seq_len,
-                a.batch,
-                windows,
-                dev,
-            )?
-            .nll)
+            Ok(lm::evaluate(&frozen, &data.valid_ids, a.seq_len, a.batch, windows, dev)?.nll)
         },
         |tr| ckpt.save(tr),
     )?;

@@ -185,8 +185,12 @@ fn train_both(
 
     let mut t_sp = Trainer::for_model(&vm_sp, tcfg.clone(), &cfg.moe).unwrap();
     t_sp.track_selection_biases(&sp.selection_biases()).unwrap();
-    t_sp.run(|rng| loss_parts(&sp, &batch(rng, 0..BATCH)), || Ok(0.0), |_| Ok(()))
-        .unwrap();
+    t_sp.run(
+        |rng| loss_parts(&sp, &batch(rng, 0..BATCH)),
+        || Ok(0.0),
+        |_| Ok(()),
+    )
+    .unwrap();
 
     let mut t_ep = Trainer::for_model(&vm_ep, tcfg.clone(), &cfg.moe)
         .unwrap()
@@ -211,11 +215,17 @@ fn train_both(
         for (u, v) in field(x).iter().zip(field(y)) {
             let d = (u - v).abs();
             worst = worst.max(d);
-            assert!(d < 1e-4, "rank {rank}/{w} step {i}: {x:?}\nvs single-process {y:?}");
+            assert!(
+                d < 1e-4,
+                "rank {rank}/{w} step {i}: {x:?}\nvs single-process {y:?}"
+            );
         }
         assert_eq!(x.layers.len(), y.layers.len());
         for (l, m) in x.layers.iter().zip(&y.layers) {
-            assert_eq!((l.tokens, &l.expert_counts, l.dropped), (m.tokens, &m.expert_counts, m.dropped));
+            assert_eq!(
+                (l.tokens, &l.expert_counts, l.dropped),
+                (m.tokens, &m.expert_counts, m.dropped)
+            );
         }
     }
     assert!(a[19].task < a[0].task, "the loss did not fall");
@@ -257,12 +267,18 @@ fn check_checkpoint(comm: &Arc<dyn Communicator>, ep: &CausalLm, t_ep: &Trainer,
     let mine = all.narrow(0, rank * per, per).unwrap();
     let ep_out = ep.forward(&mine).unwrap();
     let sp_out = loaded.forward(&all).unwrap();
-    let d = max_abs_diff(&ep_out.logits, &sp_out.logits.narrow(0, rank * per, per).unwrap());
+    let d = max_abs_diff(
+        &ep_out.logits,
+        &sp_out.logits.narrow(0, rank * per, per).unwrap(),
+    );
     assert!(d < 1e-5, "rank {rank}: logits differ by {d}");
     let dl = (ep_out.load_balancing_loss.to_scalar::<f32>().unwrap()
         - sp_out.load_balancing_loss.to_scalar::<f32>().unwrap())
     .abs();
-    assert!(dl < 1e-5, "rank {rank}: load-balancing loss differs by {dl}");
+    assert!(
+        dl < 1e-5,
+        "rank {rank}: load-balancing loss differs by {dl}"
+    );
     let cfg = loaded.config().clone();
     let mut t = Trainer::for_model(&vm, train_config(0.0), &cfg.moe).unwrap();
     checkpoint::resume(&mut t, dir).unwrap();
@@ -272,7 +288,10 @@ fn check_checkpoint(comm: &Arc<dyn Communicator>, ep: &CausalLm, t_ep: &Trainer,
     let own = t_ep.optimizer().state_tensors();
     for (name, _) in ep.sharded_parameters() {
         let key = format!("{name}.m");
-        assert!(max_abs_diff(&restored[&key], &own[&key]) == 0.0, "{key} differs");
+        assert!(
+            max_abs_diff(&restored[&key], &own[&key]) == 0.0,
+            "{key} differs"
+        );
     }
     comm.barrier().unwrap();
     eprintln!("rank {rank}/{w}: checkpoint loads in one process, logits differ by {d:.2e}");

@@ -53,7 +53,7 @@ pub fn gather_experts(
     num_experts: usize,
 ) -> Result<Option<Vec<(String, Tensor)>>> {
     let (w, rank) = (comm.size(), comm.rank());
-    if w == 0 || num_experts % w != 0 {
+    if w == 0 || !num_experts.is_multiple_of(w) {
         bail!("gather_experts: {num_experts} experts cannot be sharded evenly over {w} ranks")
     }
     let per = num_experts / w;

@@ -73,8 +73,10 @@ impl CausalLm {
             return Ok(Some(self.frozen_copy()?));
         };
         let sharded = self.sharded_parameters();
-        let local: Vec<(String, Tensor)> =
-            sharded.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        let local: Vec<(String, Tensor)> = sharded
+            .iter()
+            .map(|(n, t)| (n.clone(), t.detach()))
+            .collect();
         let Some(experts) = gather_experts(comm, &local, self.cfg.moe.num_experts)? else {
             return Ok(None);
         };

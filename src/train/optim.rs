@@ -94,7 +94,7 @@ impl AdamW {
     /// scalar read by the host. (The first moment is a convex combination of finite gradients,
     /// so it overflows only where the second moment does.)
     pub fn try_step(&mut self, grads: &GradStore) -> candle_core::Result<bool> {
-        self.try_step_agreed(grads, |ok| Ok(ok))
+        self.try_step_agreed(grads, Ok)
     }
 
     /// [`Self::try_step`] with the decision to apply passed through `agree` (local finiteness

@@ -75,10 +75,7 @@ impl Trainer {
             }
             ids.insert(t.id());
         }
-        self.parallel = Parallel {
-            comm,
-            sharded: ids,
-        };
+        self.parallel = Parallel { comm, sharded: ids };
         Ok(())
     }
 
@@ -217,7 +214,12 @@ impl Trainer {
         if self.parallel.comm.size() == 1 || self.expert_parallel() {
             return Ok(loads);
         }
-        let mut flat: Vec<u64> = loads.iter().flatten().flatten().map(|&c| c as u64).collect();
+        let mut flat: Vec<u64> = loads
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|&c| c as u64)
+            .collect();
         self.parallel.comm.all_reduce_sum_u64(&mut flat)?;
         let mut it = flat.into_iter();
         for l in loads.iter_mut().flatten() {
