@@ -163,12 +163,15 @@ fn loss_parts(m: &CausalLm, x: &Tensor) -> candle_moe::Result<LossParts> {
     Ok(LossParts::from_output(task, &out))
 }
 
-/// 20 steps single-process on the whole batches and expert-parallel on this rank's rows;
-/// returns the expert-parallel model, its variables and trainer, after checking the losses.
+/// 20 steps single-process on the whole batches and over the ranks on this rank's rows: the
+/// model expert-parallel, or (`expert_parallel` false) replicated on every rank (pure data
+/// parallelism); returns the distributed model, its variables and trainer, after checking the
+/// losses.
 fn train_both(
     comm: &Arc<dyn Communicator>,
     cfg: &ModelConfig,
     tcfg: &TrainConfig,
+    expert_parallel: bool,
 ) -> (CausalLm, VarMap, Trainer) {
     let (w, rank) = (comm.size(), comm.rank());
     let dev = Device::Cpu;
@@ -177,11 +180,16 @@ fn train_both(
     init::reseed_varmap(&vm_sp, 5).unwrap();
     let vm_ep = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm_ep, DType::F32, &dev);
-    let ep = CausalLm::new_expert_parallel(cfg, vb, comm.clone()).unwrap();
+    let ep = if expert_parallel {
+        CausalLm::new_expert_parallel(cfg, vb, comm.clone()).unwrap()
+    } else {
+        CausalLm::new(cfg, vb).unwrap()
+    };
     init::copy_vars(&vm_ep, &vm_sp).unwrap();
-    assert!(ep.is_expert_parallel() && !sp.is_expert_parallel());
+    assert!(ep.is_expert_parallel() == expert_parallel && !sp.is_expert_parallel());
     let experts = cfg.moe.num_experts / w;
-    assert_eq!(ep.sharded_parameters().len(), cfg.num_layers * experts * 3);
+    let sharded = if expert_parallel { experts * 3 } else { 0 };
+    assert_eq!(ep.sharded_parameters().len(), cfg.num_layers * sharded);
 
     let mut t_sp = Trainer::for_model(&vm_sp, tcfg.clone(), &cfg.moe).unwrap();
     t_sp.track_selection_biases(&sp.selection_biases()).unwrap();
@@ -208,7 +216,16 @@ fn train_both(
 
     let (a, b) = (&t_sp.state.history, &t_ep.state.history);
     assert_eq!((a.len(), b.len()), (20, 20));
-    let field = |s: &StepStats| [s.loss, s.task, s.load_balancing, s.z_loss, s.grad_norm];
+    // A replicated model's load-balancing loss is each rank's own (the mean is logged): its
+    // coefficient is 0 in that run, the other fields must agree.
+    let lb = |s: &StepStats| {
+        if expert_parallel {
+            s.load_balancing
+        } else {
+            0.0
+        }
+    };
+    let field = |s: &StepStats| [s.loss, s.task, lb(s), s.z_loss, s.grad_norm];
     let mut worst = 0f64;
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         assert!(!x.skipped && !y.skipped, "step {i} skipped");
@@ -221,7 +238,7 @@ fn train_both(
             );
         }
         assert_eq!(x.layers.len(), y.layers.len());
-        for (l, m) in x.layers.iter().zip(&y.layers) {
+        for (l, m) in x.layers.iter().zip(&y.layers).filter(|_| expert_parallel) {
             assert_eq!(
                 (l.tokens, &l.expert_counts, l.dropped),
                 (m.tokens, &m.expert_counts, m.dropped)
@@ -233,8 +250,14 @@ fn train_both(
         assert!(max_abs_diff(bs, &be) < 1e-5, "selection biases differ");
     }
     eprintln!(
-        "rank {rank}/{w}: 20 steps, task loss {:.4} -> {:.4}, worst difference {worst:.2e}",
-        a[0].task, a[19].task
+        "rank {rank}/{w} ({}): 20 steps, task loss {:.4} -> {:.4}, worst difference {worst:.2e}",
+        if expert_parallel {
+            "expert-parallel"
+        } else {
+            "replicated"
+        },
+        a[0].task,
+        a[19].task
     );
     (ep, vm_ep, t_ep)
 }
@@ -306,9 +329,15 @@ fn mpi_worker_lm() {
             None => std::env::temp_dir().join(format!("candle_moe_ep_lm_{}", std::process::id())),
         };
         // Dropless with the load-balancing loss; then capacity 1.0 and the aux-free bias.
-        let (ep, _vm, t_ep) = train_both(&comm, &config(None, false), &train_config(0.0));
+        let (ep, _vm, t_ep) = train_both(&comm, &config(None, false), &train_config(0.0), true);
         check_checkpoint(&comm, &ep, &t_ep, &dir);
-        train_both(&comm, &config(Some(1.0), true), &train_config(1e-2));
+        train_both(&comm, &config(Some(1.0), true), &train_config(1e-2), true);
+        // Pure data parallelism through the same trainer: dropless (capacity is per forward),
+        // the aux-free bias from counts summed over the ranks, no load-balancing loss (a
+        // rank's is not a share of the union's).
+        let mut dp = config(None, true);
+        dp.moe.router_aux_loss_coef = 0.0;
+        train_both(&comm, &dp, &train_config(1e-2), false);
         if !under_mpi() {
             std::fs::remove_dir_all(&dir).ok();
         }
