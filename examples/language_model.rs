@@ -173,8 +173,8 @@ fn world(a: &Args) -> Result<Option<Arc<dyn Communicator>>> {
         return Ok(None);
     }
     anyhow::ensure!(
-        a.generate.is_none() && a.run.resume.is_none() && !a.run.dense,
-        "--expert-parallel trains a fresh MoE: it cannot be combined with --generate (load the directory in one process), --resume or --dense"
+        a.generate.is_none() && !a.run.dense,
+        "--expert-parallel trains an MoE: it cannot be combined with --generate (load the directory in one process) or --dense"
     );
     #[cfg(feature = "mpi")]
     {
@@ -224,14 +224,18 @@ fn run() -> Result<()> {
         .values()
         .map(|t| t.elem_count())
         .sum();
-    // Expert-parallel: this rank's share of the single-process model's initial weights.
+    // Expert-parallel: this rank's share of the single-process model (fresh or resumed).
     let (model, vm) = match &comm {
         None => (model, vm),
         Some(c) => {
             let vm_ep = candle_nn::VarMap::new();
             let vb = candle_nn::VarBuilder::from_varmap(&vm_ep, DType::F32, &dev);
-            let ep = CausalLm::new_expert_parallel(&cfg, vb, c.clone())?;
+            let mut ep = CausalLm::new_expert_parallel(&cfg, vb, c.clone())?;
             candle_moe::train::init::copy_vars(&vm_ep, &vm)?;
+            ep.set_origin(candle_moe::models::Origin {
+                varmap: None,
+                ..model.origin().clone()
+            });
             (ep, vm_ep)
         }
     };
@@ -252,7 +256,7 @@ fn run() -> Result<()> {
             );
         }
     }
-    if let Some(r) = &a.run.resume {
+    if let (Some(r), true) = (&a.run.resume, root) {
         println!(
             "resumed from {} at step {}",
             r.display(),
