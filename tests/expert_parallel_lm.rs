@@ -329,8 +329,18 @@ fn mpi_worker_lm() {
             None => std::env::temp_dir().join(format!("candle_moe_ep_lm_{}", std::process::id())),
         };
         // Dropless with the load-balancing loss; then capacity 1.0 and the aux-free bias.
-        let (ep, _vm, t_ep) = train_both(&comm, &config(None, false), &train_config(0.0), true);
+        let cfg = config(None, false);
+        let (ep, vm, t_ep) = train_both(&comm, &cfg, &train_config(0.0), true);
         check_checkpoint(&comm, &ep, &t_ep, &dir);
+        // Misuse refused: saving a rank's shard directly, and (several ranks) its experts
+        // passed as replicated parameters (reduced by position, they would mix experts).
+        let e = ep.checkpoint_files(None, &dir).unwrap_err().to_string();
+        assert!(e.contains("gathered()"), "{e}");
+        if comm.size() > 1 {
+            let t = Trainer::for_model(&vm, train_config(0.0), &cfg.moe).unwrap();
+            let e = t.with_comm(comm.clone(), &[]).unwrap_err().to_string();
+            assert!(e.contains("replicated parameters differ"), "{e}");
+        }
         train_both(&comm, &config(Some(1.0), true), &train_config(1e-2), true);
         // Pure data parallelism through the same trainer: dropless (capacity is per forward),
         // the aux-free bias from counts summed over the ranks, no load-balancing loss (a

@@ -51,7 +51,10 @@ impl Trainer {
     /// variable the trainer optimises. With any, the model is taken as expert-parallel: its aux
     /// losses and routing counts are global; with none, as replicated on every rank (pure data
     /// parallelism): per-rank aux losses (their mean is optimised) and counts (summed for the
-    /// selection-bias update). Every rank must take equally many tokens per step; each rank's task
+    /// selection-bias update). Over several ranks it is a collective (one all-reduce checks that
+    /// every rank holds the same replicated parameters, which are reduced by position: an
+    /// expert-parallel model's experts passed as replicated are refused). Every rank must take
+    /// equally many tokens per step; each rank's task
     /// loss is the mean over its own tokens, and the trainer then optimises the single-process
     /// loss over the union of the ranks' tokens (`docs/expert_parallel.md`, Training).
     /// Global-batch balancing is refused over several ranks.
@@ -75,11 +78,14 @@ impl Trainer {
             }
             ids.insert(t.id());
         }
+        if comm.size() > 1 {
+            check_replicated_alike(comm.as_ref(), self.opt.named_vars(), &ids)?;
+        }
         self.parallel = Parallel { comm, sharded: ids };
         Ok(())
     }
 
-    /// [`Self::set_comm`], by value.
+    /// [`Self::set_comm`], by value (a collective over several ranks, as `set_comm`).
     pub fn with_comm(
         mut self,
         comm: Arc<dyn Communicator>,
@@ -261,4 +267,30 @@ impl Trainer {
         all.extend(gathered);
         Ok(Some(all))
     }
+}
+
+/// Checks that every rank holds the same replicated variables (names and shapes, in the
+/// optimizer's order): one all-reduce of a 32-bit hash of them.
+fn check_replicated_alike<'a>(
+    comm: &dyn Communicator,
+    vars: impl Iterator<Item = (&'a str, &'a candle_core::Var)>,
+    sharded: &HashSet<TensorId>,
+) -> Result<()> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for (name, v) in vars.filter(|(_, v)| !sharded.contains(&v.as_tensor().id())) {
+        for b in name.bytes().chain(format!("{:?};", v.dims()).into_bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let h = h >> 32;
+    let mut sum = [h];
+    comm.all_reduce_sum_u64(&mut sum)?;
+    if sum[0] != h * comm.size() as u64 {
+        return Err(Error::Config(format!(
+            "train: rank {} of {}: the ranks' replicated parameters differ (pass an expert-parallel model's own experts as `sharded`)",
+            comm.rank(),
+            comm.size()
+        )));
+    }
+    Ok(())
 }
