@@ -3,7 +3,9 @@
 //! `task + aux_coef · load_balancing + z_coef · z_loss + seq_coef · seq_aux +
 //! cv_coef · (importance + load)`, optional global-batch balancing and DeepSeek-V3's
 //! selection-bias update ([`balance`]), non-finite guards, a progress bar with loss and expert
-//! balance, periodic evaluation and checkpoints, and exact resume.
+//! balance, periodic evaluation and checkpoints, and exact resume; over the ranks of a
+//! communicator ([`Trainer::set_comm`]), expert- and data-parallel training with the
+//! single-process loss over the union of the ranks' tokens (`docs/expert_parallel.md`).
 //!
 //! The optimizer performs exactly candle-nn's `AdamW` update; it is re-implemented here because
 //! candle-nn keeps the moments private, so they could not be checkpointed for resume.
