@@ -6,15 +6,21 @@
 //! expert per layer over training, into `--out`.
 //! `--dense` trains the dense baseline with the same active parameters;
 //! `--generate "prompt"` samples from a saved model.
+//! `mpirun -np 2 target/release/examples/language_model --expert-parallel` (built with
+//! `--features mpi`) trains with each sparse layer's experts split over the ranks, each rank
+//! on its share of every batch; rank 0 alone prints and writes, the directory is the
+//! single-process one (docs/expert_parallel.md).
 
 #[path = "common/mod.rs"]
 mod common;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
 use candle_moe::data::shakespeare;
+use candle_moe::dist::Communicator;
 use candle_moe::tasks::language_model as lm;
 use candle_moe::tokenizer;
 use candle_moe::train::{TrainConfig, Trainer};
@@ -68,6 +74,10 @@ struct Args {
     /// Load balancing, scoring, aux and z-loss coefficients, router init scale.
     #[command(flatten)]
     router: common::RouterArgs,
+    /// Split each sparse layer's experts over the ranks of an MPI job (run under `mpirun`;
+    /// needs `--features mpi`); each rank trains on its share of every batch.
+    #[arg(long)]
+    expert_parallel: bool,
 }
 
 fn model_config(a: &Args, vocab: usize) -> ModelConfig {
@@ -98,7 +108,7 @@ fn encode_all(tok: &tokenizers::Tokenizer, texts: &[&str]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn load_corpus(a: &Args) -> Result<Corpus> {
+fn load_corpus(a: &Args, root: bool) -> Result<Corpus> {
     let t0 = Instant::now();
     let works = shakespeare::load(&a.run.corpus("shakespeare.txt.gz"))?;
     let (train_w, valid_w) = shakespeare::split(works);
@@ -116,6 +126,13 @@ fn load_corpus(a: &Args) -> Result<Corpus> {
     let train_ids = encode_all(&tok, &train_text)?;
     let valid_text: Vec<&str> = valid_w.iter().map(|w| w.text.as_str()).collect();
     let valid_ids = encode_all(&tok, &valid_text)?;
+    if !root {
+        return Ok(Corpus {
+            tok,
+            train_ids,
+            valid_ids,
+        });
+    }
     println!(
         "data: {} train works ({} tokens), {} validation works {:?} ({} tokens), vocab {}, prep {:.1}s",
         train_w.len(),
@@ -151,10 +168,41 @@ fn print_model(a: &Args, cfg: &ModelConfig, n_params: usize) {
     );
 }
 
+/// The MPI world of `--expert-parallel`, after checking the flags it cannot be combined with.
+fn world(a: &Args) -> Result<Option<Arc<dyn Communicator>>> {
+    if !a.expert_parallel {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        a.generate.is_none() && !a.run.dense,
+        "--expert-parallel trains an MoE: it cannot be combined with --generate (load the directory in one process) or --dense"
+    );
+    #[cfg(feature = "mpi")]
+    {
+        let comm: Arc<dyn Communicator> = Arc::new(candle_moe::dist::MpiComm::init()?);
+        let w = comm.size();
+        anyhow::ensure!(
+            a.batch.is_multiple_of(w),
+            "--expert-parallel: the batch of {} sequences does not split evenly over {w} ranks",
+            a.batch
+        );
+        anyhow::ensure!(
+            a.shape.experts.is_multiple_of(w),
+            "--expert-parallel: {} experts do not split evenly over {w} ranks",
+            a.shape.experts
+        );
+        Ok(Some(comm))
+    }
+    #[cfg(not(feature = "mpi"))]
+    anyhow::bail!("--expert-parallel needs MPI: rebuild with `--features mpi` and run under mpirun")
+}
+
 fn run() -> Result<()> {
     let a = Args::parse();
     let dev = common::device(&a.run.device)?;
     a.router.balance().map_err(anyhow::Error::msg)?;
+    let comm = world(&a)?;
+    let root = comm.as_ref().is_none_or(|c| c.rank() == 0);
     if let Some(prompt) = &a.generate {
         let dir = a
             .run
@@ -163,8 +211,12 @@ fn run() -> Result<()> {
             .unwrap_or_else(|| a.run.out_dir("language_model"));
         return generate(&dir, prompt, &dev, a.run.seed, !a.generate_unfrozen);
     }
-    let out = a.run.create_out_dir("language_model")?;
-    let data = load_corpus(&a)?;
+    let out = if root {
+        a.run.create_out_dir("language_model")?
+    } else {
+        a.run.out_dir("language_model")
+    };
+    let data = load_corpus(&a, root)?;
     let vocab = data.tok.get_vocab_size(true);
     let (model, vm, cfg) = a
         .run
@@ -173,23 +225,61 @@ fn run() -> Result<()> {
         .values()
         .map(|t| t.elem_count())
         .sum();
+    // Expert-parallel: this rank's share of the single-process model (fresh or resumed).
+    let (model, vm) = match &comm {
+        None => (model, vm),
+        Some(c) => {
+            let vm_ep = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&vm_ep, DType::F32, &dev);
+            let mut ep = CausalLm::new_expert_parallel(&cfg, vb, c.clone())?;
+            candle_moe::train::init::copy_vars(&vm_ep, &vm)?;
+            ep.set_origin(candle_moe::models::Origin {
+                varmap: None,
+                ..model.origin().clone()
+            });
+            (ep, vm_ep)
+        }
+    };
     let tcfg = TrainConfig {
         checkpoint_every: 500,
+        progress: root,
         ..a.run.train_config(a.steps, a.lr, a.eval_every, &a.router)?
     };
     let mut trainer = a.run.trainer(&vm, tcfg, &cfg, &model.selection_biases())?;
-    if let Some(r) = &a.run.resume {
+    if let Some(c) = &comm {
+        trainer.set_comm(c.clone(), &model.sharded_parameters())?;
+        if root {
+            println!(
+                "expert parallel: {} ranks, {} experts and {} sequences of each batch per rank",
+                c.size(),
+                cfg.moe.num_experts / c.size(),
+                a.batch / c.size()
+            );
+        }
+    }
+    if let (Some(r), true) = (&a.run.resume, root) {
         println!(
             "resumed from {} at step {}",
             r.display(),
             trainer.state.step
         );
     }
-    print_model(&a, &cfg, n_params);
+    if root {
+        print_model(&a, &cfg, n_params);
+    }
     let ckpt = Checkpoints::new(&out, &model, &cfg, &vm, &data.tok)?;
     let (train_secs, trained_tokens) = train(&a, &model, &data, &mut trainer, &ckpt, &dev)?;
     ckpt.save(&trainer)?;
 
+    // Expert-parallel: rank 0 evaluates and samples the gathered single-process model.
+    let full = match &comm {
+        None => None,
+        Some(_) => match model.gathered()? {
+            Some(full) => Some(full),
+            None => return Ok(()),
+        },
+    };
+    let model = full.as_ref().unwrap_or(&model);
     let ev = lm::evaluate(
         &model.frozen_copy()?,
         &data.valid_ids,
@@ -200,7 +290,7 @@ fn run() -> Result<()> {
     )?;
     let uni = lm::unigram_nll(&data.train_ids, &data.valid_ids, vocab);
     print_evaluation(&ev, uni);
-    print_samples(&model, &data.tok, a.run.seed)?;
+    print_samples(model, &data.tok, a.run.seed)?;
     let plot_path = out.join("training.png");
     plot(&trainer, a.run.dense, &plot_path);
     let routing_path = out.join("routing.png");
@@ -258,24 +348,37 @@ fn train(
 ) -> Result<(f64, usize)> {
     let t_train = Instant::now();
     let start_step = trainer.state.step;
+    // Expert-parallel: this rank's rows of every global batch.
+    let (rank, world) = model.comm().map_or((0, 1), |c| (c.rank(), c.size()));
+    let per = a.batch / world;
     trainer.run(
         |rng| {
             // Dropout and router noise from the step's generator: exact on resume.
             model.reseed(rng.random());
-            Ok(lm::batch(&data.train_ids, a.batch, a.seq_len, rng, dev)
-                .and_then(|(x, y)| lm::loss_parts(model, &x, &y, true))?)
+            let (x, y) = lm::batch(&data.train_ids, a.batch, a.seq_len, rng, dev)?;
+            let (x, y) = if world == 1 {
+                (x, y)
+            } else {
+                let t = a.seq_len;
+                (
+                    x.narrow(0, rank * per, per)?,
+                    y.narrow(0, rank * per * t, per * t)?,
+                )
+            };
+            Ok(lm::loss_parts(model, &x, &y, true)?)
         },
         || {
             let windows = a.eval_windows / 4;
-            Ok(lm::evaluate(
-                &model.frozen_copy()?,
-                &data.valid_ids,
-                a.seq_len,
-                a.batch,
-                windows,
-                dev,
-            )?
-            .nll)
+            let frozen = match model.comm() {
+                None => model.frozen_copy()?,
+                // A collective; rank 0 evaluates the gathered model (the others' value is
+                // not used: they neither print nor write).
+                Some(_) => match model.gathered()? {
+                    Some(full) => full,
+                    None => return Ok(f64::NAN),
+                },
+            };
+            Ok(lm::evaluate(&frozen, &data.valid_ids, a.seq_len, a.batch, windows, dev)?.nll)
         },
         |tr| ckpt.save(tr),
     )?;

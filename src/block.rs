@@ -9,8 +9,11 @@
 use candle_core::{bail, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use std::sync::Arc;
+
 use crate::attention::{Attention, KvCache, Rope, SelfAttention};
 use crate::config::ModelConfig;
+use crate::dist::{Communicator, ExpertParallelMoe};
 use crate::layers::{Dropout, Norm};
 use crate::moe::experts::Expert;
 use crate::moe::{MoeOutput, SparseMoe};
@@ -22,6 +25,9 @@ pub enum FeedForward {
     Dense(Expert),
     /// A sparse mixture of experts (weights under `block_sparse_moe`).
     Sparse(Box<SparseMoe>),
+    /// A sparse mixture of experts whose experts are sharded over the ranks of a communicator
+    /// (weights under `block_sparse_moe`, this rank's experts only).
+    ExpertParallel(Box<ExpertParallelMoe>),
 }
 
 /// Per-layer caches of a decoding model.
@@ -71,12 +77,29 @@ impl TransformerBlock {
     /// `block_sparse_moe` (sparse) or `mlp` (dense), and for decoder blocks `cross_attn` and
     /// `cross_attn_layernorm`.
     pub fn new(cfg: &ModelConfig, layer: usize, cross: bool, vb: VarBuilder) -> Result<Self> {
+        Self::new_with(cfg, layer, cross, vb, None)
+    }
+
+    /// [`Self::new`] with the sparse feed-forward an [`ExpertParallelMoe`] over `comm` (this
+    /// rank's experts only) when `comm` is given.
+    pub fn new_with(
+        cfg: &ModelConfig,
+        layer: usize,
+        cross: bool,
+        vb: VarBuilder,
+        comm: Option<&Arc<dyn Communicator>>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let ffn = if cfg.is_sparse_layer(layer) {
-            FeedForward::Sparse(Box::new(SparseMoe::new_validated(
-                &cfg.moe,
-                vb.pp("block_sparse_moe"),
-            )?))
+            let vb = vb.pp("block_sparse_moe");
+            match comm {
+                Some(c) => FeedForward::ExpertParallel(Box::new(ExpertParallelMoe::new(
+                    &cfg.moe,
+                    vb,
+                    c.clone(),
+                )?)),
+                None => FeedForward::Sparse(Box::new(SparseMoe::new_validated(&cfg.moe, vb)?)),
+            }
         } else {
             FeedForward::Dense(Expert::new_with_bias(
                 h,
@@ -192,6 +215,13 @@ impl TransformerBlock {
                 };
                 (o.hidden_states.clone(), Some(o))
             }
+            FeedForward::ExpertParallel(_) if ctx.replay.is_some() => {
+                bail!("routing replay is not supported by an expert-parallel layer")
+            }
+            FeedForward::ExpertParallel(m) => {
+                let o = m.forward_t(&ffn_in, ctx.train)?;
+                (o.hidden_states.clone(), Some(o))
+            }
         };
         let f = drop(f)?;
         let out = if self.post_norm {
@@ -211,7 +241,10 @@ pub(crate) fn check_replay(
     layer_base: usize,
 ) -> Result<()> {
     for (i, b) in layers.iter().enumerate() {
-        let sparse = matches!(b.feed_forward(), FeedForward::Sparse(_));
+        let sparse = matches!(
+            b.feed_forward(),
+            FeedForward::Sparse(_) | FeedForward::ExpertParallel(_)
+        );
         if sparse && record.get(layer_base + i).is_none() {
             bail!(
                 "routing replay: the record has no expert ids for sparse layer {}",

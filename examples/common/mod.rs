@@ -202,13 +202,20 @@ impl ExampleModel for CausalLm {
         tokenizer_json: &str,
         dir: &Path,
     ) -> candle_moe::Result<Vec<(String, Vec<u8>)>> {
-        self.checkpoint_files(Some(tokenizer_json), dir)
+        if self.comm().is_none() {
+            return self.checkpoint_files(Some(tokenizer_json), dir);
+        }
+        // Expert-parallel: a collective; rank 0 writes the gathered single-process model.
+        match self.gathered()? {
+            Some(full) => full.checkpoint_files(Some(tokenizer_json), dir),
+            None => Ok(vec![]),
+        }
     }
 }
 
 /// Saves the model directory (config, weights, tokenizer) and the trainer state into `dir` as
 /// one consistent checkpoint ([`candle_moe::train::checkpoint`]): every `checkpoint_every`
-/// steps and at the end of training.
+/// steps and at the end of training (over several ranks a collective, rank 0 writing).
 pub struct Checkpoints<'a, M: ExampleModel> {
     pub dir: &'a Path,
     model: &'a M,

@@ -120,12 +120,17 @@ impl ExpertParallelMoe {
         &self.comm
     }
 
+    /// Restarts the router's noise generator (noisy gating, jitter) from `seed`.
+    pub fn set_seed(&self, seed: u64) {
+        self.router.set_seed(seed);
+    }
+
     /// Forward on this rank's tokens, in training (router noise and jitter on) or inference
     /// mode; a collective: every rank calls it (and the backward of anything using its outputs)
     /// in the same order, each with at least one token.
     ///
-    /// `hidden_states` and `router_logits` are this rank's; `expert_counts` and `dropped` are
-    /// global (all ranks); `load_balancing_loss` and `z_loss` have the value of the
+    /// `hidden_states` and `router_logits` are this rank's; `expert_counts`, `dropped` and the
+    /// router statistics' entropy and mean probabilities are global (all ranks); `load_balancing_loss` and `z_loss` have the value of the
     /// single-process losses over the union of the ranks' tokens, with gradients reaching this
     /// rank's router inputs only (the other ranks' parts are constants), so summing the router
     /// gradients over the ranks gives the gradient of the global loss; `aux` holds this rank's
@@ -203,11 +208,15 @@ impl ExpertParallelMoe {
             y = (y + shared.forward(&x)?)?;
         }
 
-        // Router statistics over this rank's tokens (the counts above are global).
-        let stats = crate::moe::RouterStats::fetch(&routed, self.router.selection_bias())?;
+        // Router statistics: the rank's, made global with the aux-loss all-reduce below.
+        let mut stats = crate::moe::RouterStats::fetch(&routed, self.router.selection_bias())?;
         let aux = RouterAux::new(&routed.logits, routed.probs, aux_ids, k)?;
         let counts = &table[w * e + w..];
-        let (lb, z) = self.global_aux_losses(&aux, counts, global.tokens.iter().sum())?;
+        let total: usize = global.tokens.iter().sum();
+        let (lb, z, p_sum, entropy_sum) =
+            self.global_aux_losses(&aux, counts, total, stats.entropy * n as f64)?;
+        stats.entropy = entropy_sum / total as f64;
+        stats.mean_probs = p_sum.iter().map(|&p| p as f64 / total as f64).collect();
         Ok(MoeOutput {
             hidden_states: y.reshape(dims)?,
             router_logits: routed.logits,
@@ -248,21 +257,26 @@ impl ExpertParallelMoe {
     }
 
     /// The load-balancing and z-loss over the union of the ranks' tokens (one all-reduce of the
-    /// per-expert probability sums and the `logsumexp²` sum); the other ranks' parts enter as
-    /// constants.
+    /// per-expert probability sums, the `logsumexp²` sum and the router entropy sum
+    /// `entropy_sum`); the other ranks' parts enter as constants. Also returns the global
+    /// probability sums `(E,)` and entropy sum (the router statistics).
     fn global_aux_losses(
         &self,
         aux: &RouterAux,
         counts: &[u64],
         total: usize,
-    ) -> Result<(Tensor, Tensor)> {
+        entropy_sum: f64,
+    ) -> Result<(Tensor, Tensor, Vec<f32>, f64)> {
         let e = self.cfg.num_experts;
         let dev = aux.probs.device();
         let p_local = aux.probs.sum(0)?; // (E,)
         let z_local = aux.lse_sq_sum.reshape(1)?;
         let local = Tensor::cat(&[&p_local, &z_local], 0)?.to_dtype(DType::F32)?;
         let mut all = local.to_vec1::<f32>()?;
+        all.push(entropy_sum as f32);
         self.comm.all_reduce_sum_f32(&mut all)?;
+        let entropy_sum = all.pop().map_or(f64::NAN, |v| v as f64);
+        let p_sum = all[..e].to_vec();
         let all = Tensor::from_vec(all, e + 1, dev)?.to_dtype(p_local.dtype())?;
         let others = (all - local.to_dtype(p_local.dtype())?)?.detach();
         let total = total as f64;
@@ -271,6 +285,6 @@ impl ExpertParallelMoe {
         let f = Tensor::from_vec(f, e, dev)?.to_dtype(p.dtype())?;
         let lb = ((f * p)?.sum_all()? * e as f64)?;
         let z = ((z_local + others.narrow(0, e, 1)?)? / total)?.reshape(())?;
-        Ok((lb, z))
+        Ok((lb, z, p_sum, entropy_sum))
     }
 }

@@ -7,7 +7,9 @@
 //! `NcclComm` runs them over NCCL on CUDA devices. [`TimedComm`] wraps any communicator and
 //! times its collectives ([`CommTimes`]). The expert-parallel layer
 //! ([`ExpertParallelMoe`]) shards a sparse layer's experts over the ranks and moves token rows
-//! with two differentiable all-to-alls ([`all_to_all`]); see `docs/expert_parallel.md`.
+//! with two differentiable all-to-alls ([`all_to_all`]); [`gather`] assembles the sharded
+//! experts on rank 0 (checkpoints) and pools a model's aux losses over the ranks. See
+//! `docs/expert_parallel.md`.
 
 use std::fmt::Debug;
 
@@ -15,6 +17,7 @@ use candle_core::Result;
 
 pub mod all_to_all;
 pub mod expert_parallel;
+pub mod gather;
 #[cfg(feature = "mpi")]
 mod mpi;
 #[cfg(feature = "nccl")]
@@ -24,6 +27,7 @@ mod timed;
 
 pub use all_to_all::all_to_all_rows;
 pub use expert_parallel::ExpertParallelMoe;
+pub use gather::{expert_id, gather_experts, global_pooled_aux_losses, with_expert_id};
 #[cfg(feature = "mpi")]
 pub use mpi::MpiComm;
 #[cfg(feature = "nccl")]

@@ -208,9 +208,59 @@ pub fn pooled_aux_losses(
     num_experts: usize,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
+    match pooled_aux_sums(layers, row_masks, num_experts)? {
+        None => {
+            let z = Tensor::new(0f32, device)?;
+            Ok((z.clone(), z))
+        }
+        Some(s) => s.losses(device),
+    }
+}
+
+/// The sums the pooled aux losses are formed from ([`pooled_aux_losses`] over one process;
+/// an expert-parallel model sums them over its ranks first).
+#[derive(Debug, Clone)]
+pub struct AuxSums {
+    /// Top-k picks per expert over the unmasked rows of every layer (mask-weighted).
+    pub counts: Vec<f64>,
+    /// Unmasked rows of every layer (mask-weighted).
+    pub valid: f64,
+    /// Rows of every layer, masked or not (the z-loss mean is over all of them).
+    pub rows: usize,
+    /// Σ over the unmasked rows of the router probabilities, `(E,)`, differentiable.
+    pub p_sum: Tensor,
+    /// Σ over all rows of `logsumexp²`, scalar, differentiable.
+    pub z_sum: Tensor,
+}
+
+impl AuxSums {
+    /// The load-balancing loss `E · Σ_e (counts_e / valid) · (p_sum_e / valid)` and the
+    /// z-loss `z_sum / rows`.
+    pub fn losses(self, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        if self.valid <= 0.0 {
+            bail!("load_balancing_loss: no unmasked tokens")
+        }
+        let e = self.counts.len();
+        let f: Vec<f32> = self
+            .counts
+            .iter()
+            .map(|c| (c / self.valid) as f32)
+            .collect();
+        let f = Tensor::from_vec(f, e, device)?.to_dtype(self.p_sum.dtype())?;
+        let lb = ((f * (self.p_sum / self.valid)?)?.sum_all()? * e as f64)?;
+        let z = (self.z_sum / self.rows as f64)?;
+        Ok((lb, z))
+    }
+}
+
+/// The sums of [`pooled_aux_losses`] over `layers` (`None` when `layers` is empty).
+pub fn pooled_aux_sums(
+    layers: &[&RouterAux],
+    row_masks: Option<&[Tensor]>,
+    num_experts: usize,
+) -> Result<Option<AuxSums>> {
     let Some(first) = layers.first() else {
-        let z = Tensor::new(0f32, device)?;
-        return Ok((z.clone(), z));
+        return Ok(None);
     };
     if row_masks.is_some_and(|m| m.len() != layers.len()) {
         bail!("pooled aux losses: one row mask per layer expected")
@@ -267,17 +317,16 @@ pub fn pooled_aux_losses(
             Some(s) => (s + &a.lse_sq_sum)?,
         });
     }
-    if valid <= 0.0 {
-        bail!("load_balancing_loss: no unmasked tokens")
-    }
     let (Some(p_sum), Some(z_sum)) = (p_sum, z_sum) else {
         bail!("pooled aux losses: no layers")
     };
-    let f: Vec<f32> = counts.iter().map(|c| (c / valid) as f32).collect();
-    let f = Tensor::from_vec(f, num_experts, device)?.to_dtype(dt)?;
-    let lb = ((f * (p_sum / valid)?)?.sum_all()? * num_experts as f64)?;
-    let z = (z_sum / rows_all as f64)?;
-    Ok((lb, z))
+    Ok(Some(AuxSums {
+        counts,
+        valid,
+        rows: rows_all,
+        p_sum,
+        z_sum,
+    }))
 }
 
 /// Router z-loss (ST-MoE): mean over all rows of all layers of `logsumexp(logits)²`.

@@ -42,6 +42,8 @@ pub struct CausalLm {
     pub(super) cfg: ModelConfig,
     pub(super) params: Vec<(String, Tensor)>,
     pub(super) origin: Origin,
+    /// The communicator of an expert-parallel model (`None`: every expert is here).
+    pub(super) comm: Option<std::sync::Arc<dyn crate::dist::Communicator>>,
 }
 
 /// Where a model came from: what `save_pretrained` needs to write it back, and the variables
@@ -79,6 +81,15 @@ impl CausalLm {
 
     /// [`Self::new`] for a configuration already validated (the loaders validate it once).
     pub(crate) fn new_validated(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_validated_with(cfg, vb, None)
+    }
+
+    /// [`Self::new_validated`], expert-parallel over `comm` when given.
+    pub(super) fn new_validated_with(
+        cfg: &ModelConfig,
+        vb: VarBuilder,
+        comm: Option<std::sync::Arc<dyn crate::dist::Communicator>>,
+    ) -> Result<Self> {
         if (0..cfg.num_layers).any(|i| cfg.is_sparse_layer(i)) {
             if let Err(e) = cfg
                 .moe
@@ -95,7 +106,15 @@ impl CausalLm {
         } else {
             candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
-        let trunk = Trunk::new(cfg, cfg.num_layers, true, false, embed, vb.pp("model"))?;
+        let trunk = Trunk::new_with(
+            cfg,
+            cfg.num_layers,
+            true,
+            false,
+            embed,
+            vb.pp("model"),
+            comm.as_ref(),
+        )?;
         let params = std::mem::take(&mut *crate::ops::lock(&log));
         Ok(Self {
             trunk,
@@ -103,6 +122,7 @@ impl CausalLm {
             cfg: cfg.clone(),
             params,
             origin: Origin::default(),
+            comm,
         })
     }
 
@@ -159,7 +179,7 @@ impl CausalLm {
             .map(|(n, t)| (n.clone(), replace.remove(n).unwrap_or_else(|| t.detach())))
             .collect();
         let vb = VarBuilder::from_tensors(map, dtype, &dev);
-        let mut frozen = Self::new_validated(&self.cfg, vb)?;
+        let mut frozen = Self::new_validated_with(&self.cfg, vb, self.comm.clone())?;
         frozen.origin = Origin {
             varmap: None,
             ..self.origin.clone()
@@ -297,13 +317,23 @@ impl CausalLm {
             Some(m) => Some(vec![m.flatten_all()?; out.aux.len()]),
             None => None,
         };
-        let (lb, z, balance) = pool_aux(
+        let (mut lb, mut z, balance) = pool_aux(
             &self.cfg,
             &out.aux.iter().collect::<Vec<_>>(),
             row_masks.as_deref(),
             logits.device(),
             logits.dim(0)?,
         )?;
+        if let Some(comm) = &self.comm {
+            // Over the union of the ranks' tokens (a collective), as the layers' counts are.
+            (lb, z) = crate::dist::global_pooled_aux_losses(
+                comm,
+                &out.aux.iter().collect::<Vec<_>>(),
+                row_masks.as_deref(),
+                self.cfg.moe.num_experts,
+                logits.device(),
+            )?;
+        }
         Ok(CausalLmOutput {
             logits,
             load_balancing_loss: lb,

@@ -33,6 +33,9 @@ fn for_each_target(
                     f(&format!("model.layers.{i}.mlp.{name}"), p)?;
                 }
             }
+            FeedForward::ExpertParallel(_) => {
+                bail!("LoRA: adapters on the experts of an expert-parallel model are not supported (layer {i})")
+            }
             FeedForward::Sparse(moe) => {
                 for (j, e) in moe.experts_mut().experts_mut().iter_mut().enumerate() {
                     for (name, p) in e.projs_mut() {

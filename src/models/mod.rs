@@ -12,6 +12,7 @@ pub mod causal_lm;
 pub mod classifier;
 pub mod generate;
 mod lora;
+mod parallel;
 mod routing;
 mod seeds;
 pub mod seq2seq;
@@ -147,6 +148,19 @@ impl Trunk {
         embed: Embedding,
         vb: VarBuilder,
     ) -> Result<Self> {
+        Self::new_with(cfg, num_layers, causal, cross, embed, vb, None)
+    }
+
+    /// [`Self::new`] with expert-parallel sparse layers over `comm` when given.
+    pub(crate) fn new_with(
+        cfg: &ModelConfig,
+        num_layers: usize,
+        causal: bool,
+        cross: bool,
+        embed: Embedding,
+        vb: VarBuilder,
+        comm: Option<&std::sync::Arc<dyn crate::dist::Communicator>>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let (positions, rope) = match cfg.position {
             PositionKind::Learned => (
@@ -184,7 +198,7 @@ impl Trunk {
             (None, Some(Norm::new(cfg, h, vb.pp("norm"))?))
         };
         let layers = (0..num_layers)
-            .map(|i| TransformerBlock::new(cfg, i, cross, vb.pp(format!("layers.{i}"))))
+            .map(|i| TransformerBlock::new_with(cfg, i, cross, vb.pp(format!("layers.{i}")), comm))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             embed,
@@ -216,8 +230,11 @@ impl Trunk {
             d.set_seed(crate::ops::stream_seed(seed, &[part, u64::MAX]));
         }
         for (l, b) in self.layers.iter().enumerate() {
-            if let crate::block::FeedForward::Sparse(m) = b.feed_forward() {
-                m.set_seed(crate::ops::stream_seed(seed, &[part, l as u64]));
+            let s = crate::ops::stream_seed(seed, &[part, l as u64]);
+            match b.feed_forward() {
+                crate::block::FeedForward::Sparse(m) => m.set_seed(s),
+                crate::block::FeedForward::ExpertParallel(m) => m.set_seed(s),
+                crate::block::FeedForward::Dense(_) => {}
             }
         }
     }
@@ -320,9 +337,17 @@ impl Trunk {
                 if let Some(e) = &m.expert_ids {
                     record.push(layer_base + i, e.clone());
                 }
+                // An expert-parallel layer's counts are global: so is its token count.
+                let tokens = match layer.feed_forward() {
+                    crate::block::FeedForward::ExpertParallel(_) => {
+                        (m.expert_counts.iter().sum::<usize>() + m.dropped)
+                            / self.cfg.moe.top_k.max(1)
+                    }
+                    _ => b * t,
+                };
                 routing.push(LayerRouting {
                     layer: layer_base + i,
-                    tokens: b * t,
+                    tokens,
                     top_k: self.cfg.moe.top_k,
                     expert_counts: m.expert_counts,
                     dropped: m.dropped,
@@ -378,10 +403,13 @@ pub(crate) fn selection_biases(trunks: &[(&Trunk, usize)]) -> Vec<(usize, Tensor
     let mut out = Vec::new();
     for (trunk, base) in trunks {
         for (i, b) in trunk.layers().iter().enumerate() {
-            if let crate::block::FeedForward::Sparse(m) = b.feed_forward() {
-                if let Some(bias) = m.router().selection_bias() {
-                    out.push((base + i, bias.clone()));
-                }
+            let router = match b.feed_forward() {
+                crate::block::FeedForward::Sparse(m) => m.router(),
+                crate::block::FeedForward::ExpertParallel(m) => m.router(),
+                crate::block::FeedForward::Dense(_) => continue,
+            };
+            if let Some(bias) = router.selection_bias() {
+                out.push((base + i, bias.clone()));
             }
         }
     }

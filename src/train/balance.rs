@@ -73,13 +73,13 @@ pub fn updated_bias(bias: &[f64], load: &[f64], gamma: f64) -> Vec<f64> {
     moved.iter().map(|b| b - centre).collect()
 }
 
-/// Applies the bias update to every tracked layer from the kept assignments of all `micro`
-/// batches (one host read and one write of each bias).
-pub(crate) fn update_biases(
+/// Each tracked layer's kept assignments per expert over `micro` (`None`: the layer did not
+/// route in this step).
+pub(crate) fn bias_loads(
     biases: &[(usize, Var)],
     micro: &[LossParts],
-    gamma: f64,
-) -> Result<()> {
+) -> Result<Vec<Option<Vec<f64>>>> {
+    let mut out = Vec::with_capacity(biases.len());
     for (layer, var) in biases {
         let e = var.elem_count();
         let mut load = vec![0f64; e];
@@ -99,14 +99,28 @@ pub(crate) fn update_biases(
                 *l += *c as f64;
             }
         }
-        if !seen {
+        out.push(seen.then_some(load));
+    }
+    Ok(out)
+}
+
+/// Moves every tracked bias by its layer's `loads` ([`updated_bias`]; a layer without loads
+/// keeps its bias).
+pub(crate) fn apply_bias_updates(
+    biases: &[(usize, Var)],
+    loads: &[Option<Vec<f64>>],
+    gamma: f64,
+) -> Result<()> {
+    for ((_, var), load) in biases.iter().zip(loads) {
+        let Some(load) = load else {
             continue;
-        }
+        };
+        let e = var.elem_count();
         let old = var
             .as_tensor()
             .to_dtype(candle_core::DType::F64)?
             .host_vec1::<f64>()?;
-        let new = updated_bias(&old, &load, gamma);
+        let new = updated_bias(&old, load, gamma);
         let t = Tensor::from_vec(new, e, var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;
     }

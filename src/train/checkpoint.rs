@@ -41,9 +41,18 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// The trainer's state files, `(relative path, bytes)`.
 pub fn trainer_files(trainer: &Trainer, dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    trainer_files_from(trainer, &trainer.optimizer().state_tensors(), dir)
+}
+
+/// [`trainer_files`] with the optimizer moments given.
+fn trainer_files_from(
+    trainer: &Trainer,
+    moments: &std::collections::HashMap<String, candle_core::Tensor>,
+    dir: &Path,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let opt = format!("{TRAINER_DIR}/optimizer.safetensors");
     let state = format!("{TRAINER_DIR}/trainer_state.json");
-    let opt_bytes = to_safetensors_bytes(&trainer.optimizer().state_tensors(), &dir.join(&opt))?;
+    let opt_bytes = to_safetensors_bytes(moments, &dir.join(&opt))?;
     let state_bytes = serde_json::to_vec(&trainer.state).map_err(|source| Error::Json {
         path: dir.join(&state),
         source,
@@ -54,9 +63,31 @@ pub fn trainer_files(trainer: &Trainer, dir: &Path) -> Result<Vec<(String, Vec<u
 /// Writes a training checkpoint: `model_files` (from `CausalLm::checkpoint_files` or
 /// [`model_files`](crate::io::model_dir::model_files)), the trainer's state and the manifest,
 /// as one atomic directory replacement.
+///
+/// Over several ranks ([`Trainer::set_comm`]) it is a collective: every rank calls it, the
+/// expert-parallel optimizer moments are gathered to rank 0
+/// ([`Trainer::checkpoint_state_tensors`]), rank 0 alone writes (its `model_files`, e.g. from
+/// [`CausalLm::gathered`](crate::CausalLm::gathered); the other ranks' are ignored), and every
+/// rank returns once the checkpoint is written (a barrier).
 pub fn save(dir: &Path, model_files: Vec<(String, Vec<u8>)>, trainer: &Trainer) -> Result<()> {
+    let comm = trainer.comm().clone();
+    let moments = trainer.checkpoint_state_tensors()?;
+    let written = match moments {
+        Some(m) => write(dir, model_files, trainer, &m),
+        None => Ok(()),
+    };
+    comm.barrier()?;
+    written
+}
+
+fn write(
+    dir: &Path,
+    model_files: Vec<(String, Vec<u8>)>,
+    trainer: &Trainer,
+    moments: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
     let mut files = model_files;
-    files.extend(trainer_files(trainer, dir)?);
+    files.extend(trainer_files_from(trainer, moments, dir)?);
     let manifest = Manifest {
         step: trainer.state.step,
         files: files

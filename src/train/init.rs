@@ -43,3 +43,26 @@ pub fn reseed_varmap(varmap: &VarMap, seed: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Sets every variable of `dst` to the same-named variable of `src` (shapes must match): how
+/// an expert-parallel rank, whose `VarMap` holds only its share of the experts, starts from the
+/// single-process model's initial weights (build that model over `src`, [`reseed_varmap`] it,
+/// copy). Errors name a variable `src` lacks or whose shape differs.
+pub fn copy_vars(dst: &VarMap, src: &VarMap) -> Result<()> {
+    let vars = sorted_vars(dst);
+    let from = crate::ops::lock(src.data());
+    for (name, var) in vars {
+        let Some(s) = from.get(&name) else {
+            candle_core::bail!("copy_vars: `{name}` is not a variable of the source VarMap")
+        };
+        if s.dims() != var.dims() {
+            candle_core::bail!(
+                "copy_vars: `{name}` has shape {:?} in the source, {:?} here",
+                s.dims(),
+                var.dims()
+            )
+        }
+        var.set(&s.as_tensor().to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}

@@ -83,19 +83,24 @@ impl Trainer {
         };
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         let mut finite = true;
+        let w = self.parallel.comm.size();
         for (m, parts) in micro.iter().enumerate() {
             let lb = global.as_ref().map_or(&parts.load_balancing, |g| &g[m]);
-            let mut total = ((&parts.task + (lb * aux)?)? + (&parts.z_loss * zc)?)?;
+            let mut terms = vec![(lb * aux)?, (&parts.z_loss * zc)?];
             let b = &parts.balance;
             // Every logged value in one device-to-host read: [total, task, lb, z, seq?, imp?, load?].
             let mut logged = vec![&parts.task, lb, &parts.z_loss];
             if let Some(s) = &b.seq_aux {
-                total = (total + (s * sc)?)?;
+                terms.push((s * sc)?);
                 logged.push(s);
             }
             for t in [&b.importance, &b.load].into_iter().flatten() {
-                total = (total + (t * cc)?)?;
+                terms.push((t * cc)?);
                 logged.push(t);
+            }
+            let mut total = parts.task.clone();
+            for t in &terms {
+                total = (total + t)?;
             }
             let mut parts_f64 = vec![total.to_dtype(DType::F64)?.reshape(1)?];
             for t in &logged {
@@ -120,13 +125,22 @@ impl Trainer {
             stats.imbalance += mean_imbalance(&parts.routing) / k;
             if !loss.is_finite() {
                 finite = false;
-                continue;
+                if w == 1 {
+                    continue;
+                }
+                // Over several ranks every backward runs (its collectives pair with the other
+                // ranks'); the step is skipped on every rank after the reduction.
             }
+            let target = if w == 1 {
+                total
+            } else {
+                self.parallel_target(&parts.task, &total, &terms)?
+            };
             // The loss in f32 (at least) before any scaling: an f16 loss times a loss scale
             // would overflow; the gradient re-enters the half-precision graph through the cast.
-            let total = total.to_dtype(crate::ops::compute_dtype(total.dtype()))?;
+            let target = target.to_dtype(crate::ops::compute_dtype(target.dtype()))?;
             let scale = self.state.loss_scale.unwrap_or(1.0);
-            let mut g = (total / (k / scale))?.backward()?;
+            let mut g = (target / (k / scale))?.backward()?;
             self.master_grads(&mut g, scale)?;
             grads = Some(match grads {
                 None => g,

@@ -3,7 +3,9 @@
 //! `task + aux_coef · load_balancing + z_coef · z_loss + seq_coef · seq_aux +
 //! cv_coef · (importance + load)`, optional global-batch balancing and DeepSeek-V3's
 //! selection-bias update ([`balance`]), non-finite guards, a progress bar with loss and expert
-//! balance, periodic evaluation and checkpoints, and exact resume.
+//! balance, periodic evaluation and checkpoints, and exact resume; over the ranks of a
+//! communicator ([`Trainer::set_comm`]), expert- and data-parallel training with the
+//! single-process loss over the union of the ranks' tokens (`docs/expert_parallel.md`).
 //!
 //! The optimizer performs exactly candle-nn's `AdamW` update; it is re-implemented here because
 //! candle-nn keeps the moments private, so they could not be checkpointed for resume.
@@ -20,6 +22,7 @@ mod config;
 pub mod init;
 mod loss;
 pub mod optim;
+mod parallel;
 pub mod schedule;
 mod state;
 
@@ -105,6 +108,8 @@ pub struct Trainer {
     varmap: VarMapHandle,
     /// The tracked selection biases, by layer index as in [`crate::LayerRouting::layer`].
     biases: Vec<(usize, candle_core::Var)>,
+    /// The communicator and this rank's own parameters ([`Trainer::set_comm`]).
+    parallel: parallel::Parallel,
 }
 
 /// A shared `VarMap` (which has no `Debug`).
@@ -159,6 +164,7 @@ impl Trainer {
             balance_coefs: (moe.seq_aux_loss_coef, moe.cv_loss_coef),
             varmap: VarMapHandle(varmap.clone()),
             biases: Vec::new(),
+            parallel: parallel::Parallel::default(),
         })
     }
 
@@ -250,10 +256,21 @@ impl Trainer {
             ));
         }
         let (grads, finite) = self.accumulate(micro, &mut stats)?;
+        let mut grads = if self.parallel.comm.size() > 1 {
+            // Over several ranks: the reduced gradients, global norm and averaged losses.
+            let (g, norm) = self.reduce_parallel(grads, finite, &mut stats)?;
+            stats.grad_norm = norm;
+            Some(g)
+        } else if finite {
+            grads
+        } else {
+            None
+        };
         let loss = stats.loss;
-        let mut grads = if finite { grads } else { None };
-        if let Some(g) = &grads {
-            stats.grad_norm = self.grad_norm(g)?;
+        if self.parallel.comm.size() == 1 {
+            if let Some(g) = &grads {
+                stats.grad_norm = self.grad_norm(g)?;
+            }
         }
         if !stats.grad_norm.is_finite() {
             grads = None;
@@ -274,7 +291,15 @@ impl Trainer {
                 }
                 self.opt.lr = lr;
                 // Applied only if every new parameter is finite.
-                let ok = self.opt.try_step(&g)?;
+                let comm = self.parallel.comm.clone();
+                let ok = self.opt.try_step_agreed(&g, |ok| {
+                    if comm.size() == 1 {
+                        return Ok(ok);
+                    }
+                    let mut bad = [(!ok) as u64];
+                    comm.all_reduce_sum_u64(&mut bad)?;
+                    Ok(bad[0] == 0)
+                })?;
                 if !ok {
                     why = "update would make a parameter non-finite";
                 }
@@ -285,7 +310,9 @@ impl Trainer {
         self.update_loss_scale(applied);
         if applied {
             if gamma > 0.0 {
-                balance::update_biases(&self.biases, micro, gamma)?;
+                let loads = balance::bias_loads(&self.biases, micro)?;
+                let loads = self.global_bias_loads(loads)?;
+                balance::apply_bias_updates(&self.biases, &loads, gamma)?;
             }
             self.nonfinite_in_row = 0;
             self.state.step += 1;

@@ -100,6 +100,11 @@ impl AdamW {
             .and_then(|(_, m)| m.as_ref())
     }
 
+    /// The optimised variables with their names, sorted by name.
+    pub fn named_vars(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.vars.iter().map(|v| (v.0.as_str(), &v.1))
+    }
+
     /// Steps taken.
     pub fn step_count(&self) -> usize {
         self.step_t
@@ -125,6 +130,16 @@ impl AdamW {
     /// scalar read by the host. (The first moment is a convex combination of finite gradients,
     /// so it overflows only where the second moment does.)
     pub fn try_step(&mut self, grads: &GradStore) -> candle_core::Result<bool> {
+        self.try_step_agreed(grads, Ok)
+    }
+
+    /// [`Self::try_step`] with the decision to apply passed through `agree` (local finiteness
+    /// in, the decision out): the distributed trainer makes it identical on every rank.
+    pub(crate) fn try_step_agreed(
+        &mut self,
+        grads: &GradStore,
+        agree: impl FnOnce(bool) -> candle_core::Result<bool>,
+    ) -> candle_core::Result<bool> {
         let step_t = self.step_t + 1;
         let lr = self.lr;
         let lr_lambda = lr * self.weight_decay;
@@ -158,10 +173,12 @@ impl AdamW {
                 updates.push((var, master, m, v, next_theta, next_m, next_v));
             }
         }
-        if let Some(p) = probe {
-            if !p.host_scalar::<f32>()?.is_finite() {
-                return Ok(false);
-            }
+        let finite = match probe {
+            Some(p) => p.host_scalar::<f32>()?.is_finite(),
+            None => true,
+        };
+        if !agree(finite)? {
+            return Ok(false);
         }
         for (var, master, m, v, next_theta, next_m, next_v) in updates {
             m.set(&next_m)?;

@@ -265,6 +265,7 @@ impl CausalLm {
         tokenizer_json: Option<&str>,
         dir: &Path,
     ) -> Result<Vec<(String, Vec<u8>)>> {
+        self.refuse_expert_parallel(dir)?;
         if self.is_hf_expressible() {
             let mut files =
                 self.pretrained_files(&SaveOptions::default(), ExpertsOnDisk::PerExpert, dir)?;
@@ -283,6 +284,18 @@ impl CausalLm {
         crate::io::model_dir::model_files(self.config(), &tensors, tok, dir)
     }
 
+    /// An expert-parallel model holds only its rank's experts: it is saved through
+    /// [`CausalLm::gathered`] (rank 0), never directly.
+    fn refuse_expert_parallel(&self, dir: &Path) -> Result<()> {
+        if self.is_expert_parallel() {
+            return Err(Error::Config(format!(
+                "cannot save {}: an expert-parallel model holds only this rank's experts; save the model `gathered()` returns on rank 0",
+                dir.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// The files [`Self::save_pretrained_with`] writes.
     fn pretrained_files(
         &self,
@@ -290,6 +303,7 @@ impl CausalLm {
         experts: ExpertsOnDisk,
         dir: &Path,
     ) -> Result<Vec<(String, Vec<u8>)>> {
+        self.refuse_expert_parallel(dir)?;
         let dtype = self
             .parameters()
             .first()
