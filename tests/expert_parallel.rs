@@ -11,68 +11,26 @@
 
 mod common;
 
-use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_moe::dist::{all_reduce_grads, Communicator, ExpertParallelMoe, LocalComm, MpiComm};
 use candle_moe::moe::SparseMoe;
 use candle_moe::MoeConfig;
 use candle_nn::{VarBuilder, VarMap};
+use common::mpirun::under_mpi;
 use common::{max_abs_diff, moe_ref, randomize, Rng};
 
 const TOL: f64 = 1e-5;
 
-fn under_mpi() -> bool {
-    std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
-}
-
 /// Runs this test binary under `mpirun -np {np}` with the exact test `name`; returns whether it
 /// succeeded, its combined output and how long it took. Kills it after `limit`.
 fn mpirun(np: usize, name: &str, timeout_env: &str, limit: Duration) -> (bool, String, Duration) {
-    let exe = std::env::current_exe().unwrap();
-    let start = Instant::now();
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np"])
-        .arg(np.to_string())
-        .arg(&exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CANDLE_MOE_MPI_TIMEOUT_S", timeout_env)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mpirun not found: install openmpi-bin (see .ci/run)");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).ok();
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).ok();
-        s
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = format!("{}{}", t_out.join().unwrap(), t_err.join().unwrap());
-    let elapsed = start.elapsed();
-    match status {
-        Some(s) => (s.success(), text, elapsed),
-        None => panic!("mpirun -np {np} {name} hung past {limit:?}:\n{text}"),
-    }
+    let t = std::ffi::OsStr::new(timeout_env);
+    common::mpirun::mpirun(np, name, &[("CANDLE_MOE_MPI_TIMEOUT_S", t)], limit)
 }
 
 fn launch_ok(np: usize) {

@@ -12,12 +12,10 @@
 
 mod common;
 
-use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use candle_moe::block::FeedForward;
@@ -27,6 +25,7 @@ use candle_moe::train::{checkpoint, init, LossParts, StepStats};
 use candle_moe::{CausalLm, ModelConfig, TrainConfig, Trainer};
 use candle_nn::{VarBuilder, VarMap};
 use common::max_abs_diff;
+use common::mpirun::under_mpi;
 use rand::Rng as _;
 
 const DIR_ENV: &str = "CANDLE_MOE_EP_LM_DIR";
@@ -36,53 +35,15 @@ const BATCH: usize = 4;
 /// Tokens per sequence (plus one for the targets).
 const LEN: usize = 8;
 
-fn under_mpi() -> bool {
-    std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
-}
-
 /// Runs this binary under `mpirun -np {np}` with the exact test `name` and `dir` for the
 /// checkpoint; returns whether it succeeded and its output. Kills it after `limit`.
 fn mpirun(np: usize, name: &str, dir: &Path, limit: Duration) -> (bool, String) {
-    let exe = std::env::current_exe().unwrap();
-    let start = Instant::now();
-    let mut child = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np"])
-        .arg(np.to_string())
-        .arg(&exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env("CANDLE_MOE_MPI_TIMEOUT_S", "60")
-        .env(DIR_ENV, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mpirun not found: install openmpi-bin (see .ci/run)");
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        out.read_to_string(&mut s).ok();
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        err.read_to_string(&mut s).ok();
-        s
-    });
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if start.elapsed() > limit {
-            child.kill().ok();
-            child.wait().ok();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = format!("{}{}", t_out.join().unwrap(), t_err.join().unwrap());
-    match status {
-        Some(s) => (s.success(), text),
-        None => panic!("mpirun -np {np} {name} hung past {limit:?}:\n{text}"),
-    }
+    let envs = [
+        ("CANDLE_MOE_MPI_TIMEOUT_S", std::ffi::OsStr::new("60")),
+        (DIR_ENV, dir.as_os_str()),
+    ];
+    let (ok, text, _) = common::mpirun::mpirun(np, name, &envs, limit);
+    (ok, text)
 }
 
 fn launch(np: usize) {

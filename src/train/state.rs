@@ -233,8 +233,9 @@ pub struct TrainerState {
     /// Evaluations so far: (step, value).
     #[serde(with = "json_f64::pairs")]
     pub evals: Vec<(usize, f64)>,
-    /// The current dynamic loss scale (`TrainConfig::loss_scale`); `None` without scaling.
-    #[serde(default)]
+    /// The current dynamic loss scale (`TrainConfig::loss_scale`); `None` without scaling
+    /// (then left out of the state file, which never holds a JSON `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
     /// Applied steps since the loss scale last changed.
     #[serde(default)]

@@ -4,6 +4,8 @@
 pub mod classic;
 pub mod json;
 pub mod moe_ref;
+#[cfg(feature = "mpi")]
+pub mod mpirun;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
