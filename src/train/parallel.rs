@@ -149,37 +149,36 @@ impl Trainer {
             .map(|v| g.get(v.as_tensor()).is_some() as u64)
             .collect();
         comm.all_reduce_sum_u64(&mut present)?;
-        let mut flat: Vec<f32> = Vec::new();
-        for v in &replicated {
-            match g.get(v.as_tensor()) {
-                Some(x) => flat.extend(x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-                None => flat.extend(std::iter::repeat_n(0f32, v.elem_count())),
+        let params: Vec<Tensor> = replicated.iter().map(|v| v.as_tensor().clone()).collect();
+        crate::dist::all_reduce_grads(comm.as_ref(), &mut g, &params, false)?;
+        for (p, &c) in params.iter().zip(&present) {
+            if c == 0 {
+                g.remove(p);
             }
         }
-        comm.all_reduce_sum_f32(&mut flat)?;
-        let mut at = 0;
-        let mut sq_repl = 0f64;
-        for (v, &p) in replicated.iter().zip(&present) {
-            let n = v.elem_count();
-            let part = &flat[at..at + n];
-            at += n;
-            if p == 0 {
-                g.remove(v.as_tensor());
-                continue;
-            }
-            sq_repl += part.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>();
-            let x = Tensor::from_slice(part, v.shape(), v.device())?.to_dtype(v.dtype())?;
-            g.insert(v.as_tensor(), x);
-        }
-        let mut sq_sharded = 0f64;
+        // The squared norms of the replicated and of this rank's sharded gradients, summed on
+        // the device and read in one transfer.
+        let mut parts: [Option<Tensor>; 2] = [None, None];
         for v in self.opt.vars() {
-            if self.parallel.sharded.contains(&v.as_tensor().id()) {
-                if let Some(x) = g.get(v.as_tensor()) {
-                    let s = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-                    sq_sharded += s.host_scalar::<f64>()?;
-                }
+            if let Some(x) = g.get(v.as_tensor()) {
+                let i = self.parallel.sharded.contains(&v.as_tensor().id()) as usize;
+                let s = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+                parts[i] = Some(match parts[i].take() {
+                    Some(a) => (a + s)?,
+                    None => s,
+                });
             }
         }
+        let dev = g_device(&params, self.opt.vars().next());
+        let parts = parts
+            .into_iter()
+            .map(|p| match p {
+                Some(t) => t.reshape(1),
+                None => Tensor::zeros(1, DType::F64, &dev),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sq = Tensor::cat(&parts, 0)?.host_vec1::<f64>()?;
+        let (sq_repl, sq_sharded) = (sq[0], sq[1]);
         // One all-reduce: the norm's parts (the replicated squares once, from rank 0) and the
         // logged values to average.
         let mut norm_part = sq_sharded;
@@ -293,4 +292,13 @@ fn check_replicated_alike<'a>(
         )));
     }
     Ok(())
+}
+
+/// The device of the trained variables (the CPU when there are none).
+fn g_device(params: &[Tensor], first: Option<&candle_core::Var>) -> candle_core::Device {
+    params
+        .first()
+        .map(|p| p.device().clone())
+        .or_else(|| first.map(|v| v.device().clone()))
+        .unwrap_or(candle_core::Device::Cpu)
 }
