@@ -169,7 +169,7 @@ impl Trainer {
                 });
             }
         }
-        let dev = g_device(&params, self.opt.vars().next());
+        let dev = vars_device(&params, self.opt.vars().next());
         let parts = parts
             .into_iter()
             .map(|p| match p {
@@ -295,7 +295,7 @@ fn check_replicated_alike<'a>(
 }
 
 /// The device of the trained variables (the CPU when there are none).
-fn g_device(params: &[Tensor], first: Option<&candle_core::Var>) -> candle_core::Device {
+fn vars_device(params: &[Tensor], first: Option<&candle_core::Var>) -> candle_core::Device {
     params
         .first()
         .map(|p| p.device().clone())
